@@ -1,0 +1,99 @@
+"""The `rayeff` command.
+
+    rayeff run JOB.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--resume] [--address ADDR]
+    rayeff bench compare --job JOB.yaml --methods full,lora,read --output OUT.json [--data-dir DIR]
+                         [--per-method METHOD:FIELD=VALUE ...]
+
+Bad input (a job file, a field, a path, an address) ends with one line on stderr naming it, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rayeff.errors import UserError
+
+
+def _job_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a job field, e.g. --set training.lr=3e-4 (repeatable)")
+    parser.add_argument("--data-dir", help="GLUE data in its download layout (sets data.data_dir)")
+    parser.add_argument("--address", help="join the Ray cluster at this address instead of starting a local Ray")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress display")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayeff", description="Efficient fine-tuning on Ray")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run one fine-tuning job")
+    run.add_argument("job", help="job YAML file (see jobs/)")
+    run.add_argument("--output", help="output folder (sets output_dir)")
+    run.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
+    _job_options(run)
+
+    bench = commands.add_parser("bench", help="benchmarks that write JSON")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    compare = kinds.add_parser("compare", help="run one job once per method and compare cost and quality")
+    compare.add_argument("--job", required=True, help="job YAML file; its method section is replaced per method")
+    compare.add_argument("--methods", default="full,lora,read", help="comma-separated method names")
+    compare.add_argument("--output", required=True, help="JSON file to write")
+    compare.add_argument("--runs-dir", help="folder for the per-method runs (default: next to --output)")
+    compare.add_argument("--per-method", action="append", default=[], metavar="METHOD:FIELD=VALUE",
+                         help="override a field for one method only, e.g. read:training.lr=1e-3 (repeatable)")
+    _job_options(compare)
+    return parser
+
+
+def job_from_args(path: str, args: argparse.Namespace, output: str | None = None):
+    from rayeff.config import load_job
+
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    if output:
+        overrides.append(f"output_dir={output}")
+    if getattr(args, "resume", False):
+        overrides.append("resume=true")
+    return load_job(path, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rayeff.train.runner import run_job
+
+    job = job_from_args(args.job, args, args.output)
+    result = run_job(job, address=args.address, show_progress=not args.no_progress)
+    print(f"rayeff: wrote {result['output_dir']}/result.json")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rayeff.bench.compare import compare_methods
+
+    job = job_from_args(args.job, args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    compare_methods(job, methods, args.output, runs_dir=args.runs_dir, address=args.address,
+                    show_progress=not args.no_progress, per_method=args.per_method)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rayeff.quiet import quiet_libraries
+
+    quiet_libraries()
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        return cmd_bench(args)
+    except UserError as err:
+        print(f"rayeff: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rayeff: interrupted; re-run with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

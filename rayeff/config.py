@@ -1,0 +1,196 @@
+"""Job specs: validated data that flows from a YAML file (plus `--set` overrides) into the runner and the workers.
+
+    rayeff run jobs/sst2-read.yaml --set training.lr=3e-4 --set scaling.num_workers=2
+
+A job is plain data; `JobSpec.model_dump()` is what travels to every Ray Train worker, which validates it again.
+Every way a file can be wrong ends in `UserError` with the file and the field named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from rayeff.errors import UserError
+
+
+class Spec(BaseModel):
+    """Base of every spec: unknown fields are errors, not silently ignored typos."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Spec):
+    name: str = Field("minilm-l6", description="alias (minilm-l6, tiny-bert, tiny-t5, tiny-gpt2, tiny-llama), "
+                                               "a local model folder, or a hub model id")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="overrides every dropout of backbone and head")
+    pooling: Literal["auto", "first", "last", "mean"] = Field(
+        "auto", description="which token states the head reads: auto is first for encoders (CLS), last real token "
+                            "for decoders, the decoder's state for encoder-decoders; mean averages real tokens")
+
+
+class DataSpec(Spec):
+    task: str = Field(description="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli")
+    data_dir: str | None = Field(None, description="folder in GLUE's download layout; None loads from the hub")
+    train_subset: int | None = Field(None, gt=0, description="train on this many examples, drawn with `seed`")
+    k_shot: int | None = Field(None, gt=0, description="train on k examples per class, drawn with `seed`")
+    eval_subset: int | None = Field(None, gt=0, description="evaluate on the first n dev examples only")
+    seed: int = Field(0, description="seed of the subset and k-shot draws (fixed apart from training.seed)")
+    cache_dir: str | None = Field(None, description="tokenised-dataset cache; default ~/.cache/rayeff")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        from rayeff.data.glue import canonical_task_name
+
+        return canonical_task_name(task)
+
+    @model_validator(mode="after")
+    def _one_sampling(self) -> DataSpec:
+        if self.train_subset is not None and self.k_shot is not None:
+            raise ValueError("set either train_subset or k_shot, not both")
+        return self
+
+
+class MethodConfig(Spec):
+    """Base of each method's own config (see rayeff/methods); `name` picks the method."""
+
+    name: str
+
+
+class TrainingSpec(Spec):
+    epochs: float | None = Field(None, gt=0, description="passes over the training set (default 1)")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(32, gt=0, description="global batch size, split evenly over the workers")
+    lr: float = Field(5e-5, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    max_seq_length: int = Field(128, gt=0)
+    padding: Literal["longest", "max_length"] = Field(
+        "longest", description="pad each batch to its longest example, or always to max_seq_length")
+    eval_every: int | None = Field(None, gt=0, description="evaluate on dev every N steps (and always at the end)")
+    log_every: int = Field(10, gt=0, description="report loss, throughput and energy every N steps")
+    checkpoint_every: int | None = Field(None, gt=0, description="checkpoint every N steps (and at the end)")
+
+
+class ScalingSpec(Spec):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel replicas)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="0 trains on CPUs over gloo; >0 on GPUs over NCCL")
+
+
+class DeepSpeedSpec(Spec):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = Field(False, description="keep optimizer state on the CPU (ZeRO 1-3)")
+    offload_params: bool = Field(False, description="keep parameters on the CPU (ZeRO 3)")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedSpec:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return self
+
+
+class EnergySpec(Spec):
+    meter: Literal["auto", "nvml", "rapl", "estimate"] = Field(
+        "auto", description="auto: NVML on GPUs, else RAPL where readable, else the labelled CPU-time estimate")
+    budget_j: float | None = Field(None, gt=0, description="stop the run (checkpointed, resumable) past this")
+    watts_per_cpu: float = Field(10.0, gt=0, description="power per busy core used by the `estimate` meter")
+
+
+class JobSpec(Spec):
+    model: ModelSpec = ModelSpec()
+    data: DataSpec
+    method: SerializeAsAny[MethodConfig]
+    training: TrainingSpec = TrainingSpec()
+    scaling: ScalingSpec = ScalingSpec()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    energy: EnergySpec = EnergySpec()
+    output_dir: str = Field("runs/job", description="where result.json, checkpoints and final weights go")
+    resume: bool = Field(False, description="continue from the checkpoint in output_dir")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_config(cls, value: Any) -> MethodConfig:
+        from rayeff.methods import method_config_from_dict
+
+        if isinstance(value, MethodConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping with at least `name`")
+        return method_config_from_dict(value)
+
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> JobSpec:
+        if self.training.batch_size % self.scaling.num_workers:
+            raise ValueError(f"training.batch_size ({self.training.batch_size}) must be a multiple of "
+                             f"scaling.num_workers ({self.scaling.num_workers})")
+        return self
+
+    def micro_batch_size(self) -> int:
+        return self.training.batch_size // self.scaling.num_workers
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def set_field(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {dotted}: `{key}` is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """`training.lr=3e-4` -> ("training.lr", 0.0003); values are read as YAML scalars."""
+    parsed = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {pair!r}: expected FIELD=VALUE, e.g. --set training.lr=3e-4")
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return parsed
+
+
+def validate_job(raw: dict, source: str = "job") -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(f"{source}: {_describe(err)}") from None
+
+
+def load_job(path: str | Path, overrides: list[str] | tuple = ()) -> JobSpec:
+    """Read, override and validate a job file; every failure is a one-line `UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such job file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a job file must be a YAML mapping with `data` and `method` sections")
+    for key, value in parse_overrides(list(overrides)):
+        set_field(raw, key, value)
+    return validate_job(raw, str(path))

@@ -1,0 +1,1 @@
+"""Data: GLUE tasks and metrics (`glue`, `metrics`) and tokenised, cached, batched examples (`tokenized`)."""

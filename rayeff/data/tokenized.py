@@ -1,0 +1,137 @@
+"""Tokenised GLUE splits, cached on disk, sub-sampled, and batched.
+
+The cache key is (tokenizer, task, split, max length, data source): a tokenizer is identified by the hash of its
+full serialised form, so two checkpoints that share a tokenizer share the cache. Entries are written to a temporary
+name and renamed, under a file lock, so concurrent workers never read half a cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from filelock import FileLock
+
+from rayeff.config import DataSpec
+from rayeff.data.glue import get_task, load_split, split_file
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RAYEFF_CACHE", Path.home() / ".cache" / "rayeff"))
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the tokenizer's serialised vocabulary and rules; the truncation and padding settings are left out,
+    since calling the tokenizer changes them."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        ident = f"{type(tokenizer).__name__}:{tokenizer.name_or_path}:{len(tokenizer)}"
+    else:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        ident = json.dumps(state, sort_keys=True)
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _source_fingerprint(task_name: str, split: str, data_dir: str | None) -> str:
+    if data_dir is None:
+        return "hub"
+    path = split_file(get_task(task_name), split, data_dir)
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _cache_path(spec: DataSpec, split: str, tokenizer, max_length: int) -> Path:
+    key = "|".join([_tokenizer_fingerprint(tokenizer), spec.task, split, str(max_length),
+                    _source_fingerprint(spec.task, split, spec.data_dir)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    root = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
+    return root / "tokenized" / f"{spec.task}-{split}-{max_length}-{digest}"
+
+
+def _tokenize(columns: dict, tokenizer, max_length: int) -> datasets.Dataset:
+    encoded = tokenizer(columns["text_a"], columns["text_b"], truncation=True, max_length=max_length)
+    data = {"input_ids": encoded["input_ids"], "label": columns["label"]}
+    if "token_type_ids" in encoded:
+        data["token_type_ids"] = encoded["token_type_ids"]
+    return datasets.Dataset.from_dict(data)
+
+
+def tokenized_split(spec: DataSpec, split: str, tokenizer, max_length: int) -> datasets.Dataset:
+    """The whole split, tokenised (from the cache when it holds this key)."""
+    path = _cache_path(spec, split, tokenizer, max_length)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.is_dir():
+            dataset = _tokenize(load_split(spec.task, split, spec.data_dir), tokenizer, max_length)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            dataset.save_to_disk(str(tmp))
+            os.replace(tmp, path)
+    return datasets.load_from_disk(str(path))
+
+
+def sample_indices(labels: list, spec: DataSpec, is_regression: bool) -> np.ndarray | None:
+    """Indices of the training examples to keep (None: all), drawn with the data seed."""
+    rng = np.random.default_rng(spec.seed)
+    if spec.train_subset is not None:
+        if spec.train_subset >= len(labels):
+            return None
+        return np.sort(rng.choice(len(labels), size=spec.train_subset, replace=False))
+    if spec.k_shot is not None:
+        if is_regression:
+            raise ValueError("data.k_shot needs a classification task; use data.train_subset for STS-B")
+        labels = np.asarray(labels)
+        picked = []
+        for cls in np.unique(labels):
+            members = np.flatnonzero(labels == cls)
+            picked.append(rng.choice(members, size=min(spec.k_shot, len(members)), replace=False))
+        return np.sort(np.concatenate(picked))
+    return None
+
+
+def load_train_and_dev(spec: DataSpec, tokenizer, max_length: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    task = get_task(spec.task)
+    train = tokenized_split(spec, "train", tokenizer, max_length)
+    keep = sample_indices(train["label"], spec, task.is_regression)
+    if keep is not None:
+        train = train.select(keep)
+    dev = tokenized_split(spec, "dev", tokenizer, max_length)
+    if spec.eval_subset is not None and spec.eval_subset < len(dev):
+        dev = dev.select(range(spec.eval_subset))
+    return train, dev
+
+
+class Collator:
+    """Pads a list of examples into a batch; `index` carries each example's position for de-duplicated eval."""
+
+    def __init__(self, pad_token_id: int, max_length: int, pad_to_max: bool, use_token_types: bool,
+                 regression: bool):
+        self.pad_token_id, self.max_length, self.pad_to_max = pad_token_id, max_length, pad_to_max
+        self.use_token_types, self.regression = use_token_types, regression
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        width = self.max_length if self.pad_to_max else max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        types = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, ex in enumerate(examples):
+            n = len(ex["input_ids"])
+            ids[row, :n] = torch.tensor(ex["input_ids"])
+            mask[row, :n] = 1
+            if self.use_token_types and "token_type_ids" in ex:
+                types[row, :n] = torch.tensor(ex["token_type_ids"])
+        batch = {"input_ids": ids, "attention_mask": mask,
+                 "labels": torch.tensor([e["label"] for e in examples],
+                                        dtype=torch.float32 if self.regression else torch.long),
+                 "index": torch.tensor([e["index"] for e in examples], dtype=torch.long)}
+        if self.use_token_types:
+            batch["token_type_ids"] = types
+        return batch

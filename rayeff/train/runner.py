@@ -1,0 +1,208 @@
+"""The driver side of `rayeff run`: checks the job, starts or joins Ray, runs the workers in a Ray Train
+`TorchTrainer`, shows progress, and writes OUTPUT/result.json (and the trained weights) when it is done.
+
+    rayeff run jobs/sst2-read.yaml --data-dir ../shared/data/glue
+
+Output folder: `job.yaml` (the job as run), `train/` (Ray Train's storage: checkpoints), `result.json`,
+`final/trainable.safetensors` (the trained parameters). Everything the user can get wrong is checked before the
+folder is created, so bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from rayeff.config import JobSpec
+from rayeff.data.glue import check_data_dir, get_task
+from rayeff.errors import UserError
+from rayeff.methods import get_method
+from rayeff.models import ModelSource, load_tokenizer, resolve_model
+from rayeff.train.first_order import TRAINABLE_FILE, train_loop_per_worker
+
+TRAIN_DIR = "train"
+RESULT_FILE = "result.json"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def has_checkpoint(output: Path) -> bool:
+    return any((output / TRAIN_DIR).glob("step_*"))
+
+
+def check_output_dir(output: Path, resume: bool) -> None:
+    if resume:
+        return
+    if has_checkpoint(output) or (output / RESULT_FILE).exists():
+        raise UserError(f"output_dir: {output} already holds a run; pass --resume to continue it, or choose another "
+                        "--output")
+
+
+def prepare(job: JobSpec) -> ModelSource:
+    """Every check that needs no Ray: data present, model known, method buildable, output folder free. Also
+    tokenises the data once into the on-disk cache that the workers then read."""
+    from rayeff.data.tokenized import load_train_and_dev
+
+    check_data_dir(job.data.task, job.data.data_dir)
+    source = resolve_model(job.model.name)
+    get_method(job.method.name)
+    check_output_dir(Path(job.output_dir), job.resume)
+    try:
+        load_train_and_dev(job.data, load_tokenizer(source), job.training.max_seq_length)
+    except ValueError as err:
+        raise UserError(f"data: {err}") from None
+    return source
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A TCP connection to a `HOST:PORT` or `ray://HOST:PORT` address, so that a wrong address fails in seconds
+    (ray.init itself retries for minutes)."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address}: expected HOST:PORT (the head's GCS port, e.g. 10.0.0.1:6379) or "
+                        "ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise UserError(f"--address {address}: cannot reach a Ray cluster there ({err.strerror or err}); start one "
+                        "with `ray start --head` or leave --address out to run on a local Ray") from None
+
+
+def init_ray(address: str | None, job: JobSpec) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            check_reachable(address)
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+            return
+        needed = job.scaling.num_workers * job.scaling.cpus_per_worker
+        # Logical CPUs: enough for the workers even where they outnumber the cores (they then share them).
+        # A local Ray serves this machine only, so every address it opens stays on loopback.
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), logging_level="WARNING",
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+    except ConnectionError as err:
+        raise UserError(f"--address {address}: cannot reach a Ray cluster there ({err}); start one with "
+                        "`ray start --head` or leave --address out to run on a local Ray") from None
+
+
+def check_resources(job: JobSpec) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    s = job.scaling
+    for name, per_worker in (("CPU", s.cpus_per_worker), ("GPU", s.gpus_per_worker)):
+        need = per_worker * s.num_workers
+        if need > total.get(name, 0):
+            raise UserError(f"scaling: {s.num_workers} workers need {need:g} {name}s but the Ray cluster has "
+                            f"{total.get(name, 0):g}; lower scaling.num_workers or {name.lower()}s_per_worker")
+
+
+def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None):
+    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = job.scaling.gpus_per_worker > 0
+    resources = {"CPU": job.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = job.scaling.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job.model_dump(), "model_source": asdict(source),
+                           "progress_queue": progress_queue},
+        scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=TRAIN_DIR, storage_path=str(Path(job.output_dir).resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level="WARNING")),
+    )
+
+
+def finish(job: JobSpec, result) -> dict:
+    """result.json and the final weights, from the last report (which carries the final checkpoint)."""
+    output = Path(job.output_dir)
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    summary = dict(result.metrics or {})
+    if not summary.get("status"):
+        raise RuntimeError("training ended without a final report")
+    summary["output_dir"] = str(output.resolve())
+    summary["job"] = job.model_dump(mode="json")
+    if result.checkpoint is not None:
+        final = output / "final"
+        final.mkdir(exist_ok=True)
+        with result.checkpoint.as_directory() as folder:
+            tmp = final / f".{TRAINABLE_FILE}.tmp"
+            shutil.copyfile(Path(folder) / TRAINABLE_FILE, tmp)
+            os.replace(tmp, final / TRAINABLE_FILE)
+        summary["weights"] = str((final / TRAINABLE_FILE).resolve())
+    write_json_atomic(output / RESULT_FILE, summary)
+    return summary
+
+
+def run_job(job: JobSpec, address: str | None = None, show_progress: bool = True) -> dict:
+    """Run one job to its end and return what result.json holds."""
+    from ray.util.queue import Queue
+
+    from rayeff.train.progress import ProgressDisplay
+
+    output = Path(job.output_dir).resolve()
+    job.output_dir = str(output)
+    if job.data.data_dir is not None:
+        job.data.data_dir = str(Path(job.data.data_dir).resolve())
+    source = prepare(job)
+    init_ray(address, job)
+    check_resources(job)
+    if job.resume and not has_checkpoint(output):
+        print(f"rayeff: no checkpoint in {output}; starting from the beginning")
+    output.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(output / "job.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+
+    queue = Queue(maxsize=1000, actor_options={"num_cpus": 0}) if show_progress else None
+    trainer = make_trainer(job, source, queue)
+    outcome: dict = {}
+    fit = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
+    fit.start()
+    display = ProgressDisplay(f"{job.method.name} · {job.model.name} · {get_task(job.data.task).name}")
+    with display:
+        while fit.is_alive():
+            fit.join(timeout=0.5)
+            while queue is not None and not queue.empty():
+                display.update(queue.get_nowait())
+    result = outcome["result"]
+    if isinstance(result, BaseException):
+        raise result
+    summary = finish(job, result)
+    if show_progress:
+        display.print_summary(summary)
+    return summary
+
+
+def _fit(trainer):
+    try:
+        return trainer.fit()
+    except BaseException as err:  # handed to the main thread, which re-raises it
+        return err

@@ -1,0 +1,88 @@
+"""`rayeff run` as a user runs it, in a subprocess that starts its own local Ray: the real MiniLM on 2 workers,
+an output folder that refuses a second run without --resume, and a run killed mid-way (SIGKILL) that resumes to
+the same final weights as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def rayeff(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "rayeff.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, **kwargs)
+
+
+def test_read_job_on_minilm_with_two_workers(tmp_path, glue_dir):
+    out = tmp_path / "read"
+    done = rayeff("run", "jobs/sst2-read.yaml", "--data-dir", glue_dir, "--output", out, "--no-progress",
+                  "--set", "data.train_subset=96", "--set", "data.eval_subset=64", "--set", "training.epochs=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["workers"] == 2 and result["method"] == "read" and result["model"] == "minilm-l6"
+    assert result["time"]["steps"] == 3 and 0.0 <= result["metrics"]["accuracy"] <= 1.0
+    assert result["memory"]["total_params"] > 22_000_000
+    assert result["memory"]["trainable_params"] < 300_000
+
+    again = rayeff("run", "jobs/sst2-read.yaml", "--data-dir", glue_dir, "--output", out, "--no-progress")
+    assert again.returncode == 2
+    assert "--resume" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+KILL_JOB = """
+model: {name: tiny-bert}
+data: {task: sst2, train_subset: 800, eval_subset: 16}
+method: {name: full}
+training: {max_steps: 100, batch_size: 8, lr: 1.0e-3, log_every: 1, checkpoint_every: 10}
+scaling: {num_workers: 2}
+deepspeed: {zero_stage: 1}
+"""
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "train").glob("step_*") if (p / "train_state.json").is_file())
+
+
+def test_run_killed_mid_way_resumes_to_the_uninterrupted_weights(tmp_path, glue_dir):
+    job = tmp_path / "job.yaml"
+    job.write_text(KILL_JOB)
+    common = ["--data-dir", glue_dir, "--no-progress"]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "rayeff.cli", "run", job, "--output", killed, *common],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not _checkpoints(killed) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # let Ray's own processes notice the driver is gone
+    assert not (killed / "result.json").exists(), "the run finished before it could be killed"
+    steps_done = json.loads((_checkpoints(killed)[-1] / "train_state.json").read_text())["step"]
+    assert 10 <= steps_done < 100
+
+    resumed = rayeff("run", job, "--output", killed, "--resume", *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = rayeff("run", job, "--output", tmp_path / "straight", *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    a = load_file(str(killed / "final" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "final" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    res_a = json.loads((killed / "result.json").read_text())
+    res_b = json.loads((tmp_path / "straight" / "result.json").read_text())
+    assert res_a["loss_history"] == res_b["loss_history"] and res_a["time"]["steps"] == 100

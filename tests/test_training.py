@@ -1,0 +1,79 @@
+"""Training through Ray Train and DeepSpeed, in this process on one local Ray: ZeRO stages over 2 workers follow
+the 1-worker loss curve, and `rayeff bench compare` writes its ratios."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rayeff.bench.compare import compare_methods
+from rayeff.config import validate_job
+from rayeff.train.runner import run_job
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_job(tmp_path, glue_dir, name, **sections):
+    raw = {
+        "model": {"name": "tiny-bert", "dropout": 0.0},
+        "data": {"task": "sst2", "data_dir": str(glue_dir), "train_subset": 64, "eval_subset": 32},
+        "method": {"name": "full"},
+        "training": {"max_steps": 5, "batch_size": 8, "lr": 1e-3, "log_every": 1, "max_grad_norm": 1.0},
+        "scaling": {"num_workers": 1},
+        "output_dir": str(tmp_path / name),
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return validate_job(raw)
+
+
+def test_zero_stages_on_two_workers_follow_the_one_worker_loss_curve(tmp_path, glue_dir, local_ray):
+    reference = run_job(tiny_job(tmp_path, glue_dir, "one"), show_progress=False)["loss_history"]
+    assert len(reference) == 5
+    for stage in (1, 2, 3):
+        result = run_job(tiny_job(tmp_path, glue_dir, f"zero{stage}", scaling={"num_workers": 2},
+                                  deepspeed={"zero_stage": stage}), show_progress=False)
+        assert result["workers"] == 2 and result["zero_stage"] == stage
+        for step, (a, b) in enumerate(zip(reference, result["loss_history"])):
+            assert abs(a - b) / abs(a) < 1e-4, (stage, step, a, b)
+        assert result["loss_history"][-1] != result["loss_history"][0]  # it did train
+
+
+def test_result_json_is_complete(tmp_path, glue_dir, local_ray):
+    result = run_job(tiny_job(tmp_path, glue_dir, "read", method={"name": "read", "hidden_size": 8},
+                              scaling={"num_workers": 2}), show_progress=False)
+    on_disk = json.loads((tmp_path / "read" / "result.json").read_text())
+    assert on_disk["metrics"] == result["metrics"] and "accuracy" in on_disk["metrics"]
+    for key in ("method", "model", "task", "metrics", "train_loss", "energy", "memory", "time", "workers",
+                "zero_stage"):
+        assert key in on_disk, key
+    assert on_disk["energy"]["source"] in ("nvml", "rapl", "estimate") and on_disk["energy"]["joules"] > 0
+    if on_disk["energy"]["source"] == "estimate":
+        assert "CPU seconds" in on_disk["energy"]["formula"]
+    memory = on_disk["memory"]
+    for key in ("trainable_params", "total_params", "param_bytes", "grad_bytes", "optimizer_state_bytes",
+                "peak_activation_bytes", "peak_device_bytes"):
+        assert isinstance(memory[key], int) and memory[key] >= 0, key
+    assert memory["trainable_params"] < memory["total_params"]
+    assert memory["grad_bytes"] == memory["trainable_params"] * 4
+    assert on_disk["time"]["steps"] == 5 and on_disk["time"]["samples_per_second"] > 0
+    assert (tmp_path / "read" / "final" / "trainable.safetensors").is_file()
+
+
+def test_bench_compare_writes_each_result_and_ratios_to_full(tmp_path, glue_dir, local_ray):
+    job = tiny_job(tmp_path, glue_dir, "unused")
+    out = tmp_path / "compare.json"
+    report = compare_methods(job, ["full", "lora", "read"], str(out), runs_dir=str(tmp_path / "runs"),
+                             show_progress=False, per_method=["read:training.lr=3e-3"])
+    on_disk = json.loads(out.read_text())
+    assert set(on_disk["results"]) == {"full", "lora", "read"}
+    assert on_disk["results"]["read"]["job"]["training"]["lr"] == pytest.approx(3e-3)
+    ratios = report["ratios_to_full"]
+    assert ratios["full"]["tensor_account_bytes"] == pytest.approx(1.0)
+    full, read = report["results"]["full"], report["results"]["read"]
+    assert ratios["read"]["tensor_account_bytes"] == pytest.approx(
+        read["memory"]["tensor_account_bytes"] / full["memory"]["tensor_account_bytes"])
+    assert ratios["read"]["trainable_params"] < ratios["lora"]["trainable_params"] < 1.0
+    assert ratios["read"]["tensor_account_bytes"] < 1.0
+    assert {r["time"]["steps"] for r in report["results"].values()} == {5}
