@@ -80,6 +80,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.address:
+        from rayeff.train.runner import keep_local_ray_on_loopback
+
+        keep_local_ray_on_loopback()
     from rayeff.quiet import quiet_libraries
 
     quiet_libraries()

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from rayeff.train.runner import keep_local_ray_on_loopback
+
+keep_local_ray_on_loopback()  # before anything imports ray: the tests' local Rays stay on 127.0.0.1
+
 ROOT = Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
 
@@ -31,6 +35,6 @@ def local_ray():
     """One local Ray for a test module's in-process runs (started once: each start costs seconds)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()

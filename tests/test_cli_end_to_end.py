@@ -34,7 +34,7 @@ def test_read_job_on_minilm_with_two_workers(tmp_path, glue_dir):
     assert result["workers"] == 2 and result["method"] == "read" and result["model"] == "minilm-l6"
     assert result["time"]["steps"] == 3 and 0.0 <= result["metrics"]["accuracy"] <= 1.0
     assert result["memory"]["total_params"] > 22_000_000
-    assert result["memory"]["trainable_params"] < 300_000
+    assert result["memory"]["trainable_params"] < 0.05 * result["memory"]["total_params"]
 
     again = rayeff("run", "jobs/sst2-read.yaml", "--data-dir", glue_dir, "--output", out, "--no-progress")
     assert again.returncode == 2
@@ -45,7 +45,7 @@ KILL_JOB = """
 model: {name: tiny-bert}
 data: {task: sst2, train_subset: 800, eval_subset: 16}
 method: {name: full}
-training: {max_steps: 100, batch_size: 8, lr: 1.0e-3, log_every: 1, checkpoint_every: 10}
+training: {max_steps: 100, batch_size: 8, lr: 1.0e-3, log_every: 5, checkpoint_every: 10}
 scaling: {num_workers: 2}
 deepspeed: {zero_stage: 1}
 """

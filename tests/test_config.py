@@ -31,7 +31,7 @@ def test_every_shipped_job_validates(path):
 
 def test_method_section_becomes_the_methods_own_config():
     read = load_job(ROOT / "jobs" / "sst2-read.yaml")
-    assert isinstance(read.method, ReadConfig) and read.method.hidden_size == 64
+    assert isinstance(read.method, ReadConfig) and read.method.hidden_size == 256
     lora = load_job(ROOT / "jobs" / "sst2-lora.yaml")
     assert isinstance(lora.method, LoraMethodConfig) and lora.method.rank == 8
 

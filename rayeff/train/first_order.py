@@ -5,8 +5,10 @@ The batch size in the job is global: each of the N workers takes batch_size / N 
 order (DistributedSampler's interleaving), so 1 worker and N workers see the same global batch at every step.
 
 Order of events in a step: forward under a saved-tensor counter -> backward -> optimizer step -> mean loss over
-workers -> (log | eval | checkpoint | energy-budget check). Checkpoints carry the engine (weights, optimizer, LR
-schedule), the position in the data and every worker's RNG state, so a resumed run continues bit for bit.
+workers -> (log | eval | checkpoint | energy-budget check). Progress goes to the driver's display through a queue;
+`ray.train.report` (a barrier that waits for Ray Train's controller) is called only with checkpoints and at the end.
+Checkpoints carry the engine (weights, optimizer, LR schedule), the position in the data and every worker's RNG
+state, so a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
@@ -321,8 +323,6 @@ class Worker:
         return mean_over_workers(loss.item(), self.device)
 
     def run(self) -> None:
-        import ray.train
-
         self.restore()
         self.meter.start()
         t, s = self.job.training, self.state
@@ -341,8 +341,6 @@ class Worker:
                     self.publish(progress)
                     if self.job.energy.budget_j is not None and energy["joules"] >= self.job.energy.budget_j:
                         status = "stopped: energy budget"
-                    if not last and status == "finished" and not self._checkpoint_due():
-                        ray.train.report({"progress": progress})
                 if t.eval_every and s.step % t.eval_every == 0 and not last:
                     s.last_eval = self.evaluate()
                 if self._checkpoint_due() and not last and status == "finished":

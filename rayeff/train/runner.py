@@ -88,6 +88,13 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                         "with `ray start --head` or leave --address out to run on a local Ray") from None
 
 
+def keep_local_ray_on_loopback() -> None:
+    """A local Ray serves this machine alone, so all of it (GCS, raylet, workers) binds to 127.0.0.1 rather than the
+    machine's network address. Ray's switch for that is named for Windows and macOS, where it is the default, and
+    is read when ray is first imported: call this before."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def init_ray(address: str | None, job: JobSpec) -> None:
     import ray
 
@@ -100,9 +107,8 @@ def init_ray(address: str | None, job: JobSpec) -> None:
             return
         needed = job.scaling.num_workers * job.scaling.cpus_per_worker
         # Logical CPUs: enough for the workers even where they outnumber the cores (they then share them).
-        # A local Ray serves this machine only, so every address it opens stays on loopback.
         ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), logging_level="WARNING",
-                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+                 dashboard_host="127.0.0.1")
     except ConnectionError as err:
         raise UserError(f"--address {address}: cannot reach a Ray cluster there ({err}); start one with "
                         "`ray start --head` or leave --address out to run on a local Ray") from None
