@@ -10,6 +10,7 @@ differs between the runs. Ratios are method / full, so figures from one run on o
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def compare_methods(job: JobSpec, methods: list[str], output: str, runs_dir: str
                                "workers": job.scaling.num_workers},
               "results": results, "ratios_to_full": ratios(results, metric)}
     write_json_atomic(output_path, report)
-    Console().print(comparison_table(report))
+    # 13 columns: on a terminal rich fits them to the window; in a log, print them whole rather than at 80 columns
+    Console(width=None if sys.stdout.isatty() else 200).print(comparison_table(report))
     print(f"rayeff: wrote {output_path}")
     return report
 
