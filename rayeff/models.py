@@ -8,9 +8,9 @@ A model name is an alias (`minilm-l6`, or a tiny random-weight config: `tiny-ber
 `tiny-llama`), a local Hugging Face model folder, or a hub model id. Three backbone kinds are supported: encoders
 (BERT family: pooled at the first token), decoder-only models (GPT-2, Llama: pooled at the last real token) and
 encoder-decoders (T5: the decoder reads one start token; its state is pooled); `model.pooling: mean` averages the
-real tokens instead (the pooling sentence-transformers checkpoints such as MiniLM were trained with). The classification head is ours, the
-same for every kind, so methods see one interface: `classifier.backbone`, `classifier.head`,
-`classifier.run_backbone(batch)` and `classifier.pool(states, attention_mask)`.
+real tokens instead (the pooling sentence-transformers checkpoints such as MiniLM were trained with). The
+classification head is ours, the same for every kind, so methods see one interface: `classifier.backbone`,
+`classifier.head`, `classifier.run_backbone(batch)` and `classifier.pool(states, attention_mask)`.
 """
 
 from __future__ import annotations
@@ -96,8 +96,10 @@ def load_tokenizer(source: ModelSource):
 
 def backbone_kind(config) -> str:
     """encoder, decoder or encoder-decoder, read from the config rather than a list of model names."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder"
@@ -132,9 +134,7 @@ def load_backbone(source: ModelSource, dropout: float | None = None) -> nn.Modul
     from transformers import AutoConfig, AutoModel
 
     if source.tiny_config is not None:
-        from transformers import CONFIG_MAPPING
-
-        from transformers import AutoTokenizer
+        from transformers import CONFIG_MAPPING, AutoTokenizer
 
         spec = dict(TINY_CONFIGS[source.tiny_config])
         vocab = len(AutoTokenizer.from_pretrained(source.tokenizer))

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from rayeff.config import JobSpec, set_field, parse_overrides, validate_job
+from rayeff.config import JobSpec, parse_overrides, set_field, validate_job
 from rayeff.data.metrics import primary_metric
 from rayeff.errors import UserError
 from rayeff.train.runner import run_job, write_json_atomic

@@ -11,9 +11,10 @@ Trainable parameters per stack: g(d r + r^2 + 2r) + (r d + d) + d, g = 1 (RNN), 
 The recurrence is per token and tokens do not interact in it, and pooling and W_o are linear, so
 pool(x_L + delta) = pool(x_L) + s_out * W_o(pool(agg h)). When the head reads one position (first or last token)
 the recurrence runs at that position only: the logits equal those of correcting every token, at a fraction of the
-cost. With mean pooling it runs at every real (unpadded) token and its summaries are averaged before W_o. Encoder-decoder backbones (T5) get a side network per stack: the encoder-side one
-runs over every encoder token, its mean state goes through a joiner into h_0 of the decoder-side one, which makes
-the correction. No gradient ever enters a backbone layer.
+cost. With mean pooling it runs at every real (unpadded) token and its summaries are averaged before W_o.
+Encoder-decoder backbones (T5) get a side network per stack: the encoder-side one runs over every encoder token,
+its mean state goes through a joiner into h_0 of the decoder-side one, which makes the correction. No gradient
+ever enters a backbone layer.
 
     rayeff run jobs/sst2-read.yaml --data-dir ../shared/data/glue
 """
