@@ -10,6 +10,7 @@ Bad input (a job file, a field, a path, an address) ends with one line on stderr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rayeff.errors import UserError
@@ -97,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rayeff: interrupted; re-run with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
+    except Exception as err:  # a failure inside training: its first line here, the whole story in Ray's logs
+        if os.environ.get("RAYEFF_DEBUG"):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"rayeff: failed: {type(err).__name__}: {first}\n  worker logs: /tmp/ray/session_latest/logs; "
+              "set RAYEFF_DEBUG=1 for the traceback; --resume continues from the last checkpoint", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -139,3 +139,16 @@ def test_unreachable_cluster_address_is_one_line_and_fast(tmp_path, capsys, glue
     assert code == 2 and f"127.0.0.1:{port}" in err and len(err.splitlines()) == 1
     assert time.time() - start < 60
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_inside_training_is_short_and_exit_1(tmp_path, capsys, monkeypatch):
+    import rayeff.cli
+
+    def failing_run(args):
+        raise RuntimeError("worker 1 died\nlong traceback follows")
+
+    monkeypatch.setattr(rayeff.cli, "cmd_run", failing_run)
+    monkeypatch.delenv("RAYEFF_DEBUG", raising=False)
+    assert main(["run", str(_write(tmp_path, GOOD))]) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: worker 1 died" in err and "long traceback" not in err and "--resume" in err
