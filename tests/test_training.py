@@ -77,3 +77,13 @@ def test_bench_compare_writes_each_result_and_ratios_to_full(tmp_path, glue_dir,
     assert ratios["read"]["trainable_params"] < 1.0 and ratios["lora"]["trainable_params"] < 1.0
     assert ratios["read"]["tensor_account_bytes"] < ratios["lora"]["tensor_account_bytes"] < 1.0
     assert {r["time"]["steps"] for r in report["results"].values()} == {5}
+
+
+def test_energy_budget_stops_the_run_with_a_resumable_checkpoint(tmp_path, glue_dir, local_ray):
+    job = tiny_job(tmp_path, glue_dir, "budget", training={"max_steps": 200, "log_every": 2},
+                   energy={"budget_j": 0.5})
+    result = run_job(job, show_progress=False)
+    assert result["status"] == "stopped: energy budget"
+    assert 2 <= result["time"]["steps"] < 200 and result["time"]["steps"] % 2 == 0
+    assert result["energy"]["joules"] >= 0.5
+    assert any((tmp_path / "budget" / "train").glob("step_*"))
