@@ -31,16 +31,15 @@ TRAIN_DIR = "train"
 RESULT_FILE = "result.json"
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: readers see the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=float))
 
 
 def has_checkpoint(output: Path) -> bool:
