@@ -133,12 +133,13 @@ def all_gather(obj):
     return out
 
 
-def mean_over_workers(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def mean_over_workers(values: list[float], device: torch.device) -> list[float]:
+    """Means across workers, in one all-reduce however many values."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
         t /= dist.get_world_size()
-    return float(t.item())
+    return t.tolist()
 
 
 class Worker:
@@ -319,8 +320,9 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.train_joules += self.meter.read_joules() - joules_before
-        self.state.train_seconds += mean_over_workers(time.perf_counter() - start, self.device)
-        return mean_over_workers(loss.item(), self.device)
+        seconds, mean_loss = mean_over_workers([time.perf_counter() - start, loss.item()], self.device)
+        self.state.train_seconds += seconds
+        return mean_loss
 
     def run(self) -> None:
         self.restore()
