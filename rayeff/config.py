@@ -9,7 +9,7 @@ Every way a file can be wrong ends in `UserError` with the file and the field na
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
@@ -30,6 +30,9 @@ class ModelSpec(Spec):
     pooling: Literal["auto", "first", "last", "mean"] = Field(
         "auto", description="which token states the head reads: auto is first for encoders (CLS), last real token "
                             "for decoders, the decoder's state for encoder-decoders; mean averages real tokens")
+    head: Literal["mlp", "linear"] = Field(
+        "mlp", description="mlp: dense -> tanh -> out (RoBERTa's head); linear: one projection to the labels "
+                           "(few parameters, which zeroth-order training estimates far better)")
 
 
 class DataSpec(Spec):
@@ -58,6 +61,8 @@ class DataSpec(Spec):
 class MethodConfig(Spec):
     """Base of each method's own config (see rayeff/methods); `name` picks the method."""
 
+    training_loop: ClassVar[str] = "first_order"  # rayeff/train/<training_loop>.py steps the method
+
     name: str
 
 
@@ -83,6 +88,8 @@ class ScalingSpec(Spec):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel replicas)")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0, description="0 trains on CPUs over gloo; >0 on GPUs over NCCL")
+    threads_per_worker: int | None = Field(None, gt=0, description="torch intra-op threads of each worker; "
+                                                                   "None leaves Ray's default")
 
 
 class DeepSpeedSpec(Spec):
@@ -130,14 +137,22 @@ class JobSpec(Spec):
         return method_config_from_dict(value)
 
     @model_validator(mode="after")
-    def _batch_splits_over_workers(self) -> JobSpec:
-        if self.training.batch_size % self.scaling.num_workers:
+    def _fits_the_training_loop(self) -> JobSpec:
+        if self.method.training_loop == "zeroth_order":
+            # Every worker evaluates its own queries on the whole batch, and there is no gradient or optimizer
+            # state for ZeRO to partition.
+            ds = self.deepspeed
+            if ds.zero_stage != 0 or ds.offload_optimizer or ds.offload_params:
+                raise ValueError(f"deepspeed: method {self.method.name} trains without gradients or optimizer state, "
+                                 "which ZeRO partitions; set deepspeed.zero_stage: 0 and no offload")
+        elif self.training.batch_size % self.scaling.num_workers:
             raise ValueError(f"training.batch_size ({self.training.batch_size}) must be a multiple of "
                              f"scaling.num_workers ({self.scaling.num_workers})")
         return self
 
     def micro_batch_size(self) -> int:
-        return self.training.batch_size // self.scaling.num_workers
+        """Examples per worker per forward: the global batch split over workers (for evaluation too, rounded up)."""
+        return -(-self.training.batch_size // self.scaling.num_workers)
 
 
 def _describe(err: ValidationError) -> str:

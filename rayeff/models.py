@@ -150,23 +150,27 @@ def load_backbone(source: ModelSource, dropout: float | None = None) -> nn.Modul
 
 
 class ClassificationHead(nn.Module):
-    """dropout -> dense -> tanh -> dropout -> out (RoBERTa's head); trained by every method."""
+    """mlp: dropout -> dense -> tanh -> dropout -> out (RoBERTa's head); linear: dropout -> out. Trained by every
+    method; it runs in its own dtype (float32 when a zeroth-order method keeps the backbone in bf16/fp16)."""
 
-    def __init__(self, width: int, num_labels: int, dropout: float):
+    def __init__(self, width: int, num_labels: int, dropout: float, kind: str = "mlp"):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.dense = nn.Linear(width, width)
+        self.dense = nn.Linear(width, width) if kind == "mlp" else None
         self.out = nn.Linear(width, num_labels)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        x = torch.tanh(self.dense(self.dropout(pooled)))
-        return self.out(self.dropout(x))
+        x = self.dropout(pooled.to(self.out.weight.dtype))
+        if self.dense is not None:
+            x = self.dropout(torch.tanh(self.dense(x)))
+        return self.out(x)
 
 
 class SequenceClassifier(nn.Module):
     """backbone -> pool one position per sequence -> head. `forward(**batch)` returns logits."""
 
-    def __init__(self, backbone: nn.Module, num_labels: int, dropout: float | None = None, pooling: str = "auto"):
+    def __init__(self, backbone: nn.Module, num_labels: int, dropout: float | None = None, pooling: str = "auto",
+                 head: str = "mlp"):
         super().__init__()
         config = backbone.config
         self.kind = backbone_kind(config)
@@ -180,9 +184,14 @@ class SequenceClassifier(nn.Module):
         if hasattr(backbone, "pooler"):  # BERT's own pooler is unused: we pool in the head
             backbone.pooler = None
         self.head = ClassificationHead(hidden_size(config), num_labels,
-                                       _config_dropout(config) if dropout is None else dropout)
+                                       _config_dropout(config) if dropout is None else dropout, head)
         self.uses_token_types = (getattr(config, "type_vocab_size", 0) or 0) > 1
         self.decoder_start = getattr(config, "decoder_start_token_id", 0) or 0
+
+    def freeze_backbone(self) -> None:
+        """The backbone stays as pre-trained; the head trains (the starting point of every adapter method)."""
+        self.backbone.requires_grad_(False)
+        self.head.requires_grad_(True)
 
     def run_backbone(self, input_ids, attention_mask, token_type_ids=None, output_hidden_states=False):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
@@ -210,5 +219,5 @@ class SequenceClassifier(nn.Module):
 
 
 def build_classifier(source: ModelSource, num_labels: int, dropout: float | None = None,
-                     pooling: str = "auto") -> SequenceClassifier:
-    return SequenceClassifier(load_backbone(source, dropout), num_labels, dropout, pooling)
+                     pooling: str = "auto", head: str = "mlp") -> SequenceClassifier:
+    return SequenceClassifier(load_backbone(source, dropout), num_labels, dropout, pooling, head)

@@ -2,8 +2,8 @@
 
 A method is a pydantic config (its fields are the job file's `method:` section) and a `build` function that turns a
 `SequenceClassifier` into the module to train: it calls like the classifier (`model(**batch) -> logits`) and marks
-what trains with `requires_grad`. `loop` names the training loop that steps it (rayeff/train). To add a method,
-write `rayeff/methods/<name>.py` with both and call `register_method` at its end; import it below.
+what trains with `requires_grad`. The config's `training_loop` names the loop that steps it (rayeff/train). To add a
+method, write `rayeff/methods/<name>.py` with both and call `register_method` at its end; import it below.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ class MethodDefinition:
     name: str
     config_cls: type[MethodConfig]
     build: Callable[..., nn.Module]    # (classifier: SequenceClassifier, config) -> model to train
-    loop: str = "first_order"          # which training loop steps it
 
 
 METHODS: dict[str, MethodDefinition] = {}
@@ -49,4 +48,4 @@ def trainable_parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-from rayeff.methods import full, lora, read  # noqa: E402,F401  (registration)
+from rayeff.methods import adazeta, full, lora, mezo, read  # noqa: E402,F401  (registration)

@@ -78,8 +78,7 @@ class ReadModel(nn.Module):
     def __init__(self, classifier: SequenceClassifier, config: ReadConfig):
         super().__init__()
         self.classifier = classifier
-        classifier.backbone.requires_grad_(False)
-        classifier.head.requires_grad_(True)
+        classifier.freeze_backbone()
         width = hidden_size(classifier.backbone.config)
         self.side = SideNetwork(width, config)
         self.encoder_side = self.joiner = None

@@ -25,7 +25,7 @@ from rayeff.data.glue import check_data_dir, get_task
 from rayeff.errors import UserError
 from rayeff.methods import get_method
 from rayeff.models import ModelSource, load_tokenizer, resolve_model
-from rayeff.train.first_order import TRAINABLE_FILE, train_loop_per_worker
+from rayeff.train.worker import TRAINABLE_FILE, train_loop_per_worker
 
 TRAIN_DIR = "train"
 RESULT_FILE = "result.json"

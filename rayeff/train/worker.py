@@ -1,19 +1,17 @@
-"""The first-order training loop, run by every Ray Train worker: forward, `engine.backward(loss)`, `engine.step()`.
+"""What every Ray Train worker does whatever the method: data, model, evaluation, checkpoints, energy, the step loop.
 
-Every first-order method (full, lora, read) trains through one DeepSpeed engine, whose ZeRO stage comes from the job.
-The batch size in the job is global: each of the N workers takes batch_size / N examples of the same shuffled
-order (DistributedSampler's interleaving), so 1 worker and N workers see the same global batch at every step.
+Two training loops step the model (the method's config says which): `first_order.py` (backward + DeepSpeed
+optimizer step) and `zeroth_order.py` (SPSA from forward passes only). They subclass `Worker` and supply how a step
+runs, which examples it reads, how weights are saved and restored, and what the tensor account holds.
 
-Order of events in a step: forward under a saved-tensor counter -> backward -> optimizer step -> mean loss over
-workers -> (log | eval | checkpoint | energy-budget check). Progress goes to the driver's display through a queue;
-`ray.train.report` (a barrier that waits for Ray Train's controller) is called only with checkpoints and at the end.
-Checkpoints carry the engine (weights, optimizer, LR schedule), the position in the data and every worker's RNG
-state, so a resumed run continues bit for bit.
+Order of events in a step: train step -> (log | eval | checkpoint | energy-budget check). Progress goes to the
+driver's display through a queue; `ray.train.report` (a barrier that waits for Ray Train's controller) is called
+only with checkpoints and at the end. Checkpoints carry the weights (and optimizer state where there is one), the
+position in the data and every worker's RNG state, so a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -21,7 +19,6 @@ import os
 import random
 import shutil
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,13 +32,13 @@ from rayeff.data.glue import get_task
 from rayeff.data.metrics import compute_metrics
 from rayeff.data.tokenized import Collator, load_train_and_dev
 from rayeff.measure.energy import combine, make_meter
-from rayeff.measure.memory import DevicePeak, SavedActivationCounter, tensor_account
+from rayeff.measure.memory import DevicePeak
 from rayeff.methods import get_method
 from rayeff.models import ModelSource, build_classifier, load_tokenizer
 from rayeff.quiet import quiet_libraries
 
-CHECKPOINT_TAG = "deepspeed"
 TRAINABLE_FILE = "trainable.safetensors"
+STATE_FILE = "train_state.json"
 
 
 @dataclass
@@ -58,37 +55,7 @@ class TrainState:
     loss_sum: float = 0.0
     losses: list = field(default_factory=list)
     last_eval: dict = field(default_factory=dict)
-
-
-def deepspeed_config(job: JobSpec) -> dict:
-    ds = job.deepspeed
-    zero: dict = {"stage": ds.zero_stage}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if ds.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
-    return {
-        "train_batch_size": job.training.batch_size,
-        "train_micro_batch_size_per_gpu": job.micro_batch_size(),
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": job.training.max_grad_norm or 0.0,
-        "zero_optimization": zero,
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16"},
-        "zero_allow_untested_optimizer": True,   # we pass torch's AdamW
-        "zero_force_ds_cpu_optimizer": False,    # ... also when offloading, so no C++ Adam has to compile
-        "steps_per_print": 2**31 - 1,
-    }
-
-
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases and norm weights (1-D) are not decayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay},
-                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    extra: dict = field(default_factory=dict)  # the loop's own counters (e.g. ZO queries so far)
 
 
 def epoch_order(n: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
@@ -105,14 +72,6 @@ def epoch_order(n: int, rank: int, world: int, seed: int, epoch: int, shuffle: b
 
 def batches_of(indices: list[int], size: int) -> list[list[int]]:
     return [indices[i: i + size] for i in range(0, len(indices), size)]
-
-
-def total_steps(job: JobSpec, n_train: int) -> int:
-    per_worker = math.ceil(n_train / job.scaling.num_workers)
-    steps_per_epoch = math.ceil(per_worker / job.micro_batch_size())
-    if job.training.max_steps is not None:
-        return job.training.max_steps
-    return max(1, math.ceil((job.training.epochs or 1.0) * steps_per_epoch))
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
@@ -143,7 +102,7 @@ def mean_over_workers(values: list[float], device: torch.device) -> list[float]:
 
 
 class Worker:
-    """One worker's training run. `run()` is the loop; the rest are the steps it takes, in call order."""
+    """One worker's training run. `run()` is the loop; subclasses supply the step and the state it saves."""
 
     def __init__(self, config: dict):
         import ray.train
@@ -162,30 +121,61 @@ class Worker:
         source = ModelSource(**config["model_source"])
         tokenizer = load_tokenizer(source)
         self.train_set, self.dev_set = load_train_and_dev(self.job.data, tokenizer, self.job.training.max_seq_length)
-        classifier = build_classifier(source, self.task.num_labels, self.job.model.dropout, self.job.model.pooling)
+        classifier = build_classifier(source, self.task.num_labels, self.job.model.dropout, self.job.model.pooling,
+                                      self.job.model.head)
         self.collate = Collator(tokenizer.pad_token_id, self.job.training.max_seq_length,
                                 self.job.training.padding == "max_length", classifier.uses_token_types,
                                 self.task.is_regression)
         model = get_method(self.job.method.name).build(classifier, self.job.method)
-        self.total_steps = total_steps(self.job, len(self.train_set))
-        self.engine = self._deepspeed_engine(model)
-        self.activations = SavedActivationCounter(self.engine.module)
+        self.total_steps = self._total_steps()
+        self.setup(model)
         self.meter = make_meter(self.job.energy.meter, self.device, self.job.energy.watts_per_cpu)
         self.train_joules = 0.0  # this segment's energy inside training steps, on this worker's counter
 
-    def _deepspeed_engine(self, model):
-        import deepspeed
-        from transformers import get_scheduler
+    # -- what a training loop supplies ---------------------------------------------------------------------------
 
-        t = self.job.training
-        optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.lr)
-        scheduler = get_scheduler(t.lr_schedule, optimizer, num_warmup_steps=int(t.warmup_ratio * self.total_steps),
-                                  num_training_steps=self.total_steps)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(self.job))
-        return engine
+    def setup(self, model: torch.nn.Module) -> None:
+        """Take the method's model onto the device and set `self.module`, what a forward pass calls: the model,
+        or an engine wrapping it."""
+        raise NotImplementedError
 
-    # -- checkpoints -------------------------------------------------------------------------------------------------
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The training-set indices this worker reads at each step of `epoch`."""
+        raise NotImplementedError
+
+    def train_step(self, idx: list[int]) -> float:
+        """One step on these examples; adds its time to `state.train_seconds`; returns the loss (mean over
+        workers). A loss that is not finite means training diverged: the weights must then be left as the step
+        found them."""
+        raise NotImplementedError
+
+    def save(self, folder: Path, saved_state: dict) -> None:
+        """Write this worker's part of a checkpoint (every worker calls it; rank 0 writes the weights file)."""
+        raise NotImplementedError
+
+    def load(self, folder: Path) -> dict:
+        """Restore weights (and optimizer) from a checkpoint folder; return the saved TrainState fields."""
+        raise NotImplementedError
+
+    def memory_account(self) -> dict:
+        """The exact tensor account of this worker (bytes by kind, see rayeff.measure.memory)."""
+        raise NotImplementedError
+
+    def extra_summary(self) -> dict:
+        return {}
+
+    def extra_progress(self) -> dict:
+        return {}
+
+    # -- shared --------------------------------------------------------------------------------------------------
+
+    def _total_steps(self) -> int:
+        if self.job.training.max_steps is not None:
+            return self.job.training.max_steps
+        return max(1, math.ceil((self.job.training.epochs or 1.0) * len(self.epoch_batches(0))))
+
+    def batch(self, idx: list[int]) -> dict:
+        return to_device(self.collate([dict(self.train_set[i], index=i) for i in idx]), self.device)
 
     def restore(self) -> None:
         import ray.train
@@ -194,8 +184,7 @@ class Worker:
         if checkpoint is None:
             return
         with checkpoint.as_directory() as folder:
-            _, client_state = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
-            self.state = TrainState(**client_state["train_state"])
+            self.state = TrainState(**self.load(Path(folder)))
             rng_file = Path(folder) / f"rng_rank{self.rank}.pt"
             if rng_file.is_file():
                 rng = torch.load(rng_file, weights_only=False)
@@ -205,59 +194,44 @@ class Worker:
                 if rng.get("cuda") is not None and self.device.type == "cuda":
                     torch.cuda.set_rng_state(rng["cuda"], self.device)
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        """The trained weights, gathered whole (a collective under ZeRO-3, so every worker calls it)."""
-        import deepspeed
-
-        named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
-        gather = deepspeed.zero.GatheredParameters([p for _, p in named]) if self.job.deepspeed.zero_stage == 3 \
-            else contextlib.nullcontext()
-        with gather:
-            return {n: p.detach().float().cpu().clone() for n, p in named} if self.rank == 0 else {}
-
     def checkpoint_and_report(self, metrics: dict, name: str, energy: dict) -> None:
         """Save a checkpoint on every worker and report it. The saved state carries the energy used so far, so a
         resumed run adds to it (energy drawn after the last checkpoint of a killed run is not counted)."""
         import ray.train
-        from safetensors.torch import save_file
 
-        folder = tempfile.mkdtemp(prefix="rayeff-ckpt-")
+        folder = Path(tempfile.mkdtemp(prefix="rayeff-ckpt-"))
         saved_state = {**asdict(self.state), "energy_joules": energy["joules"],
                        "train_energy_joules": energy["train_joules"]}
-        self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state={"train_state": saved_state})
+        self.save(folder, saved_state)
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        torch.save(rng, Path(folder) / f"rng_rank{self.rank}.pt")
-        weights = self._trainable_state()
+        torch.save(rng, folder / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
-            save_file(weights, str(Path(folder) / TRAINABLE_FILE))
-            (Path(folder) / "train_state.json").write_text(json.dumps(saved_state))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+            (folder / STATE_FILE).write_text(json.dumps(saved_state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                         checkpoint_dir_name=name)
         shutil.rmtree(folder, ignore_errors=True)
-
-    # -- evaluation ----------------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
         """Dev metrics. Every worker runs the same number of forwards (ZeRO-3 gathers weights collectively), on
         its interleaved shard; predictions are gathered by example index so padding duplicates count once."""
-        self.engine.eval()
         order = epoch_order(len(self.dev_set), self.rank, self.world, 0, 0, shuffle=False)
         predictions = {}
+        was_training = self.module.training
+        self.module.eval()
         with torch.no_grad():
             for idx in batches_of(order, self.job.micro_batch_size()):
                 batch = to_device(self.collate([dict(self.dev_set[i], index=i) for i in idx]), self.device)
-                logits = self.engine(**batch).float()
+                logits = self.module(**batch).float()
                 preds = logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
                 predictions.update(zip(idx, preds.cpu().tolist()))
-        self.engine.train()
+        self.module.train(was_training)
         merged = {}
         for part in all_gather(predictions):
             merged.update(part)
         keys = sorted(merged)
         labels = self.dev_set["label"]
         return compute_metrics(self.task.name, [merged[k] for k in keys], [labels[k] for k in keys])
-
-    # -- reporting -----------------------------------------------------------------------------------------------
 
     def energy(self) -> dict:
         """Energy of the whole run (`joules`) and of its training steps alone (`train_joules`: no start-up,
@@ -276,7 +250,7 @@ class Worker:
         return {"step": self.state.step, "total_steps": self.total_steps, "epoch": self.state.epoch,
                 "loss": float(np.mean(window)) if window else None,
                 "samples_per_second": self.state.samples / max(self.state.train_seconds, 1e-9),
-                "energy_joules": energy["joules"], "eval": self.state.last_eval}
+                "energy_joules": energy["joules"], "eval": self.state.last_eval, **self.extra_progress()}
 
     def publish(self, progress: dict) -> None:
         if self.rank == 0 and self.progress_queue is not None:
@@ -286,12 +260,10 @@ class Worker:
                 pass
 
     def summary(self, metrics: dict, energy: dict, status: str) -> dict:
-        account = tensor_account(self.engine.module, self.engine.optimizer, self.activations,
-                                 self.job.deepspeed.zero_stage, self.world)
-        per_worker = all_gather({**asdict(account), "peak_device_bytes": self.device_peak.peak_bytes()})
+        per_worker = all_gather({**self.memory_account(), "peak_device_bytes": self.device_peak.peak_bytes()})
         memory = {k: max(w[k] for w in per_worker) for k in per_worker[0]}  # per-worker figures: the largest
-        memory["tensor_account_bytes"] = sum(memory[k] for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes",
-                                                                 "peak_activation_bytes"))
+        memory["tensor_account_bytes"] = sum(memory[k] for k in memory if k.endswith("_bytes")
+                                             and k != "peak_device_bytes")
         memory["peak_device_kind"] = self.device_peak.kind
         memory["per"] = "worker (largest over workers)"
         s = self.state
@@ -302,27 +274,11 @@ class Worker:
             "energy": energy, "memory": memory,
             "time": {"train_seconds": s.train_seconds, "steps": s.step, "samples": s.samples,
                      "samples_per_second": s.samples / max(s.train_seconds, 1e-9),
+                     "seconds_per_step": s.train_seconds / max(s.step, 1),
                      "seconds_per_sample": s.train_seconds / max(s.samples, 1)},
             "workers": self.world, "zero_stage": self.job.deepspeed.zero_stage,
-            "device": self.device.type, "total_steps": self.total_steps,
+            "device": self.device.type, "total_steps": self.total_steps, **self.extra_summary(),
         }
-
-    # -- the loop ------------------------------------------------------------------------------------------------
-
-    def train_step(self, idx: list[int]) -> float:
-        batch = to_device(self.collate([dict(self.train_set[i], index=i) for i in idx]), self.device)
-        start, joules_before = time.perf_counter(), self.meter.read_joules()
-        with self.activations:
-            logits = self.engine(**batch)
-            loss = loss_fn(logits, batch["labels"], self.task.is_regression)
-        self.engine.backward(loss)
-        self.engine.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.train_joules += self.meter.read_joules() - joules_before
-        seconds, mean_loss = mean_over_workers([time.perf_counter() - start, loss.item()], self.device)
-        self.state.train_seconds += seconds
-        return mean_loss
 
     def run(self) -> None:
         self.restore()
@@ -330,17 +286,18 @@ class Worker:
         t, s = self.job.training, self.state
         status = "finished"
         while s.step < self.total_steps and status == "finished":
-            order = epoch_order(len(self.train_set), self.rank, self.world, t.seed, s.epoch)
-            for idx in batches_of(order, self.job.micro_batch_size())[s.batch_in_epoch:]:
+            for idx in self.epoch_batches(s.epoch)[s.batch_in_epoch:]:
                 loss = self.train_step(idx)
+                if not math.isfinite(loss):
+                    status = "diverged"
+                    break
                 s.step, s.batch_in_epoch, s.samples = s.step + 1, s.batch_in_epoch + 1, s.samples + t.batch_size
                 s.losses.append(loss)
                 s.loss_sum += loss
                 last = s.step >= self.total_steps
                 if s.step % t.log_every == 0 or last:
                     energy = self.energy()
-                    progress = self.progress(energy)
-                    self.publish(progress)
+                    self.publish(self.progress(energy))
                     if self.job.energy.budget_j is not None and energy["joules"] >= self.job.energy.budget_j:
                         status = "stopped: energy budget"
                 if t.eval_every and s.step % t.eval_every == 0 and not last:
@@ -354,7 +311,9 @@ class Worker:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         metrics = self.evaluate()
         energy = self.energy()
-        self.checkpoint_and_report(self.summary(metrics, energy, status), f"step_{s.step:08d}", energy)
+        # A diverged run holds the weights from before its bad step: its final checkpoint is new, the earlier kept.
+        name = f"step_{s.step:08d}" + ("-diverged" if status == "diverged" else "")
+        self.checkpoint_and_report(self.summary(metrics, energy, status), name, energy)
 
     def _checkpoint_due(self) -> bool:
         every = self.job.training.checkpoint_every
@@ -374,10 +333,17 @@ def _quiet_ray_train_reports() -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry point on every worker: config = {"job": JobSpec dump, "model_source": ..., ...}."""
-    if config["job"]["scaling"]["gpus_per_worker"] == 0:
+    job = config["job"]
+    if job["scaling"]["gpus_per_worker"] == 0:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than let DeepSpeed probe and warn
+    if job["scaling"].get("threads_per_worker"):
+        torch.set_num_threads(job["scaling"]["threads_per_worker"])
     import deepspeed  # noqa: F401  (imported before the memory baseline is taken)
+
+    from rayeff.train.first_order import FirstOrderWorker
+    from rayeff.train.zeroth_order import ZerothOrderWorker
 
     quiet_libraries()
     _quiet_ray_train_reports()
-    Worker(config).run()
+    loop = JobSpec.model_validate(job).method.training_loop
+    {"first_order": FirstOrderWorker, "zeroth_order": ZerothOrderWorker}[loop](config).run()

@@ -1,0 +1,109 @@
+"""AdaZeta (arXiv 2406.18060): tensor-train bottleneck adapters on a frozen backbone, trained by zeroth-order SPSA
+with a number of queries per step that grows over training (rayeff/train/zeroth_order.py runs it).
+
+    adapter(h) = h + up(act(down(h)))     down: d -> b, up: b -> d, both TTLinear of rank `tt_rank`; up starts at 0
+
+Placement (Houlsby): after the attention-output and the FFN-output projections of every layer for encoders and
+encoder-decoders; decoder-only models get one on the MLP output. The adapters attach as forward hooks on those
+projections, so the backbone's own modules are untouched. They and the head train in float32 whatever precision
+the backbone runs in. Because the last core of each up-projection starts at zero, the adapted model computes exactly
+what the backbone does until the first update.
+
+    rayeff run jobs/sst2-adazeta.yaml --data-dir ../shared/data/glue
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from rayeff.errors import UserError
+from rayeff.methods import MethodDefinition, register_method
+from rayeff.models import SequenceClassifier
+from rayeff.tensor_train import TTLinear
+from rayeff.train.spsa import MAX_QUERIES, ZerothOrderConfig
+
+# Output projections by role, as module-path patterns of the architectures rayeff supports
+# (BERT-style encoders, T5, GPT-2, Llama-style decoders).
+ATTENTION_OUTPUTS = (r"attention\.output\.dense$", r"SelfAttention\.o$", r"EncDecAttention\.o$", r"attn\.c_proj$",
+                     r"self_attn\.o_proj$")
+FFN_OUTPUTS = (r"layer\.\d+\.output\.dense$", r"DenseReluDense\.wo$", r"mlp\.c_proj$", r"mlp\.down_proj$")
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+class AdaZetaConfig(ZerothOrderConfig):
+    name: Literal["adazeta"] = "adazeta"
+    bottleneck: int = Field(64, gt=0, description="adapter width b")
+    tt_rank: int = Field(5, gt=0, description="rank of the tensor-train cores")
+    placement: Literal["auto", "houlsby", "ffn", "attention"] = Field(
+        "auto", description="auto: houlsby (attention and FFN outputs) for encoders, ffn for decoder-only models")
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    train_norms: bool = Field(False, description="also train the backbone's LayerNorm/RMSNorm weights")
+    # The reference schedule: alpha 0.85, beta derived from Q at the last epoch, at most 16 queries.
+    alpha: float = Field(0.85, gt=0)
+    beta: float | None = Field(None, ge=0, description="None derives it from q_target")
+    q_target: int | None = Field(8, ge=1)
+    q_max: int = Field(16, ge=1, le=MAX_QUERIES)
+
+
+class TTAdapter(nn.Module):
+    def __init__(self, width: int, config: AdaZetaConfig):
+        super().__init__()
+        self.down = TTLinear(width, config.bottleneck, config.tt_rank)
+        self.act = ACTIVATIONS[config.activation]()
+        self.up = TTLinear(config.bottleneck, width, config.tt_rank, zero_last_core=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        delta = self.up(self.act(self.down(h.float())))   # float32, whatever the backbone's dtype
+        return h + delta.to(h.dtype)
+
+
+def _out_width(module: nn.Module) -> int | None:
+    """Output features of a projection: nn.Linear's `out_features`, GPT-2 Conv1D's `nf`."""
+    return getattr(module, "out_features", None) or getattr(module, "nf", None)
+
+
+def adapter_sites(backbone: nn.Module, placement: str, kind: str) -> list[tuple[str, nn.Module]]:
+    if placement == "auto":
+        placement = "ffn" if kind == "decoder" else "houlsby"
+    patterns = {"houlsby": ATTENTION_OUTPUTS + FFN_OUTPUTS, "ffn": FFN_OUTPUTS, "attention": ATTENTION_OUTPUTS}
+    wanted = [re.compile(p) for p in patterns[placement]]
+    return [(name, m) for name, m in backbone.named_modules()
+            if _out_width(m) and any(p.search(name) for p in wanted)]
+
+
+class AdaZetaModel(nn.Module):
+    """The classifier with TT adapters hooked onto its backbone's output projections."""
+
+    def __init__(self, classifier: SequenceClassifier, config: AdaZetaConfig):
+        super().__init__()
+        self.classifier = classifier
+        classifier.freeze_backbone()
+        if config.train_norms:
+            for module in classifier.backbone.modules():
+                if "norm" in type(module).__name__.lower():
+                    module.requires_grad_(True)
+        sites = adapter_sites(classifier.backbone, config.placement, classifier.kind)
+        if not sites:
+            raise UserError(f"method.placement: {config.placement} finds no output projection in this "
+                            f"{classifier.backbone.config.model_type} model; rayeff knows BERT-style encoders, "
+                            "T5, GPT-2 and Llama-style decoders")
+        self.adapters = nn.ModuleDict()
+        for name, module in sites:
+            adapter = TTAdapter(_out_width(module), config)
+            self.adapters[name.replace(".", "__")] = adapter
+            module.register_forward_hook(lambda _m, _inputs, output, a=adapter: a(output))
+
+    def forward(self, **batch) -> torch.Tensor:
+        return self.classifier(**batch)
+
+
+def build(classifier: SequenceClassifier, config: AdaZetaConfig) -> nn.Module:
+    return AdaZetaModel(classifier, config)
+
+
+register_method(MethodDefinition("adazeta", AdaZetaConfig, build))

@@ -1,0 +1,116 @@
+"""The first-order training loop: forward, `engine.backward(loss)`, `engine.step()` on every worker.
+
+Every first-order method (full, lora, read) trains through one DeepSpeed engine, whose ZeRO stage comes from the job.
+The batch size in the job is global: each of the N workers takes batch_size / N examples of the same shuffled
+order (DistributedSampler's interleaving), so 1 worker and N workers see the same global batch at every step.
+Checkpoints are DeepSpeed's (weights, optimizer, LR schedule) plus the trained weights alone on rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from rayeff.config import JobSpec
+from rayeff.measure.memory import SavedActivationCounter, tensor_account
+from rayeff.train.worker import TRAINABLE_FILE, Worker, batches_of, epoch_order, loss_fn, mean_over_workers
+
+CHECKPOINT_TAG = "deepspeed"
+
+
+def deepspeed_config(job: JobSpec) -> dict:
+    ds = job.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_batch_size": job.training.batch_size,
+        "train_micro_batch_size_per_gpu": job.micro_batch_size(),
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": job.training.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,   # we pass torch's AdamW
+        "zero_force_ds_cpu_optimizer": False,    # ... also when offloading, so no C++ Adam has to compile
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and norm weights (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+class FirstOrderWorker(Worker):
+    def setup(self, model: torch.nn.Module) -> None:
+        import deepspeed
+        from transformers import get_scheduler
+
+        t = self.job.training
+        optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.lr)
+        scheduler = get_scheduler(t.lr_schedule, optimizer, num_warmup_steps=int(t.warmup_ratio * self.total_steps),
+                                  num_training_steps=self.total_steps)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=deepspeed_config(self.job))
+        self.module = self.engine
+        self.activations = SavedActivationCounter(self.engine.module)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        order = epoch_order(len(self.train_set), self.rank, self.world, self.job.training.seed, epoch)
+        return batches_of(order, self.job.micro_batch_size())
+
+    def train_step(self, idx: list[int]) -> float:
+        batch = self.batch(idx)
+        start, joules_before = time.perf_counter(), self.meter.read_joules()
+        with self.activations:
+            logits = self.engine(**batch)
+            loss = loss_fn(logits, batch["labels"], self.task.is_regression)
+        # The mean loss before the update: if any worker's is not finite, no worker steps (the run diverged).
+        mean_loss = mean_over_workers([loss.item()], self.device)[0]
+        if math.isfinite(mean_loss):
+            self.engine.backward(loss)
+            self.engine.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.train_joules += self.meter.read_joules() - joules_before
+        self.state.train_seconds += time.perf_counter() - start  # the step ends in DeepSpeed's all-reduce
+        return mean_loss
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained weights, gathered whole (a collective under ZeRO-3, so every worker calls it)."""
+        import deepspeed
+
+        named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        gather = deepspeed.zero.GatheredParameters([p for _, p in named]) if self.job.deepspeed.zero_stage == 3 \
+            else contextlib.nullcontext()
+        with gather:
+            return {n: p.detach().float().cpu().clone() for n, p in named} if self.rank == 0 else {}
+
+    def save(self, folder: Path, saved_state: dict) -> None:
+        from safetensors.torch import save_file
+
+        self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={"train_state": saved_state})
+        weights = self._trainable_state()
+        if self.rank == 0:
+            save_file(weights, str(folder / TRAINABLE_FILE))
+
+    def load(self, folder: Path) -> dict:
+        _, client_state = self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
+        return client_state["train_state"]
+
+    def memory_account(self) -> dict:
+        return asdict(tensor_account(self.engine.module, self.engine.optimizer, self.activations,
+                                     self.job.deepspeed.zero_stage, self.world))

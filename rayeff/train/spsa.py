@@ -1,0 +1,171 @@
+"""Zeroth-order (SPSA) estimation: directions from seeds, exact perturb / restore, the update replayed from seeds,
+and the adaptive query schedule. No autograd and no direction tensor is ever stored.
+
+For query q with direction z_q ~ N(0, I) over the trainable parameters theta and one minibatch B:
+
+    g_q = (L(theta + eps z_q; B) - L(theta - eps z_q; B)) / (2 eps)          the projected gradient, a scalar
+    theta <- theta - lr ((1/Q) sum_q g_q z_q + wd theta)                       no decay on 1-D tensors (biases, norms)
+
+z_q is drawn parameter by parameter from a generator seeded with the query's seed, so it can be regenerated for the
+update from (seed, g_q) alone: that pair is all the workers exchange. Perturbations are written in place from a
+copy of the step's starting values (theta0 + eps z, theta0 - eps z, then theta0 again), which makes the restore
+exact to the bit: adding and subtracting eps z in floating point is not (about half of float32 entries come back
+off by an ulp), and replicas that each evaluated different queries would drift apart. The copy costs the trainable
+parameters once, which for adapters and LoRA is small.
+
+Sparse-MeZO: with `sparsity` s, only each weight matrix's (1 - s) smallest-magnitude entries are perturbed and
+updated; the threshold is recomputed from theta0 at every step and the mask from it wherever z is drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from rayeff.config import MethodConfig
+
+MAX_QUERIES = 4096          # queries per step: 12 bits of the seed
+MAX_STEPS = 2**28           # steps: 28 bits
+MAX_RUN_SEED = 2**23        # run seeds: 23 bits (a 63-bit seed in all)
+
+
+class ZerothOrderConfig(MethodConfig):
+    """Fields every zeroth-order method shares: the SPSA step and the query schedule
+    Q_k = min(max(floor(alpha * k^beta), 1), q_max), k = 1, 2, ... counting epochs (default) or steps."""
+
+    training_loop = "zeroth_order"
+
+    eps: float = Field(1e-3, gt=0, description="perturbation scale")
+    alpha: float = Field(1.0, gt=0, description="query schedule: Q_k = min(max(floor(alpha k^beta), 1), q_max)")
+    beta: float | None = Field(0.0, ge=0, description="schedule exponent; None derives it from q_target")
+    q_target: int | None = Field(None, ge=1, description="queries wanted at the last epoch (or step): sets beta")
+    q_max: int = Field(1, ge=1, le=MAX_QUERIES, description="most queries per step")
+    schedule_over: Literal["epochs", "steps"] = "epochs"
+    sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="Sparse-MeZO: fraction of each weight "
+                                   "matrix's largest-magnitude entries left out of perturbation and update")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_given_clears_the_other(cls, data):
+        """Giving beta drops the default q_target and vice versa (so a dumped config validates again)."""
+        if isinstance(data, dict):
+            for given, other in (("beta", "q_target"), ("q_target", "beta")):
+                if data.get(given) is not None and other not in data:
+                    data = {**data, other: None}
+        return data
+
+    @model_validator(mode="after")
+    def _beta_or_target(self):
+        if self.beta is None and self.q_target is None:
+            raise ValueError("set beta, or q_target to derive it from")
+        if self.beta is not None and self.q_target is not None:
+            raise ValueError("set beta or q_target, not both")
+        return self
+
+
+def derived_beta(alpha: float, q_target: int, k_last: int) -> float:
+    """beta with floor(alpha * k_last^beta) = q_target: ln(q_target / alpha) / ln(k_last); 0 when k_last is 1."""
+    if k_last <= 1:
+        return 0.0
+    return max(0.0, math.log(q_target / alpha) / math.log(k_last))
+
+
+def queries_at(k: int, alpha: float, beta: float, q_max: int) -> int:
+    """Q_k = min(max(floor(alpha * k^beta), 1), q_max), k counted from 1. A hair of slack absorbs the rounding
+    of k^beta when beta was derived to hit an integer exactly."""
+    return min(max(math.floor(alpha * k ** beta + 1e-9), 1), q_max)
+
+
+class QuerySchedule:
+    def __init__(self, config: ZerothOrderConfig, total_epochs: int, total_steps: int):
+        self.config = config
+        self.k_last = total_epochs if config.schedule_over == "epochs" else total_steps
+        self.beta = config.beta if config.beta is not None else derived_beta(config.alpha, config.q_target,
+                                                                              self.k_last)
+
+    def queries(self, epoch: int, step: int) -> int:
+        """Queries at this 0-based epoch and step."""
+        k = (epoch if self.config.schedule_over == "epochs" else step) + 1
+        return queries_at(k, self.config.alpha, self.beta, self.config.q_max)
+
+
+def query_seed(run_seed: int, step: int, query: int) -> int:
+    """A seed unique to (run seed, step, query): the three packed into disjoint bits of a 63-bit integer, so no two
+    queries of a run, on any worker, ever share one."""
+    if not (0 <= run_seed < MAX_RUN_SEED and 0 <= step < MAX_STEPS and 0 <= query < MAX_QUERIES):
+        raise ValueError(f"seed fields out of range: run seed {run_seed}, step {step}, query {query}")
+    return (run_seed << 40) | (step << 12) | query
+
+
+class Perturber:
+    """SPSA on a fixed list of parameters (their order defines z). Typical step:
+
+        perturber.begin_step()                      # copy theta0, thresholds for sparsity
+        perturber.set(seed, +1); L+ = loss(); perturber.set(seed, -1); L- = loss(); perturber.restore()
+        ...
+        perturber.update([(seed, g), ...], lr, weight_decay)
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], sparsity: float | None = None):
+        self.params = params
+        self.sparsity = sparsity
+        self.start = [torch.empty_like(p) for p in params]   # theta0 of the current step
+        self.thresholds: list[float | None] = [None] * len(params)
+        self.decays = [p.ndim >= 2 for p in params]           # biases and norm weights are 1-D: no decay
+
+    @property
+    def snapshot_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.start)
+
+    def begin_step(self) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.params, self.start):
+                s.copy_(p)
+        if self.sparsity:
+            self.thresholds = [self._threshold(s) if s.ndim >= 2 else None for s in self.start]
+
+    def _threshold(self, values: torch.Tensor) -> float:
+        """The magnitude at or below which an entry is perturbed: the (1 - sparsity) quantile of |theta0|."""
+        flat = values.detach().abs().flatten().float()
+        k = max(1, math.ceil((1.0 - self.sparsity) * flat.numel()))
+        return float(flat.kthvalue(k).values)
+
+    def directions(self, seed: int):
+        """z for each parameter in turn, regenerated from `seed` (masked under sparsity)."""
+        gen = torch.Generator(device=self.params[0].device).manual_seed(seed)
+        for p, s, h in zip(self.params, self.start, self.thresholds):
+            z = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+            if h is not None:
+                z.mul_(s.abs() <= h)
+            yield z
+
+    @torch.no_grad()
+    def set(self, seed: int, sign: int, eps: float) -> None:
+        """theta <- theta0 + sign * eps * z(seed), in place."""
+        for p, s, z in zip(self.params, self.start, self.directions(seed)):
+            p.copy_(s).add_(z, alpha=sign * eps)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, s in zip(self.params, self.start):
+            p.copy_(s)
+
+    def all_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.params)
+
+    @torch.no_grad()
+    def update(self, seeds_and_grads: list[tuple[int, float]], lr: float, weight_decay: float) -> None:
+        """theta <- theta - lr (mean_q g_q z_q + wd theta), from theta0, replaying the queries in the given order
+        (the same on every worker, so every replica ends bitwise equal)."""
+        self.restore()
+        if weight_decay:
+            for p, decay in zip(self.params, self.decays):
+                if decay:
+                    p.mul_(1.0 - lr * weight_decay)
+        scale = -lr / len(seeds_and_grads)
+        for seed, g in seeds_and_grads:
+            for p, z in zip(self.params, self.directions(seed)):
+                p.add_(z, alpha=scale * g)

@@ -1,0 +1,184 @@
+"""The zeroth-order training loop (adazeta, mezo): forward passes only, a step's SPSA queries split over the workers.
+
+Every worker reads the same global minibatch and holds the same weights. At step t with Q queries (the schedule's),
+worker r evaluates queries r, r + N, r + 2N, ... (N workers): for each, L(theta0 + eps z) and L(theta0 - eps z) with
+z regenerated from the query's seed (rayeff/train/spsa.py), giving one scalar g_q. The workers then all-reduce a
+Q x 3 table of int64 (seed, bits of g_q, bits of the query's mean loss), 24 Q bytes, each filling its own rows with
+zeros elsewhere, so the sum is exact. Every worker replays all Q updates in query order from the seeds: replicas
+stay bitwise identical, and N workers end with the same weights as one.
+
+When Q < N the spare workers idle for that step (they still join the exchange). Giving them other data would make
+the estimate depend on how many workers there are, and lose the 1-worker = N-worker equality; with AdaZeta's growing
+schedule Q soon reaches N.
+
+ZO forwards run without autograd and with dropout off: L+ and L- must differ only by the perturbation. Parameters
+that train stay float32 when `deepspeed.precision` puts the frozen backbone in bf16/fp16 (perturbations of 1e-3
+would vanish in bf16's 8-bit mantissa). A non-finite loss, or an update that overflows, stops the run as `diverged`
+with the weights the step started from; its last checkpoint stays its final one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rayeff.measure.memory import SavedActivationCounter
+from rayeff.train.spsa import Perturber, QuerySchedule, query_seed
+from rayeff.train.worker import STATE_FILE, TRAINABLE_FILE, Worker, batches_of, epoch_order, loss_fn
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXCHANGE_BYTES_PER_QUERY = 3 * 8   # int64 seed, float64 g_q, float64 loss
+
+
+def scheduled_lr(step: int, total: int, base: float, warmup_ratio: float, kind: str) -> float:
+    """Linear warmup, then constant, linear decay to 0, or cosine decay to 0 (the first-order loop's schedules)."""
+    warmup = int(warmup_ratio * total)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if kind == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return base * max(0.0, 1.0 - progress)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The frozen parameters to `dtype`; those that train stay float32."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+def float_bits(x: float) -> int:
+    return int(torch.tensor([x], dtype=torch.float64).view(torch.int64))
+
+
+class ZerothOrderWorker(Worker):
+    def setup(self, model: torch.nn.Module) -> None:
+        model.to(self.device)
+        cast_frozen(model, PRECISIONS[self.job.deepspeed.precision])
+        model.eval()  # dropout off, for training too
+        self.module = model
+        self.named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        cfg = self.job.method
+        self.perturber = Perturber([p for _, p in self.named_trainable], cfg.sparsity)
+        self.schedule = QuerySchedule(cfg, total_epochs=math.ceil(self.total_steps / len(self.epoch_batches(0))),
+                                      total_steps=self.total_steps)
+        self.activations = SavedActivationCounter(model)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The whole global batch on every worker: all queries of a step use the same minibatch."""
+        order = epoch_order(len(self.train_set), 0, 1, self.job.training.seed, epoch)
+        return batches_of(order, self.job.training.batch_size)
+
+    def loss(self, batch: dict) -> float:
+        with torch.no_grad(), self.activations:
+            return loss_fn(self.module(**batch), batch["labels"], self.task.is_regression).item()
+
+    def evaluate_queries(self, batch: dict, queries: int) -> torch.Tensor:
+        """This worker's rows of the step's exchange table: (seed, bits of g_q, bits of mean loss)."""
+        eps, step = self.job.method.eps, self.state.step
+        rows = torch.zeros(queries, 3, dtype=torch.int64)
+        for q in range(self.rank, queries, self.world):
+            seed = query_seed(self.job.training.seed, step, q)
+            self.perturber.set(seed, +1, eps)
+            plus = self.loss(batch)
+            self.perturber.set(seed, -1, eps)
+            minus = self.loss(batch)
+            rows[q] = torch.tensor([seed, float_bits((plus - minus) / (2 * eps)), float_bits((plus + minus) / 2)])
+        self.perturber.restore()
+        return rows
+
+    def exchange(self, rows: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized() and self.world > 1:
+            on_device = rows.to(self.device)
+            dist.all_reduce(on_device)
+            rows = on_device.cpu()
+        return rows
+
+    def train_step(self, idx: list[int]) -> float:
+        batch = self.batch(idx)
+        start, joules_before = time.perf_counter(), self.meter.read_joules()
+        s, t = self.state, self.job.training
+        queries = self.schedule.queries(s.epoch, s.step)
+        self.perturber.begin_step()
+        rows = self.exchange(self.evaluate_queries(batch, queries))
+        seeds = rows[:, 0].tolist()
+        expected = [query_seed(t.seed, s.step, q) for q in range(queries)]
+        if seeds != expected:
+            raise RuntimeError(f"step {s.step}: workers disagree on the query seeds")
+        grads = rows[:, 1].clone().view(torch.float64).tolist()
+        losses = rows[:, 2].clone().view(torch.float64).tolist()
+        finite = all(math.isfinite(v) for v in grads + losses)
+        if finite:
+            lr = scheduled_lr(s.step, self.total_steps, t.lr, t.warmup_ratio, t.lr_schedule)
+            self.perturber.update(list(zip(seeds, grads)), lr, t.weight_decay)
+            finite = self.perturber.all_finite()
+            if not finite:  # the update overflowed: keep the step's starting weights, the last good ones
+                self.perturber.restore()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.train_joules += self.meter.read_joules() - joules_before
+        seconds = time.perf_counter() - start
+        s.train_seconds += seconds
+        s.extra.setdefault("step_seconds", []).append(seconds)
+        for key, value in (("queries", queries), ("forward_passes", 2 * queries),
+                           ("worker_forward_passes", 2 * math.ceil(queries / self.world)),
+                           ("exchange_bytes", EXCHANGE_BYTES_PER_QUERY * queries if self.world > 1 else 0)):
+            s.extra[key] = s.extra.get(key, 0) + value
+        s.extra["last_queries"] = queries
+        return sum(losses) / len(losses) if finite else math.nan
+
+    def save(self, folder: Path, saved_state: dict) -> None:
+        from safetensors.torch import save_file
+
+        if self.rank == 0:  # every replica is identical
+            save_file({n: p.detach().float().cpu().contiguous() for n, p in self.named_trainable},
+                      str(folder / TRAINABLE_FILE))
+
+    def load(self, folder: Path) -> dict:
+        import json
+
+        from safetensors.torch import load_file
+
+        saved = load_file(str(folder / TRAINABLE_FILE))
+        with torch.no_grad():
+            for n, p in self.named_trainable:
+                p.copy_(saved[n].to(p.dtype))
+        return json.loads((folder / STATE_FILE).read_text())
+
+    def memory_account(self) -> dict:
+        params = list(self.module.parameters())
+        return {"trainable_params": sum(p.numel() for _, p in self.named_trainable),
+                "total_params": sum(p.numel() for p in params),
+                "param_bytes": sum(p.numel() * p.element_size() for p in params),
+                "grad_bytes": 0, "optimizer_state_bytes": 0,                    # none exist
+                "peak_activation_bytes": self.activations.peak_bytes,          # measured: 0 without autograd
+                "perturbation_snapshot_bytes": self.perturber.snapshot_bytes}  # theta0, for the exact restore
+
+    def _zo_figures(self) -> dict:
+        e, steps = self.state.extra, max(self.state.step, 1)
+        return {"queries_total": e.get("queries", 0), "queries_last_step": e.get("last_queries", 0),
+                "queries_per_second": e.get("queries", 0) / max(self.state.train_seconds, 1e-9),
+                "forward_passes_per_step": e.get("forward_passes", 0) / steps,
+                "forward_passes_per_worker_per_step": e.get("worker_forward_passes", 0) / steps,
+                "exchange_bytes_per_step": e.get("exchange_bytes", 0) / steps,
+                "step_seconds": e.get("step_seconds", [])}
+
+    def extra_progress(self) -> dict:
+        z = self._zo_figures()
+        return {"queries": z["queries_last_step"], "queries_per_second": z["queries_per_second"]}
+
+    def extra_summary(self) -> dict:
+        cfg = self.job.method
+        return {"zeroth_order": {
+            **self._zo_figures(),
+            "schedule": {"alpha": cfg.alpha, "beta": self.schedule.beta, "q_max": cfg.q_max,
+                         "over": cfg.schedule_over, "k_last": self.schedule.k_last},
+            "eps": cfg.eps, "queries_split": f"round-robin over {self.world} workers; spare workers idle when Q < N",
+        }}

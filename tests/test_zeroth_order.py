@@ -1,0 +1,262 @@
+"""Tensor-train layers, TT adapters and the SPSA machinery, in this process (no Ray): exactness, identities, and the
+ZO estimate against autograd."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rayeff.config import validate_job
+from rayeff.errors import UserError
+from rayeff.methods import get_method, trainable_parameter_count
+from rayeff.methods.adazeta import AdaZetaConfig
+from rayeff.methods.mezo import MezoConfig
+from rayeff.models import build_classifier, resolve_model
+from rayeff.tensor_train import TTLinear, dense_flops, factorize
+from rayeff.train.spsa import MAX_QUERIES, Perturber, QuerySchedule, derived_beta, queries_at, query_seed
+from rayeff.train.zeroth_order import cast_frozen
+
+# -- tensor-train layer ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, modes", [(384, [8, 8, 6]), (768, [12, 8, 8]), (4096, [16, 16, 16]), (2, [2]),
+                                      (97, [97]), (1, [1])])
+def test_factorize_into_balanced_small_modes(n, modes):
+    assert factorize(n) == modes and math.prod(modes) == n
+
+
+@pytest.mark.parametrize("shape", [(384, 64), (64, 384), (12, 10), (30, 7)])
+@pytest.mark.parametrize("batch", [(1,), (5,), (2, 3), ()])
+def test_tt_linear_equals_its_dense_matrix(shape, batch):
+    torch.manual_seed(0)
+    layer = TTLinear(*shape, rank=4)
+    nn.init.normal_(layer.bias)
+    x = torch.randn(*batch, shape[0])
+    y = layer(x)
+    assert y.shape == (*batch, shape[1])
+    expected = x @ layer.dense_weight() + layer.bias
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tt_linear_with_explicit_modes_and_counts():
+    layer = TTLinear(4096, 64, rank=5, in_modes=[16, 16, 16], out_modes=[4, 4, 4], bias=False)
+    assert [tuple(c.shape) for c in layer.cores] == [(1, 16, 5), (5, 16, 5), (5, 16, 5), (5, 4, 5), (5, 4, 5),
+                                                     (5, 4, 1)]
+    assert layer.parameter_count() == 80 + 400 + 400 + 100 + 100 + 20
+    assert layer.parameter_count() < 4096 * 64 / 100
+    # multiply-adds of each contraction: (rows left) x (r_{k-1} mode r_k); about a tenth of the dense 4096 x 64
+    assert layer.flops(tokens=1) == 2 * (256 * 1 * 16 * 5 + 16 * 5 * 16 * 5 + 1 * 5 * 16 * 5
+                                         + 1 * 5 * 4 * 5 + 4 * 5 * 4 * 5 + 16 * 5 * 4 * 1)
+    assert layer.flops(tokens=1) < dense_flops(4096, 64) / 9
+    with pytest.raises(ValueError, match="multiply to"):
+        TTLinear(100, 10, in_modes=[3, 3])
+
+
+def test_zero_last_core_starts_at_zero_and_init_scale_is_dense_like():
+    torch.manual_seed(0)
+    assert torch.count_nonzero(TTLinear(384, 64, zero_last_core=True).dense_weight()) == 0
+    w = TTLinear(384, 384, rank=5).dense_weight()
+    assert 0.5 < w.std().item() * math.sqrt(384) < 2.0
+
+
+# -- adapters ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, adapters", [("tiny-bert", 4), ("tiny-t5", 10), ("tiny-gpt2", 2), ("tiny-llama", 2)])
+def test_adapters_start_as_the_identity(name, adapters):
+    torch.manual_seed(0)
+    classifier = build_classifier(resolve_model(name), 2, head="linear").eval()
+    batch = {"input_ids": torch.randint(5, 100, (1, 9)), "attention_mask": torch.ones(1, 9, dtype=torch.long)}
+    with torch.no_grad():
+        before = classifier(**batch)
+        model = get_method("adazeta").build(classifier, AdaZetaConfig())
+        after = model(**batch)
+    assert len(model.adapters) == adapters
+    assert torch.equal(before, after)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith("adapters.") or n.startswith("classifier.head.") for n in trainable)
+
+
+def test_adapter_placement_and_sizes_follow_the_config():
+    classifier = build_classifier(resolve_model("tiny-bert"), 2, head="linear")
+    ffn_only = get_method("adazeta").build(classifier, AdaZetaConfig(placement="ffn", bottleneck=8, tt_rank=2))
+    assert len(ffn_only.adapters) == 2 and all("attention" not in k for k in ffn_only.adapters)
+    adapter = next(iter(ffn_only.adapters.values()))
+    assert adapter.down.out_features == 8 and adapter.down.rank == 2
+
+
+def test_adapters_and_head_stay_float32_when_the_backbone_is_bf16():
+    torch.manual_seed(0)
+    model = get_method("adazeta").build(build_classifier(resolve_model("tiny-bert"), 2, head="linear"),
+                                        AdaZetaConfig())
+    cast_frozen(model, torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if n.startswith(("adapters.", "classifier.head.")))
+    assert dtypes["classifier.backbone.encoder.layer.0.attention.self.query.weight"] == torch.bfloat16
+    batch = {"input_ids": torch.randint(5, 100, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    with torch.no_grad():
+        logits = model(**batch)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+# -- SPSA --------------------------------------------------------------------------------------------------------
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.dot(a.flatten(), b.flatten()) / (a.norm() * b.norm()))
+
+
+def spsa_estimate(params, loss, queries: int, eps: float) -> list[torch.Tensor]:
+    """Average of g_q z_q over `queries` seeds, accumulated from the regenerated directions."""
+    perturber = Perturber(params)
+    perturber.begin_step()
+    total = [torch.zeros_like(p) for p in params]
+    for q in range(queries):
+        seed = query_seed(0, 0, q)
+        perturber.set(seed, +1, eps)
+        plus = loss()
+        perturber.set(seed, -1, eps)
+        minus = loss()
+        g = (plus - minus) / (2 * eps)
+        for t, z in zip(total, perturber.directions(seed)):
+            t.add_(z, alpha=g / queries)
+    perturber.restore()
+    return total
+
+
+def test_spsa_matches_the_gradient_direction_on_a_quadratic():
+    torch.manual_seed(0)
+    d = 40
+    a = torch.randn(d, d, dtype=torch.float64)
+    a = a @ a.T / d + torch.eye(d, dtype=torch.float64)
+    b = torch.randn(d, dtype=torch.float64)
+    theta = nn.Parameter(torch.randn(d, dtype=torch.float64))
+
+    def loss():
+        with torch.no_grad():
+            return float(0.5 * theta @ a @ theta - b @ theta)
+
+    exact = a @ theta.detach() - b
+    estimate = spsa_estimate([theta], loss, queries=4000, eps=1e-4)[0]
+    assert cosine(estimate, exact) > 0.9
+    few = spsa_estimate([theta], loss, queries=4, eps=1e-4)[0]
+    assert cosine(few, exact) < cosine(estimate, exact)  # more queries, better direction
+
+
+def test_spsa_matches_autograd_on_a_tiny_transformer():
+    torch.manual_seed(0)
+    classifier = build_classifier(resolve_model("tiny-bert"), 2, dropout=0.0, head="linear")
+    model = get_method("adazeta").build(classifier, AdaZetaConfig(bottleneck=2, tt_rank=1,
+                                                                      placement="ffn")).double().eval()
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    batch = {"input_ids": torch.randint(5, 100, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+    labels = torch.randint(0, 2, (8,))
+
+    def loss_value():
+        return nn.functional.cross_entropy(model(**batch), labels)
+
+    loss_value().backward()
+    exact = torch.cat([p.grad.flatten() for p in params])
+    d = exact.numel()
+    with torch.no_grad():
+        estimate = torch.cat([t.flatten() for t in spsa_estimate(params, lambda: float(loss_value()),
+                                                                 queries=8 * d, eps=1e-4)])  # cos about (1 + d/Q)^-1/2
+    assert cosine(estimate, exact) > 0.9, (d, cosine(estimate, exact))
+
+
+def test_perturb_then_restore_is_bitwise_exact_on_float32():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(300, 70) * 0.02), nn.Parameter(torch.randn(70)), nn.Parameter(torch.zeros(5))]
+    original = [p.detach().clone() for p in params]
+    perturber = Perturber(params)
+    perturber.begin_step()
+    for q in range(3):
+        perturber.set(query_seed(1, 2, q), +1, 1e-3)
+        assert not torch.equal(params[0], original[0])
+        perturber.set(query_seed(1, 2, q), -1, 1e-3)
+        perturber.restore()
+        for p, o in zip(params, original):
+            assert torch.equal(p, o)
+
+
+def test_update_replays_the_queries_and_decays_matrices_only():
+    torch.manual_seed(0)
+    w, bias = nn.Parameter(torch.randn(6, 4, dtype=torch.float64)), nn.Parameter(torch.randn(4, dtype=torch.float64))
+    w0, b0 = w.detach().clone(), bias.detach().clone()
+    perturber = Perturber([w, bias])
+    perturber.begin_step()
+    pairs = [(query_seed(0, 5, 0), 0.7), (query_seed(0, 5, 1), -1.3)]
+    perturber.update(pairs, lr=0.1, weight_decay=0.01)
+    dirs = [list(perturber.directions(seed)) for seed, _ in pairs]
+    mean_w = sum(g * z[0] for (_, g), z in zip(pairs, dirs)) / 2
+    mean_b = sum(g * z[1] for (_, g), z in zip(pairs, dirs)) / 2
+    torch.testing.assert_close(w.detach(), w0 - 0.1 * (mean_w + 0.01 * w0))
+    torch.testing.assert_close(bias.detach(), b0 - 0.1 * mean_b)
+
+
+def test_directions_regenerate_from_the_seed_and_sparsity_masks_large_weights():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(50, 40))
+    perturber = Perturber([w], sparsity=0.75)
+    perturber.begin_step()
+    z1, z2 = next(perturber.directions(123)), next(perturber.directions(123))
+    assert torch.equal(z1, z2)
+    assert not torch.equal(z1, next(perturber.directions(124)))
+    perturbed = z1 != 0
+    assert perturbed.float().mean().item() == pytest.approx(0.25, abs=0.01)
+    assert w.detach().abs()[perturbed].max() <= w.detach().abs()[~perturbed].min()
+
+
+def test_query_seeds_are_unique_per_run_step_and_query():
+    seeds = {query_seed(r, s, q) for r in (0, 1, 42) for s in (0, 1, 2, 999_999) for q in range(64)}
+    assert len(seeds) == 3 * 4 * 64
+    assert query_seed(0, 1, 0) != query_seed(0, 0, 1)
+    with pytest.raises(ValueError):
+        query_seed(0, 0, MAX_QUERIES)
+
+
+def test_query_schedule_follows_the_formula():
+    # Q_k = min(max(floor(alpha k^beta), 1), q_max)
+    assert [queries_at(k, 0.85, 1.0, 20) for k in (1, 2, 3, 10, 30)] == [1, 1, 2, 8, 20]
+    assert [queries_at(k, 2.0, 0.5, 100) for k in (1, 4, 9, 16)] == [2, 4, 6, 8]
+    beta = derived_beta(0.85, 8, 40)
+    assert beta == pytest.approx(math.log(8 / 0.85) / math.log(40))
+    schedule = QuerySchedule(AdaZetaConfig(q_target=8, q_max=16), total_epochs=40, total_steps=80)
+    assert schedule.queries(epoch=0, step=0) == 1 and schedule.queries(epoch=39, step=79) == 8
+    by_steps = QuerySchedule(AdaZetaConfig(beta=1.0, q_max=5, schedule_over="steps"), total_epochs=1,
+                             total_steps=100)
+    assert [by_steps.queries(0, s) for s in (0, 1, 2, 9)] == [1, 1, 2, 5]
+    assert QuerySchedule(MezoConfig(), 3, 30).queries(2, 29) == 1
+
+
+# -- method configs ----------------------------------------------------------------------------------------------
+
+
+def zo_job(**method):
+    return {"data": {"task": "sst2"}, "method": {"name": "adazeta", **method}}
+
+
+def test_zeroth_order_job_errors_are_one_line():
+    with pytest.raises(UserError, match="deepspeed: method adazeta trains without gradients"):
+        validate_job({**zo_job(), "deepspeed": {"zero_stage": 2}})
+    with pytest.raises(UserError, match="set beta or q_target, not both"):
+        validate_job(zo_job(beta=0.5, q_target=4))
+    with pytest.raises(UserError, match="method.q_max"):
+        validate_job(zo_job(q_max=MAX_QUERIES + 1))
+    with pytest.raises(UserError, match="method.target"):
+        validate_job({"data": {"task": "sst2"}, "method": {"name": "mezo", "target": "prefix"}})
+    # the batch is not split over workers: any size works with any worker count
+    assert validate_job({**zo_job(), "training": {"batch_size": 5}, "scaling": {"num_workers": 2}})
+
+
+def test_mezo_targets():
+    torch.manual_seed(0)
+    full = get_method("mezo").build(build_classifier(resolve_model("tiny-bert"), 2), MezoConfig(target="full"))
+    assert trainable_parameter_count(full) == sum(p.numel() for p in full.parameters())
+    lora = get_method("mezo").build(build_classifier(resolve_model("tiny-bert"), 2, head="linear"),
+                                    MezoConfig(target="lora", lora_rank=2))
+    names = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or n.startswith("head.") for n in names)
