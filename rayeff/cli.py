@@ -3,6 +3,7 @@
     rayeff run JOB.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--resume] [--address ADDR]
     rayeff bench compare --job JOB.yaml --methods full,lora,read --output OUT.json [--data-dir DIR]
                          [--per-method METHOD:FIELD=VALUE ...]
+    rayeff bench zo --job JOB.yaml --output OUT.json [--data-dir DIR] [--loss-target L] [--queries Q]
 
 Bad input (a job file, a field, a path, an address) ends with one line on stderr naming it, and exit code 2.
 """
@@ -44,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--per-method", action="append", default=[], metavar="METHOD:FIELD=VALUE",
                          help="override a field for one method only, e.g. read:training.lr=1e-3 (repeatable)")
     _job_options(compare)
+    zo = kinds.add_parser("zo", help="AdaZeta against MeZO-LoRA, on 1 and 2 workers, against inference and full")
+    zo.add_argument("--job", required=True, help="an adazeta (or mezo) job YAML file, e.g. jobs/bench-zo.yaml")
+    zo.add_argument("--output", required=True, help="JSON file to write")
+    zo.add_argument("--runs-dir", help="folder for the runs (default: next to --output)")
+    zo.add_argument("--loss-target", type=float, default=0.6, help="training loss to reach (default 0.6)")
+    zo.add_argument("--window", type=int, default=5, help="steps the training loss is averaged over (default 5)")
+    zo.add_argument("--queries", type=int, default=8, help="queries per step of the 1- vs 2-worker timing")
+    zo.add_argument("--timing-steps", type=int, default=6, help="steps of each timing run (default 6)")
+    _job_options(zo)
     return parser
 
 
@@ -70,9 +80,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    job = job_from_args(args.job, args)
+    if args.bench == "zo":
+        from rayeff.bench.zo import bench_zo
+
+        bench_zo(job, args.output, runs_dir=args.runs_dir, loss_target=args.loss_target, window=args.window,
+                 queries=args.queries, timing_steps=args.timing_steps, address=args.address,
+                 show_progress=not args.no_progress)
+        return 0
     from rayeff.bench.compare import compare_methods
 
-    job = job_from_args(args.job, args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     compare_methods(job, methods, args.output, runs_dir=args.runs_dir, address=args.address,
                     show_progress=not args.no_progress, per_method=args.per_method)

@@ -1,0 +1,231 @@
+"""`rayeff bench zo`: AdaZeta against its baselines and against itself on more workers, in one run on one machine.
+
+    rayeff bench zo --job jobs/bench-zo.yaml --output zo.json --data-dir ../shared/data/glue
+
+(a) convergence: adazeta and mezo-lora with the job's lr, batch, steps and k-shot data; the first step at which
+    each one's training loss (mean over a window of steps, as single steps are noisy) reaches `--loss-target`, and
+    their final dev metrics;
+(b) query parallelism: wall time per step at a fixed Q with 1 and with 2 workers, each worker on one CPU thread in
+    both runs (median over steps), and the parallel efficiency t1 / (2 t2);
+(c) memory: adazeta's exact tensor account against an inference-only forward pass of the same model (parameters
+    only: no gradient, optimizer state or saved activation exists) and against full fine-tuning (a short run of the
+    same job with method full, ZeRO 0);
+(d) the TT adapters' forward time as a fraction of the backbone's, timed in this process on one training batch.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from rayeff.config import JobSpec, validate_job
+from rayeff.data.glue import get_task
+from rayeff.data.metrics import primary_metric
+from rayeff.data.tokenized import Collator, load_train_and_dev
+from rayeff.errors import UserError
+from rayeff.measure.memory import SavedActivationCounter
+from rayeff.methods import get_method, method_config_from_dict
+from rayeff.models import build_classifier, load_tokenizer, resolve_model
+from rayeff.train.runner import run_job, write_json_atomic
+
+
+def variant(job: JobSpec, runs: Path, name: str, method: dict | None = None, **sections) -> JobSpec:
+    """The job with another method and/or sections changed, writing to runs/name."""
+    raw = job.model_dump(mode="json")
+    if method is not None:
+        raw["method"] = method
+    for key, value in sections.items():
+        raw[key] = {**raw[key], **value}
+    raw["output_dir"], raw["resume"] = str(runs / name), False
+    return validate_job(raw, f"{name} job")
+
+
+def first_step_at(losses: list[float], target: float, window: int) -> int | None:
+    """The first step (1-based) whose trailing mean loss over `window` steps is at or below `target`."""
+    for end in range(window, len(losses) + 1):
+        if statistics.fmean(losses[end - window:end]) <= target:
+            return end
+    return None
+
+
+def convergence(job: JobSpec, runs: Path, target: float, window: int, show: bool, address: str | None) -> dict:
+    adazeta = job.method.model_dump() if job.method.name == "adazeta" else {"name": "adazeta"}
+    results = {"adazeta": run_job(variant(job, runs, "adazeta", adazeta), address, show),
+               "mezo-lora": run_job(variant(job, runs, "mezo-lora", {"name": "mezo", "target": "lora",
+                                                                   "eps": job.method.eps}), address, show)}
+    metric = primary_metric(job.data.task)
+    out = {name: {"step_reaching_target": first_step_at(r["loss_history"], target, window),
+                  "final_dev_metrics": r["metrics"], "final_train_loss_window": statistics.fmean(
+                      r["loss_history"][-window:]), "steps": r["time"]["steps"],
+                  "queries_total": r["zeroth_order"]["queries_total"],
+                  "seconds_per_step": r["time"]["seconds_per_step"], "energy": r["energy"],
+                  "loss_history": r["loss_history"]} for name, r in results.items()}
+    a, m = out["adazeta"]["step_reaching_target"], out["mezo-lora"]["step_reaching_target"]
+    out["steps_ratio_mezo_lora_to_adazeta"] = m / a if a and m else None
+    out["dev_difference_adazeta_minus_mezo_lora"] = (results["adazeta"]["metrics"][metric]
+                                                     - results["mezo-lora"]["metrics"][metric])
+    return {"results": results, "summary": out}
+
+
+def query_parallelism(job: JobSpec, runs: Path, queries: int, steps: int, show: bool, address: str | None) -> dict:
+    fixed = {**job.method.model_dump(), "alpha": float(queries), "beta": 0.0, "q_target": None, "q_max": queries}
+    if job.method.name != "adazeta":
+        fixed = {"name": "adazeta", "alpha": float(queries), "beta": 0.0, "q_max": queries}
+    per_workers = {}
+    for workers in (1, 2):
+        result = run_job(variant(job, runs, f"q{queries}-workers{workers}", fixed,
+                                 training={"max_steps": steps, "epochs": None, "eval_every": None,
+                                           "checkpoint_every": None},
+                                 scaling={"num_workers": workers, "threads_per_worker": 1, "cpus_per_worker": 1}),
+                         address, show)
+        step_seconds = result["zeroth_order"]["step_seconds"]
+        per_workers[workers] = {"median_seconds_per_step": statistics.median(step_seconds),
+                                "step_seconds": step_seconds,
+                                "forward_passes_per_worker_per_step":
+                                    result["zeroth_order"]["forward_passes_per_worker_per_step"],
+                                "exchange_bytes_per_step": result["zeroth_order"]["exchange_bytes_per_step"]}
+    t1, t2 = per_workers[1]["median_seconds_per_step"], per_workers[2]["median_seconds_per_step"]
+    return {"queries_per_step": queries, "threads_per_worker": 1, "steps": steps,
+            "workers_1": per_workers[1], "workers_2": per_workers[2],
+            "speedup_t1_over_t2": t1 / t2, "parallel_efficiency": t1 / (2 * t2)}
+
+
+def inference_account(job: JobSpec) -> dict:
+    """The same model without adapters, run forward without autograd: its tensors are its parameters."""
+    source, task = resolve_model(job.model.name), get_task(job.data.task)
+    torch.manual_seed(job.training.seed)
+    model = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling, job.model.head).eval()
+    tokenizer = load_tokenizer(source)
+    train, _ = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
+    collate = Collator(tokenizer.pad_token_id, job.training.max_seq_length, job.training.padding == "max_length",
+                       model.uses_token_types, task.is_regression)
+    counter = SavedActivationCounter(model)
+    with torch.no_grad(), counter:
+        model(**collate([dict(train[i], index=i) for i in range(min(job.training.batch_size, len(train)))]))
+    params = list(model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    return {"total_params": sum(p.numel() for p in params), "param_bytes": param_bytes, "grad_bytes": 0,
+            "optimizer_state_bytes": 0, "peak_activation_bytes": counter.peak_bytes,
+            "tensor_account_bytes": param_bytes + counter.peak_bytes}
+
+
+def memory(job: JobSpec, runs: Path, adazeta: dict, steps: int, show: bool, address: str | None) -> dict:
+    full = run_job(variant(job, runs, "full", {"name": "full"}, training={"max_steps": steps, "epochs": None,
+                                                                          "eval_every": None,
+                                                                          "checkpoint_every": None},
+                           deepspeed={"zero_stage": 0}), address, show)
+    inference = inference_account(job)
+    keys = ("trainable_params", "param_bytes", "grad_bytes", "optimizer_state_bytes", "peak_activation_bytes",
+            "perturbation_snapshot_bytes", "tensor_account_bytes", "peak_device_bytes")
+    a = {k: adazeta["memory"].get(k, 0) for k in keys}
+    f = {k: full["memory"].get(k, 0) for k in keys}
+    return {"adazeta": a, "inference_only": inference, "full_fine_tuning": f,
+            "peak_device_kind": adazeta["memory"]["peak_device_kind"],
+            "adazeta_over_inference": a["tensor_account_bytes"] / inference["tensor_account_bytes"],
+            "adazeta_over_full": a["tensor_account_bytes"] / f["tensor_account_bytes"],
+            "full_over_adazeta": f["tensor_account_bytes"] / a["tensor_account_bytes"],
+            "peak_device_adazeta_over_full": (a["peak_device_bytes"] / f["peak_device_bytes"]
+                                              if f["peak_device_bytes"] else None)}
+
+
+def adapter_time(job: JobSpec, repeats: int = 20) -> dict:
+    """Median time of one forward of the adapted model on one training batch, and of its adapters alone on the
+    inputs they received in that forward; one CPU thread (as each worker runs), or the GPU if there is one."""
+    source, task = resolve_model(job.model.name), get_task(job.data.task)
+    config = job.method if job.method.name == "adazeta" else method_config_from_dict({"name": "adazeta"})
+    device = torch.device("cuda" if torch.cuda.is_available() and job.scaling.gpus_per_worker > 0 else "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(job.training.seed)
+        classifier = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling, job.model.head)
+        model = get_method("adazeta").build(classifier, config).to(device).eval()
+        tokenizer = load_tokenizer(source)
+        train, _ = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
+        collate = Collator(tokenizer.pad_token_id, job.training.max_seq_length,
+                           job.training.padding == "max_length", classifier.uses_token_types, task.is_regression)
+        n = min(job.training.batch_size, len(train))
+        batch = {k: v.to(device) for k, v in collate([dict(train[i], index=i) for i in range(n)]).items()}
+        inputs = {}
+        handles = [a.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
+                   for name, a in model.adapters.items()]
+
+        def timed(fn) -> float:
+            samples = []
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                samples.append(time.perf_counter() - start)
+            return statistics.median(samples)
+
+        with torch.no_grad():
+            model(**batch)  # records each adapter's input; warms up
+            for h in handles:
+                h.remove()
+            forward = timed(lambda: model(**batch))
+            adapters = timed(lambda: [model.adapters[name](x) for name, x in inputs.items()])
+    finally:
+        torch.set_num_threads(threads)
+    flops = sum(a.down.flops(1) + a.up.flops(1) for a in model.adapters.values())
+    return {"device": device.type, "batch_size": n, "tokens": int(batch["attention_mask"].numel()),
+            "adapters": len(inputs), "model_forward_seconds": forward, "adapters_seconds": adapters,
+            "adapter_fraction_of_backbone": adapters / max(forward - adapters, 1e-12),
+            "adapter_flops_per_token": flops}
+
+
+def bench_zo(job: JobSpec, output: str, runs_dir: str | None = None, loss_target: float = 0.6, window: int = 5,
+             queries: int = 8, timing_steps: int = 6, full_steps: int = 3, address: str | None = None,
+             show_progress: bool = True) -> dict:
+    output_path = Path(output)
+    if not output_path.parent.is_dir():
+        raise UserError(f"--output: folder {output_path.parent} does not exist")
+    for flag, value in (("--queries", queries), ("--window", window), ("--timing-steps", timing_steps)):
+        if value < 1:
+            raise UserError(f"{flag}: must be at least 1, not {value}")
+    if job.method.training_loop != "zeroth_order":
+        raise UserError(f"{job.method.name}: bench zo needs a job whose method is adazeta or mezo")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    runs = Path(runs_dir) if runs_dir else output_path.parent / f"{output_path.stem}-runs-{stamp}"
+    conv = convergence(job, runs, loss_target, window, show_progress, address)
+    report = {
+        "task": job.data.task, "model": job.model.name, "k_shot": job.data.k_shot,
+        "same_for_all": {"lr": job.training.lr, "batch_size": job.training.batch_size, "seed": job.training.seed,
+                         "eps": job.method.eps},
+        "loss_target": loss_target, "loss_window": window,
+        "a_convergence": conv["summary"],
+        "b_query_parallelism": query_parallelism(job, runs, queries, timing_steps, show_progress, address),
+        "c_memory": memory(job, runs, conv["results"]["adazeta"], full_steps, show_progress, address),
+        "d_adapter_time": adapter_time(job),
+    }
+    write_json_atomic(output_path, report)
+    Console(width=None if sys.stdout.isatty() else 160).print(summary_table(report))
+    print(f"rayeff: wrote {output_path}")
+    return report
+
+
+def summary_table(report: dict) -> Table:
+    table = Table(title=f"rayeff bench zo: {report['task']} ({report['model']}), {report['k_shot']}-shot")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    a, b, c, d = (report[k] for k in ("a_convergence", "b_query_parallelism", "c_memory", "d_adapter_time"))
+    for name in ("adazeta", "mezo-lora"):
+        table.add_row(f"(a) {name}: step reaching loss {report['loss_target']}",
+                      str(a[name]["step_reaching_target"]))
+        table.add_row(f"(a) {name}: dev", ", ".join(f"{k} {v:.4f}" for k, v in a[name]["final_dev_metrics"].items()))
+    table.add_row(f"(b) s/step at Q={b['queries_per_step']}: 1 worker / 2 workers",
+                  f"{b['workers_1']['median_seconds_per_step']:.3f} / {b['workers_2']['median_seconds_per_step']:.3f}")
+    table.add_row("(b) parallel efficiency t1 / (2 t2)", f"{b['parallel_efficiency']:.3f}")
+    table.add_row("(c) tensor account: adazeta / inference-only", f"{c['adazeta_over_inference']:.4f}")
+    table.add_row("(c) tensor account: full fine-tuning / adazeta", f"{c['full_over_adazeta']:.2f}")
+    table.add_row("(d) adapter forward / backbone forward", f"{d['adapter_fraction_of_backbone']:.4f}")
+    return table

@@ -1,0 +1,169 @@
+"""Zeroth-order training through Ray Train, in this process on one local Ray: queries split over 2 workers give the
+1-worker weights bit for bit, runs resume exactly, divergence stops a run with its last good checkpoint, and the
+MiniLM AdaZeta job beats the untrained model through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rayeff.bench.zo import bench_zo
+from rayeff.config import load_job, validate_job
+from rayeff.data.glue import get_task
+from rayeff.data.metrics import compute_metrics
+from rayeff.data.tokenized import Collator, load_train_and_dev
+from rayeff.errors import UserError
+from rayeff.methods import method_config_from_dict
+from rayeff.methods.mezo import MezoConfig
+from rayeff.models import build_classifier, load_tokenizer, resolve_model
+from rayeff.train.runner import run_job
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def zo_job(tmp_path, glue_dir, name, **sections):
+    raw = {
+        "model": {"name": "tiny-bert", "head": "linear", "pooling": "mean"},
+        "data": {"task": "sst2", "data_dir": str(glue_dir), "k_shot": 8, "eval_subset": 32},
+        # Q over steps 1, 2, 3, 3, ...: a step with fewer queries than workers, and steps with more
+        "method": {"name": "adazeta", "alpha": 1.0, "beta": 1.0, "q_max": 3, "schedule_over": "steps",
+                   "bottleneck": 8, "tt_rank": 2},
+        "training": {"max_steps": 4, "batch_size": 5, "lr": 1e-2, "log_every": 1, "lr_schedule": "constant",
+                     "weight_decay": 0.01},
+        "scaling": {"num_workers": 1, "threads_per_worker": 1},
+        "output_dir": str(tmp_path / name),
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return validate_job(raw)
+
+
+def weights(result: dict) -> dict:
+    return load_file(result["weights"])
+
+
+def test_two_workers_split_the_queries_and_end_bitwise_equal_to_one(tmp_path, glue_dir, local_ray):
+    one = run_job(zo_job(tmp_path, glue_dir, "one"), show_progress=False)
+    two = run_job(zo_job(tmp_path, glue_dir, "two", scaling={"num_workers": 2}), show_progress=False)
+    a, b = weights(one), weights(two)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert one["loss_history"] == two["loss_history"]
+    last_up_cores = [t for n, t in a.items() if ".up.cores.2" in n]  # zero at the start: it trained
+    assert len(last_up_cores) == 4 and all(torch.count_nonzero(t) for t in last_up_cores)
+
+    zo = two["zeroth_order"]
+    assert zo["queries_total"] == 1 + 2 + 3 + 3
+    assert zo["forward_passes_per_step"] == 2 * 9 / 4
+    assert zo["forward_passes_per_worker_per_step"] == 2 * (1 + 1 + 2 + 2) / 4  # ceil(Q / 2) each
+    assert zo["exchange_bytes_per_step"] == 24 * 9 / 4 and one["zeroth_order"]["exchange_bytes_per_step"] == 0
+    memory = two["memory"]
+    assert memory["grad_bytes"] == memory["optimizer_state_bytes"] == memory["peak_activation_bytes"] == 0
+    assert memory["perturbation_snapshot_bytes"] == memory["trainable_params"] * 4
+    assert memory["tensor_account_bytes"] == memory["param_bytes"] + memory["perturbation_snapshot_bytes"]
+
+
+def test_a_zeroth_order_run_resumes_exactly(tmp_path, glue_dir, local_ray):
+    straight = run_job(zo_job(tmp_path, glue_dir, "straight"), show_progress=False)
+    stopped = run_job(zo_job(tmp_path, glue_dir, "resumed", energy={"budget_j": 1e-9},
+                             training={"log_every": 2}), show_progress=False)
+    assert stopped["status"] == "stopped: energy budget" and stopped["time"]["steps"] == 2
+    resumed = run_job(zo_job(tmp_path, glue_dir, "resumed", training={"log_every": 2}, resume=True),
+                      show_progress=False)
+    assert resumed["status"] == "finished" and resumed["time"]["steps"] == 4
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, glue_dir, local_ray):
+    # lr 1e30: the first update is huge but finite; the next one overflows float32
+    result = run_job(zo_job(tmp_path, glue_dir, "diverged", training={"lr": 1e30, "checkpoint_every": 1,
+                                                                       "max_steps": 6}), show_progress=False)
+    assert result["status"] == "diverged"
+    steps = result["time"]["steps"]
+    assert 1 <= steps < 6
+    final = weights(result)
+    assert all(torch.isfinite(t).all() for t in final.values())
+    last_checkpoint = load_file(str(tmp_path / "diverged" / "train" / f"step_{steps:08d}" / "trainable.safetensors"))
+    assert all(torch.equal(final[k], last_checkpoint[k]) for k in final)
+
+
+def test_mezo_lora_with_sparsity_and_mezo_full_run(tmp_path, glue_dir, local_ray):
+    for name, method in (("mezo-lora", {"target": "lora", "lora_rank": 2, "sparsity": 0.5}), ("mezo-full", {})):
+        job = zo_job(tmp_path, glue_dir, name, training={"lr": 1e-4})
+        job.method = MezoConfig(**method, q_max=1)
+        result = run_job(job, show_progress=False)
+        assert result["status"] == "finished" and result["zeroth_order"]["queries_total"] == 4, name
+        assert result["method"] == "mezo" and len(result["loss_history"]) == 4
+    assert result["memory"]["trainable_params"] == result["memory"]["total_params"]
+
+
+def untrained_accuracy(job_file: Path, glue_dir: Path) -> float:
+    """The job's model before any update (its seeded head; adapters start as the identity), on the same dev set."""
+    job = load_job(job_file, [f"data.data_dir={glue_dir}"])
+    source, task = resolve_model(job.model.name), get_task(job.data.task)
+    tokenizer = load_tokenizer(source)
+    _, dev = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
+    torch.manual_seed(job.training.seed)
+    classifier = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling,
+                                  job.model.head).eval()
+    collate = Collator(tokenizer.pad_token_id, job.training.max_seq_length, False, classifier.uses_token_types,
+                       task.is_regression)
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(dev), 64):
+            batch = collate([dict(dev[i], index=i) for i in range(start, min(start + 64, len(dev)))])
+            predictions += classifier(**batch).argmax(-1).tolist()
+    return compute_metrics(task.name, predictions, dev["label"])["accuracy"]
+
+
+def test_adazeta_on_minilm_16_shot_sst2_beats_the_untrained_model(tmp_path, glue_dir):
+    job_file = ROOT / "jobs" / "sst2-adazeta.yaml"
+    done = subprocess.run([sys.executable, "-m", "rayeff.cli", "run", str(job_file), "--data-dir", str(glue_dir),
+                           "--output", str(tmp_path / "run"), "--no-progress"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "finished" and result["workers"] == 2
+    assert result["zeroth_order"]["queries_last_step"] == 8 and result["memory"]["grad_bytes"] == 0
+    baseline = untrained_accuracy(job_file, glue_dir)
+    assert result["metrics"]["accuracy"] > baseline + 0.02, (result["metrics"], baseline)
+    assert math.isfinite(result["train_loss"]) and result["loss_history"][-1] < result["loss_history"][0]
+
+
+def test_bench_zo_writes_its_four_parts(tmp_path, glue_dir, local_ray):
+    job = zo_job(tmp_path, glue_dir, "bench")
+    output = tmp_path / "zo.json"
+    report = bench_zo(job, str(output), loss_target=10.0, window=2, queries=2, timing_steps=2, full_steps=1,
+                      show_progress=False)
+    assert json.loads(output.read_text()) == json.loads(json.dumps(report))
+    a = report["a_convergence"]
+    for name in ("adazeta", "mezo-lora"):
+        assert a[name]["step_reaching_target"] == 2  # any loss is below 10: the first full window
+        assert a[name]["steps"] == 4 and "accuracy" in a[name]["final_dev_metrics"]
+    assert a["adazeta"]["queries_total"] == 9 and a["mezo-lora"]["queries_total"] == 4
+    b = report["b_query_parallelism"]
+    assert b["workers_1"]["forward_passes_per_worker_per_step"] == 4  # Q = 2: both queries on one worker
+    assert b["workers_2"]["forward_passes_per_worker_per_step"] == 2  # ... or one each
+    assert b["workers_2"]["exchange_bytes_per_step"] == 48 and b["parallel_efficiency"] > 0
+    c = report["c_memory"]
+    assert c["inference_only"]["peak_activation_bytes"] == 0
+    assert c["adazeta"]["grad_bytes"] == c["adazeta"]["optimizer_state_bytes"] == 0
+    assert 1.0 < c["adazeta_over_inference"] < 1.1
+    assert c["full_over_adazeta"] > 2  # gradients, two AdamW moments and saved activations
+    d = report["d_adapter_time"]
+    assert d["adapters"] == 4 and 0 < d["adapters_seconds"] < d["model_forward_seconds"]
+
+
+def test_bench_zo_rejects_a_first_order_job(tmp_path, glue_dir):
+    job = zo_job(tmp_path, glue_dir, "x")
+    job.method = method_config_from_dict({"name": "full"})
+    with pytest.raises(UserError, match="bench zo needs a job whose method is adazeta or mezo"):
+        bench_zo(job, str(tmp_path / "zo.json"))
