@@ -5,11 +5,14 @@ A (d_in x d_out) matrix W is viewed as a tensor with input modes (m_1..m_p), pro
 
     W[i_1..i_p, j_1..j_q] = G_1[:, i_1, :] @ ... @ G_p[:, i_p, :] @ G_{p+1}[:, j_1, :] @ ... @ G_{p+q}[:, j_q, :]
 
-`TTLinear.forward` contracts the input with the input cores one mode at a time down to a (batch, r_p) state, then
-expands it through the output cores: the dense matrix never exists in the forward pass (`dense_weight` builds it
-for tests and inspection only).
+In this layout the only bond between the input half (cores 1..p) and the output half (cores p+1..p+q) has rank r_p,
+so W = A B with A (d_in x r_p) the input cores contracted over their bonds and B (r_p x d_out) the output cores.
+`TTLinear.forward` merges the cores into A and B (cost independent of the batch) and computes (x A) B: two GEMMs
+over the batch, r_p (d_in + d_out) multiply-adds per row, and the dense matrix never exists (`dense_weight` builds
+it for tests and inspection only). Contracting x mode by mode instead costs as many small kernels as there are
+cores plus the permutes between them, which on a GPU took longer than the backbone layer the adapter sits on.
 
-    >>> layer = TTLinear(384, 64, rank=5)          # modes chosen automatically: [8, 8, 6] x [4, 4, 4]
+    >>> layer = TTLinear(384, 64, rank=5)          # modes chosen automatically: [8, 8, 6] x [8, 8]
     >>> layer.parameter_count(), 384 * 64 + 64
 """
 
@@ -35,7 +38,7 @@ def prime_factors(n: int) -> list[int]:
 
 def factorize(n: int, max_mode: int = 16) -> list[int]:
     """Split n into few, balanced modes no larger than `max_mode` where its primes allow (a prime above it stays one
-    mode): 384 -> [8, 8, 6], 768 -> [12, 8, 8], 64 -> [4, 4, 4], 2 -> [2]."""
+    mode): 384 -> [8, 8, 6], 768 -> [12, 8, 8], 4096 -> [16, 16, 16], 64 -> [8, 8], 2 -> [2]."""
     if n < 1:
         raise ValueError(f"cannot factorize {n}")
     if n == 1:
@@ -89,47 +92,43 @@ class TTLinear(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch_shape = x.shape[:-1]
+    @staticmethod
+    def _chain(cores) -> tuple[torch.Tensor, int]:
+        """Contract consecutive cores over their shared bonds: (r_first, modes..., r_last) as a
+        (r_first * prod(modes), r_last) matrix, and the multiply-adds it took."""
+        merged, macs = cores[0].reshape(-1, cores[0].shape[-1]), 0
+        for core in cores[1:]:
+            rows, r = merged.shape
+            merged = (merged @ core.reshape(r, -1)).reshape(-1, core.shape[-1])
+            macs += rows * r * core.shape[1] * core.shape[2]
+        return merged, macs
+
+    def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (in_features x r_p) and B (r_p x out_features) with W = A @ B."""
         p = len(self.in_modes)
-        # Contract the input modes left to right. Before core k the state is (N, rest, r_{k-1}, m_k): the modes
-        # still to contract, then the (rank, mode) pair that core k's (r_{k-1} * m_k, r_k) matrix consumes.
-        x = x.reshape(-1, self.in_features).to(self.cores[0].dtype)
-        n = x.shape[0]
-        state = x.reshape(n, 1, self.in_modes[0], -1).permute(0, 3, 1, 2)           # (N, rest, r_0 = 1, m_1)
-        for k in range(p):
-            rest, core = state.shape[1], self.cores[k]                                 # core: (r_{k-1}, m_k, r_k)
-            state = state.reshape(n, rest, -1) @ core.reshape(-1, core.shape[-1])      # (N, rest, r_k)
-            if k + 1 < p:
-                m_next = self.in_modes[k + 1]
-                state = state.reshape(n, m_next, rest // m_next, -1).permute(0, 2, 3, 1)  # (N, rest', r_k, m)
-        state = state.reshape(n, -1)                                                   # (N, r_p)
-        for core in self.cores[p:]:                                            # expand: (N * prod n, r) @ core
-            state = (state.reshape(-1, core.shape[0]) @ core.reshape(core.shape[0], -1))
-        y = state.reshape(*batch_shape, self.out_features)
+        a, _ = self._chain(list(self.cores[:p]))                              # (d_in, r_p)
+        b, _ = self._chain(list(self.cores[p:]))                              # (r_p * d_out, 1)
+        return a, b.reshape(self.ranks[p], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.halves()
+        y = (x.to(a.dtype) @ a) @ b
         return y + self.bias if self.bias is not None else y
 
     def dense_weight(self) -> torch.Tensor:
         """W as a dense (in_features x out_features) matrix (for tests and inspection, never the forward pass)."""
-        w = self.cores[0].reshape(self.cores[0].shape[1], -1)
-        for core in self.cores[1:]:
-            w = (w @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
-        return w.reshape(self.in_features, self.out_features)
+        a, b = self.halves()
+        return a @ b
 
     def parameter_count(self) -> int:
         return sum(c.numel() for c in self.cores) + (self.out_features if self.bias is not None else 0)
 
     def flops(self, tokens: int = 1) -> int:
-        """Multiply-adds x 2 of one forward over `tokens` input rows, as `forward` contracts them."""
-        total, rest = 0, self.in_features
-        for k, m in enumerate(self.in_modes):
-            rest //= m
-            total += rest * self.ranks[k] * m * self.ranks[k + 1]
-        width = 1
-        for k, nmode in enumerate(self.out_modes, start=len(self.in_modes)):
-            total += width * self.ranks[k] * nmode * self.ranks[k + 1]
-            width *= nmode
-        return 2 * tokens * total
+        """2 x multiply-adds of one forward over `tokens` rows: merging the cores (once per forward, whatever the
+        batch) plus r_p (d_in + d_out) per row."""
+        p = len(self.in_modes)
+        merge = self._chain(list(self.cores[:p]))[1] + self._chain(list(self.cores[p:]))[1]
+        return 2 * (merge + tokens * self.ranks[p] * (self.in_features + self.out_features))
 
     def extra_repr(self) -> str:
         return f"in_modes={self.in_modes}, out_modes={self.out_modes}, rank={self.rank}, bias={self.bias is not None}"

@@ -149,6 +149,7 @@ def test_bench_zo_writes_its_four_parts(tmp_path, glue_dir, local_ray):
         assert a[name]["step_reaching_target"] == 2  # any loss is below 10: the first full window
         assert a[name]["steps"] == 4 and "accuracy" in a[name]["final_dev_metrics"]
     assert a["adazeta"]["queries_total"] == 9 and a["mezo-lora"]["queries_total"] == 4
+    assert a["adazeta"]["queries_to_target"] == 1 + 2 and a["mezo-lora"]["queries_to_target"] == 2
     b = report["b_query_parallelism"]
     assert b["workers_1"]["forward_passes_per_worker_per_step"] == 4  # Q = 2: both queries on one worker
     assert b["workers_2"]["forward_passes_per_worker_per_step"] == 2  # ... or one each

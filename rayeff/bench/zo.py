@@ -2,9 +2,9 @@
 
     rayeff bench zo --job jobs/bench-zo.yaml --output zo.json --data-dir ../shared/data/glue
 
-(a) convergence: adazeta and mezo-lora with the job's lr, batch, steps and k-shot data; the first step at which
-    each one's training loss (mean over a window of steps, as single steps are noisy) reaches `--loss-target`, and
-    their final dev metrics;
+(a) convergence: adazeta and mezo-lora with the job's lr, eps, batch, steps and k-shot data; the first step at
+    which each one's training loss (mean over a window of steps, as single steps are noisy) reaches `--loss-target`,
+    the queries spent until then (adazeta spends more per step), and their final dev metrics;
 (b) query parallelism: wall time per step at a fixed Q with 1 and with 2 workers, each worker on one CPU thread in
     both runs (median over steps), and the parallel efficiency t1 / (2 t2);
 (c) memory: adazeta's exact tensor account against an inference-only forward pass of the same model (parameters
@@ -60,7 +60,10 @@ def convergence(job: JobSpec, runs: Path, target: float, window: int, show: bool
                "mezo-lora": run_job(variant(job, runs, "mezo-lora", {"name": "mezo", "target": "lora",
                                                                    "eps": job.method.eps}), address, show)}
     metric = primary_metric(job.data.task)
-    out = {name: {"step_reaching_target": first_step_at(r["loss_history"], target, window),
+    reached = {name: first_step_at(r["loss_history"], target, window) for name, r in results.items()}
+    out = {name: {"step_reaching_target": reached[name],
+                  "queries_to_target": (sum(r["zeroth_order"]["step_queries"][:reached[name]])
+                                        if reached[name] else None),
                   "final_dev_metrics": r["metrics"], "final_train_loss_window": statistics.fmean(
                       r["loss_history"][-window:]), "steps": r["time"]["steps"],
                   "queries_total": r["zeroth_order"]["queries_total"],
@@ -68,6 +71,8 @@ def convergence(job: JobSpec, runs: Path, target: float, window: int, show: bool
                   "loss_history": r["loss_history"]} for name, r in results.items()}
     a, m = out["adazeta"]["step_reaching_target"], out["mezo-lora"]["step_reaching_target"]
     out["steps_ratio_mezo_lora_to_adazeta"] = m / a if a and m else None
+    qa, qm = out["adazeta"]["queries_to_target"], out["mezo-lora"]["queries_to_target"]
+    out["queries_ratio_mezo_lora_to_adazeta"] = qm / qa if qa and qm else None
     out["dev_difference_adazeta_minus_mezo_lora"] = (results["adazeta"]["metrics"][metric]
                                                      - results["mezo-lora"]["metrics"][metric])
     return {"results": results, "summary": out}
@@ -176,11 +181,12 @@ def adapter_time(job: JobSpec, repeats: int = 20) -> dict:
             adapters = timed(lambda: [model.adapters[name](x) for name, x in inputs.items()])
     finally:
         torch.set_num_threads(threads)
-    flops = sum(a.down.flops(1) + a.up.flops(1) for a in model.adapters.values())
-    return {"device": device.type, "batch_size": n, "tokens": int(batch["attention_mask"].numel()),
-            "adapters": len(inputs), "model_forward_seconds": forward, "adapters_seconds": adapters,
+    tokens = int(batch["attention_mask"].numel())
+    flops = sum(a.down.flops(tokens) + a.up.flops(tokens) for a in model.adapters.values())
+    return {"device": device.type, "batch_size": n, "tokens": tokens, "adapters": len(inputs),
+            "model_forward_seconds": forward, "adapters_seconds": adapters,
             "adapter_fraction_of_backbone": adapters / max(forward - adapters, 1e-12),
-            "adapter_flops_per_token": flops}
+            "adapter_flops_per_token": flops / tokens}
 
 
 def bench_zo(job: JobSpec, output: str, runs_dir: str | None = None, loss_target: float = 0.6, window: int = 5,
@@ -219,8 +225,8 @@ def summary_table(report: dict) -> Table:
     table.add_column("value", justify="right")
     a, b, c, d = (report[k] for k in ("a_convergence", "b_query_parallelism", "c_memory", "d_adapter_time"))
     for name in ("adazeta", "mezo-lora"):
-        table.add_row(f"(a) {name}: step reaching loss {report['loss_target']}",
-                      str(a[name]["step_reaching_target"]))
+        table.add_row(f"(a) {name}: step (queries) reaching loss {report['loss_target']}",
+                      f"{a[name]['step_reaching_target']} ({a[name]['queries_to_target']})")
         table.add_row(f"(a) {name}: dev", ", ".join(f"{k} {v:.4f}" for k, v in a[name]["final_dev_metrics"].items()))
     table.add_row(f"(b) s/step at Q={b['queries_per_step']}: 1 worker / 2 workers",
                   f"{b['workers_1']['median_seconds_per_step']:.3f} / {b['workers_2']['median_seconds_per_step']:.3f}")

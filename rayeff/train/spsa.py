@@ -101,60 +101,83 @@ def query_seed(run_seed: int, step: int, query: int) -> int:
 
 
 class Perturber:
-    """SPSA on a fixed list of parameters (their order defines z). Typical step:
+    """SPSA on a fixed list of parameters. Typical step:
 
         perturber.begin_step()                      # copy theta0, thresholds for sparsity
-        perturber.set(seed, +1); L+ = loss(); perturber.set(seed, -1); L- = loss(); perturber.restore()
+        perturber.set(seed, +1, eps); L+ = loss(); perturber.set(seed, -1, eps); L- = loss(); perturber.restore()
         ...
         perturber.update([(seed, g), ...], lr, weight_decay)
+
+    The parameters are re-pointed into one flat buffer (each keeps its shape as a view of it), so a perturbation is
+    a few kernels over the buffer rather than a few per parameter: with hundreds of small TT cores, per-parameter
+    launches dominated the step on a GPU. z is drawn over the buffer in chunks of `chunk` elements from one
+    generator, so the transient direction never exceeds a chunk however large the model (MeZO on every weight).
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], sparsity: float | None = None):
-        self.params = params
-        self.sparsity = sparsity
-        self.start = [torch.empty_like(p) for p in params]   # theta0 of the current step
-        self.thresholds: list[float | None] = [None] * len(params)
+    def __init__(self, params: list[torch.nn.Parameter], sparsity: float | None = None, chunk: int = 1 << 24):
+        if len({(p.dtype, p.device) for p in params}) != 1:
+            raise ValueError("the trained parameters must share one dtype and device")
+        self.params, self.sparsity, self.chunk = params, sparsity, chunk
+        self.sizes = [p.numel() for p in params]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(params))]
+        self.flat = torch.cat([p.detach().reshape(-1) for p in params])
+        for p, o, n in zip(params, self.offsets, self.sizes):
+            p.data = self.flat[o:o + n].view_as(p)
+        self.start = torch.empty_like(self.flat)               # theta0 of the current step
+        self.thresholds: torch.Tensor | None = None           # per parameter; +inf: always perturbed
         self.decays = [p.ndim >= 2 for p in params]           # biases and norm weights are 1-D: no decay
 
     @property
     def snapshot_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.start)
+        return self.start.numel() * self.start.element_size()
 
     def begin_step(self) -> None:
-        with torch.no_grad():
-            for p, s in zip(self.params, self.start):
-                s.copy_(p)
+        self.start.copy_(self.flat)
         if self.sparsity:
-            self.thresholds = [self._threshold(s) if s.ndim >= 2 else None for s in self.start]
+            self.thresholds = torch.tensor([self._threshold(self.start[o:o + n]) if p.ndim >= 2 else math.inf
+                                            for p, o, n in zip(self.params, self.offsets, self.sizes)],
+                                           device=self.flat.device, dtype=self.flat.dtype)
 
     def _threshold(self, values: torch.Tensor) -> float:
         """The magnitude at or below which an entry is perturbed: the (1 - sparsity) quantile of |theta0|."""
-        flat = values.detach().abs().flatten().float()
+        flat = values.abs().float()
         k = max(1, math.ceil((1.0 - self.sparsity) * flat.numel()))
         return float(flat.kthvalue(k).values)
 
-    def directions(self, seed: int):
-        """z for each parameter in turn, regenerated from `seed` (masked under sparsity)."""
-        gen = torch.Generator(device=self.params[0].device).manual_seed(seed)
-        for p, s, h in zip(self.params, self.start, self.thresholds):
-            z = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
-            if h is not None:
-                z.mul_(s.abs() <= h)
-            yield z
+    def _chunks(self, seed: int):
+        """(slice of the buffer, z over it) in order, regenerated from `seed`; masked under sparsity."""
+        gen = torch.Generator(device=self.flat.device).manual_seed(seed)
+        total = self.flat.numel()
+        for lo in range(0, total, self.chunk):
+            hi = min(lo + self.chunk, total)
+            z = torch.randn(hi - lo, generator=gen, device=self.flat.device, dtype=self.flat.dtype)
+            if self.thresholds is not None:
+                z.mul_(self.start[lo:hi].abs() <= self._element_thresholds(lo, hi))
+            yield slice(lo, hi), z
+
+    def _element_thresholds(self, lo: int, hi: int) -> torch.Tensor:
+        """Each element's parameter threshold over buffer positions [lo, hi)."""
+        counts = [max(0, min(o + n, hi) - max(o, lo)) for o, n in zip(self.offsets, self.sizes)]
+        repeats = torch.tensor(counts, device=self.flat.device)
+        return torch.repeat_interleave(self.thresholds, repeats, output_size=hi - lo)
+
+    def direction(self, seed: int) -> torch.Tensor:
+        """The whole z for `seed` as one tensor over the buffer (for inspection and tests; training never holds
+        it)."""
+        return torch.cat([z for _, z in self._chunks(seed)])
 
     @torch.no_grad()
     def set(self, seed: int, sign: int, eps: float) -> None:
         """theta <- theta0 + sign * eps * z(seed), in place."""
-        for p, s, z in zip(self.params, self.start, self.directions(seed)):
-            p.copy_(s).add_(z, alpha=sign * eps)
+        for part, z in self._chunks(seed):
+            self.flat[part].copy_(self.start[part]).add_(z, alpha=sign * eps)
 
     @torch.no_grad()
     def restore(self) -> None:
-        for p, s in zip(self.params, self.start):
-            p.copy_(s)
+        self.flat.copy_(self.start)
 
     def all_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.params)
+        return bool(torch.isfinite(self.flat).all())
 
     @torch.no_grad()
     def update(self, seeds_and_grads: list[tuple[int, float]], lr: float, weight_decay: float) -> None:
@@ -167,5 +190,5 @@ class Perturber:
                     p.mul_(1.0 - lr * weight_decay)
         scale = -lr / len(seeds_and_grads)
         for seed, g in seeds_and_grads:
-            for p, z in zip(self.params, self.directions(seed)):
-                p.add_(z, alpha=scale * g)
+            for part, z in self._chunks(seed):
+                self.flat[part].add_(z, alpha=scale * g)

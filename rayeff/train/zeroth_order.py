@@ -127,6 +127,7 @@ class ZerothOrderWorker(Worker):
         seconds = time.perf_counter() - start
         s.train_seconds += seconds
         s.extra.setdefault("step_seconds", []).append(seconds)
+        s.extra.setdefault("step_queries", []).append(queries)
         for key, value in (("queries", queries), ("forward_passes", 2 * queries),
                            ("worker_forward_passes", 2 * math.ceil(queries / self.world)),
                            ("exchange_bytes", EXCHANGE_BYTES_PER_QUERY * queries if self.world > 1 else 0)):
@@ -168,7 +169,7 @@ class ZerothOrderWorker(Worker):
                 "forward_passes_per_step": e.get("forward_passes", 0) / steps,
                 "forward_passes_per_worker_per_step": e.get("worker_forward_passes", 0) / steps,
                 "exchange_bytes_per_step": e.get("exchange_bytes", 0) / steps,
-                "step_seconds": e.get("step_seconds", [])}
+                "step_seconds": e.get("step_seconds", []), "step_queries": e.get("step_queries", [])}
 
     def extra_progress(self) -> dict:
         z = self._zo_figures()
