@@ -155,7 +155,7 @@ class JobSpec(Spec):
         return -(-self.training.batch_size // self.scaling.num_workers)
 
 
-def _describe(err: ValidationError) -> str:
+def describe_errors(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
@@ -190,7 +190,7 @@ def validate_job(raw: dict, source: str = "job") -> JobSpec:
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as err:
-        raise UserError(f"{source}: {_describe(err)}") from None
+        raise UserError(f"{source}: {describe_errors(err)}") from None
 
 
 def load_job(path: str | Path, overrides: list[str] | tuple = ()) -> JobSpec:
