@@ -261,3 +261,15 @@ def test_mezo_targets():
                                     MezoConfig(target="lora", lora_rank=2))
     names = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n or n.startswith("head.") for n in names)
+
+
+def test_adazeta_reports_its_size_and_cost_against_dense_adapters():
+    classifier = build_classifier(resolve_model("tiny-bert"), 2, head="linear")
+    d = classifier.backbone.config.hidden_size
+    model = get_method("adazeta").build(classifier, AdaZetaConfig(bottleneck=8, tt_rank=3))
+    f = model.figures()
+    assert f["adapters"] == 4
+    assert f["tt_params"] == sum(p.numel() for n, p in model.named_parameters() if n.startswith("adapters."))
+    assert f["dense_adapter_params"] == 4 * (2 * d * 8 + 8 + d)
+    assert f["flops_per_token"] == 4 * 2 * 3 * 2 * (d + 8)      # (x A) B: r (d_in + d_out) per row, down and up
+    assert f["dense_flops_per_token"] == 4 * 2 * 2 * d * 8

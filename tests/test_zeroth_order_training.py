@@ -68,6 +68,7 @@ def test_two_workers_split_the_queries_and_end_bitwise_equal_to_one(tmp_path, gl
     assert memory["grad_bytes"] == memory["optimizer_state_bytes"] == memory["peak_activation_bytes"] == 0
     assert memory["perturbation_snapshot_bytes"] == memory["trainable_params"] * 4
     assert memory["tensor_account_bytes"] == memory["param_bytes"] + memory["perturbation_snapshot_bytes"]
+    assert two["method_figures"]["adapters"] == 4 and two["method_figures"]["params_ratio_tt_to_dense"] < 1
 
 
 def test_a_zeroth_order_run_resumes_exactly(tmp_path, glue_dir, local_ray):

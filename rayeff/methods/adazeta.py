@@ -24,7 +24,7 @@ from torch import nn
 from rayeff.errors import UserError
 from rayeff.methods import MethodDefinition, register_method
 from rayeff.models import SequenceClassifier
-from rayeff.tensor_train import TTLinear
+from rayeff.tensor_train import TTLinear, dense_flops
 from rayeff.train.spsa import MAX_QUERIES, ZerothOrderConfig
 
 # Output projections by role, as module-path patterns of the architectures rayeff supports
@@ -100,6 +100,22 @@ class AdaZetaModel(nn.Module):
 
     def forward(self, **batch) -> torch.Tensor:
         return self.classifier(**batch)
+
+    def figures(self) -> dict:
+        """The adapters' size and cost against dense bottleneck adapters of the same shapes (per token: the
+        per-row multiply-adds; merging the cores is a per-forward constant, reported apart)."""
+        tt_params = dense_params = per_token = merge = dense_per_token = 0
+        for adapter in self.adapters.values():
+            for layer in (adapter.down, adapter.up):
+                tt_params += layer.parameter_count()
+                dense_params += layer.in_features * layer.out_features + layer.out_features
+                per_token += layer.flops(2) - layer.flops(1)
+                merge += layer.flops(1) - (layer.flops(2) - layer.flops(1))
+                dense_per_token += dense_flops(layer.in_features, layer.out_features)
+        return {"adapters": len(self.adapters), "tt_params": tt_params, "dense_adapter_params": dense_params,
+                "params_ratio_tt_to_dense": tt_params / dense_params, "flops_per_token": per_token,
+                "dense_flops_per_token": dense_per_token, "flops_ratio_tt_to_dense": per_token / dense_per_token,
+                "merge_flops_per_forward": merge}
 
 
 def build(classifier: SequenceClassifier, config: AdaZetaConfig) -> nn.Module:

@@ -127,6 +127,7 @@ class Worker:
                                 self.job.training.padding == "max_length", classifier.uses_token_types,
                                 self.task.is_regression)
         model = get_method(self.job.method.name).build(classifier, self.job.method)
+        self.model = model  # the method's module (`self.module` may be an engine around it)
         self.total_steps = self._total_steps()
         self.setup(model)
         self.meter = make_meter(self.job.energy.meter, self.device, self.job.energy.watts_per_cpu)
@@ -278,6 +279,7 @@ class Worker:
                      "seconds_per_sample": s.train_seconds / max(s.samples, 1)},
             "workers": self.world, "zero_stage": self.job.deepspeed.zero_stage,
             "device": self.device.type, "total_steps": self.total_steps, **self.extra_summary(),
+            **({"method_figures": self.model.figures()} if hasattr(self.model, "figures") else {}),
         }
 
     def run(self) -> None:
