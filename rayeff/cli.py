@@ -3,6 +3,7 @@
     rayeff run JOB.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--resume] [--address ADDR]
     rayeff bench compare --job JOB.yaml --methods full,lora,read --output OUT.json [--data-dir DIR]
                          [--per-method METHOD:FIELD=VALUE ...]
+    rayeff tune SWEEP.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--address ADDR]
     rayeff bench zo --job JOB.yaml --output OUT.json [--data-dir DIR] [--loss-target L] [--queries Q]
 
 Bad input (a job file, a field, a path, an address) ends with one line on stderr naming it, and exit code 2.
@@ -34,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="output folder (sets output_dir)")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
     _job_options(run)
+
+    tune = commands.add_parser("tune", help="run a hyper-parameter sweep (Ray Tune + Optuna)")
+    tune.add_argument("sweep", help="sweep YAML file (see jobs/sweep-*.yaml)")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a sweep field, e.g. --set num_trials=4 or --set overrides.training.lr=1e-3")
+    tune.add_argument("--data-dir", help="GLUE data in its download layout (sets the base job's data.data_dir)")
+    tune.add_argument("--output", help="output folder (sets output_dir)")
+    tune.add_argument("--address", help="join the Ray cluster at this address instead of starting a local Ray")
 
     bench = commands.add_parser("bench", help="benchmarks that write JSON")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -79,6 +88,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from rayeff.tune.sweep import run_sweep
+
+    overrides = list(args.overrides)
+    if args.output:
+        overrides.append(f"output_dir={args.output}")
+    report = run_sweep(args.sweep, overrides, data_dir=args.data_dir, address=args.address)
+    best = report["best"]
+    for t in report["trials"]:
+        print(f"  trial {t['trial_id']}: {t['status']}, objective {t['objective']}, "
+              f"{(t['energy'] or {}).get('joules', 0):.0f} J, {t['params']}")
+    print(f"rayeff: best: {best['params']} -> {best['objective']}" if best else "rayeff: no feasible trial")
+    print(f"rayeff: wrote {report['sweep']['output_dir']}/sweep.json")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     job = job_from_args(args.job, args)
     if args.bench == "zo":
@@ -108,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "tune":
+            return cmd_tune(args)
         return cmd_bench(args)
     except UserError as err:
         print(f"rayeff: error: {err}", file=sys.stderr)

@@ -193,11 +193,12 @@ def validate_job(raw: dict, source: str = "job") -> JobSpec:
         raise UserError(f"{source}: {describe_errors(err)}") from None
 
 
-def load_job(path: str | Path, overrides: list[str] | tuple = ()) -> JobSpec:
-    """Read, override and validate a job file; every failure is a one-line `UserError`."""
+def read_yaml_mapping(path: str | Path, kind: str, shape: str) -> dict:
+    """A YAML file that must hold a mapping; `kind` names the file in errors (`job`, `sweep`...), `shape` says
+    what the mapping holds. Every failure is a one-line `UserError`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such job file")
+        raise UserError(f"{path}: no such {kind} file")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -205,7 +206,13 @@ def load_job(path: str | Path, overrides: list[str] | tuple = ()) -> JobSpec:
         where = f" (line {mark.line + 1})" if mark else ""
         raise UserError(f"{path}: not valid YAML{where}; fix the syntax") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: a job file must be a YAML mapping with `data` and `method` sections")
+        raise UserError(f"{path}: a {kind} file must be a YAML mapping with {shape}")
+    return raw
+
+
+def load_job(path: str | Path, overrides: list[str] | tuple = ()) -> JobSpec:
+    """Read, override and validate a job file; every failure is a one-line `UserError`."""
+    raw = read_yaml_mapping(path, "job", "`data` and `method` sections")
     for key, value in parse_overrides(list(overrides)):
         set_field(raw, key, value)
     return validate_job(raw, str(path))

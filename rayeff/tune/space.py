@@ -16,10 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from rayeff.config import Spec, describe_errors, set_field, validate_job
+from rayeff.config import Spec, describe_errors, read_yaml_mapping, set_field, validate_job
 from rayeff.errors import UserError
 
 
@@ -78,15 +77,7 @@ def check_fields(space: SearchSpace, source: str) -> None:
 
 
 def load_search_space(path: str | Path) -> SearchSpace:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such search-space file (see search_spaces/)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        raise UserError(f"{path}: not valid YAML; fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a search space is a mapping with `method` and `params`")
+    raw = read_yaml_mapping(path, "search-space", "`method` and `params` (see search_spaces/)")
     try:
         space = SearchSpace.model_validate(raw)
     except ValidationError as err:
