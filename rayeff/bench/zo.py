@@ -101,18 +101,26 @@ def query_parallelism(job: JobSpec, runs: Path, queries: int, steps: int, show: 
             "speedup_t1_over_t2": t1 / t2, "parallel_efficiency": t1 / (2 * t2)}
 
 
-def inference_account(job: JobSpec) -> dict:
-    """The same model without adapters, run forward without autograd: its tensors are its parameters."""
+def classifier_and_batch(job: JobSpec, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The job's seeded classifier (no method applied) and its first training batch, on `device`."""
     source, task = resolve_model(job.model.name), get_task(job.data.task)
     torch.manual_seed(job.training.seed)
-    model = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling, job.model.head).eval()
+    classifier = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling, job.model.head)
     tokenizer = load_tokenizer(source)
     train, _ = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
     collate = Collator(tokenizer.pad_token_id, job.training.max_seq_length, job.training.padding == "max_length",
-                       model.uses_token_types, task.is_regression)
+                       classifier.uses_token_types, task.is_regression)
+    examples = [dict(train[i], index=i) for i in range(min(job.training.batch_size, len(train)))]
+    return classifier, {k: v.to(device) for k, v in collate(examples).items()}
+
+
+def inference_account(job: JobSpec) -> dict:
+    """The same model without adapters, run forward without autograd: its tensors are its parameters."""
+    model, batch = classifier_and_batch(job, torch.device("cpu"))
+    model.eval()
     counter = SavedActivationCounter(model)
     with torch.no_grad(), counter:
-        model(**collate([dict(train[i], index=i) for i in range(min(job.training.batch_size, len(train)))]))
+        model(**batch)
     params = list(model.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     return {"total_params": sum(p.numel() for p in params), "param_bytes": param_bytes, "grad_bytes": 0,
@@ -142,21 +150,14 @@ def memory(job: JobSpec, runs: Path, adazeta: dict, steps: int, show: bool, addr
 def adapter_time(job: JobSpec, repeats: int = 20) -> dict:
     """Median time of one forward of the adapted model on one training batch, and of its adapters alone on the
     inputs they received in that forward; one CPU thread (as each worker runs), or the GPU if there is one."""
-    source, task = resolve_model(job.model.name), get_task(job.data.task)
     config = job.method if job.method.name == "adazeta" else method_config_from_dict({"name": "adazeta"})
     device = torch.device("cuda" if torch.cuda.is_available() and job.scaling.gpus_per_worker > 0 else "cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(job.training.seed)
-        classifier = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling, job.model.head)
+        classifier, batch = classifier_and_batch(job, device)
         model = get_method("adazeta").build(classifier, config).to(device).eval()
-        tokenizer = load_tokenizer(source)
-        train, _ = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
-        collate = Collator(tokenizer.pad_token_id, job.training.max_seq_length,
-                           job.training.padding == "max_length", classifier.uses_token_types, task.is_regression)
-        n = min(job.training.batch_size, len(train))
-        batch = {k: v.to(device) for k, v in collate([dict(train[i], index=i) for i in range(n)]).items()}
+        n = int(batch["input_ids"].shape[0])
         inputs = {}
         handles = [a.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
                    for name, a in model.adapters.items()]

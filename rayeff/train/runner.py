@@ -11,6 +11,7 @@ folder is created, so bad input leaves nothing behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -94,7 +95,8 @@ def keep_local_ray_on_loopback() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-def init_ray(address: str | None, job: JobSpec) -> None:
+def init_ray(address: str | None, cpus_needed: float) -> None:
+    """Join the cluster at `address`, or start a local Ray with at least `cpus_needed` logical CPUs."""
     import ray
 
     if ray.is_initialized():
@@ -104,9 +106,8 @@ def init_ray(address: str | None, job: JobSpec) -> None:
             check_reachable(address)
             ray.init(address=address, logging_level="WARNING", log_to_driver=True)
             return
-        needed = job.scaling.num_workers * job.scaling.cpus_per_worker
         # Logical CPUs: enough for the workers even where they outnumber the cores (they then share them).
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), logging_level="WARNING",
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), logging_level="WARNING",
                  dashboard_host="127.0.0.1")
     except ConnectionError as err:
         raise UserError(f"--address {address}: cannot reach a Ray cluster there ({err}); start one with "
@@ -179,7 +180,7 @@ def run_job(job: JobSpec, address: str | None = None, show_progress: bool = True
     if job.data.data_dir is not None:
         job.data.data_dir = str(Path(job.data.data_dir).resolve())
     source = prepare(job)
-    init_ray(address, job)
+    init_ray(address, job.scaling.num_workers * job.scaling.cpus_per_worker)
     check_resources(job)
     if job.resume and not has_checkpoint(output):
         print(f"rayeff: no checkpoint in {output}; starting from the beginning")

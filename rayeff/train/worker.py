@@ -171,9 +171,10 @@ class Worker:
     # -- shared --------------------------------------------------------------------------------------------------
 
     def _total_steps(self) -> int:
+        self.steps_per_epoch = len(self.epoch_batches(0))
         if self.job.training.max_steps is not None:
             return self.job.training.max_steps
-        return max(1, math.ceil((self.job.training.epochs or 1.0) * len(self.epoch_batches(0))))
+        return max(1, math.ceil((self.job.training.epochs or 1.0) * self.steps_per_epoch))
 
     def batch(self, idx: list[int]) -> dict:
         return to_device(self.collate([dict(self.train_set[i], index=i) for i in idx]), self.device)

@@ -19,6 +19,7 @@ with the weights the step started from; its last checkpoint stays its final one.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ class ZerothOrderWorker(Worker):
         self.named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         cfg = self.job.method
         self.perturber = Perturber([p for _, p in self.named_trainable], cfg.sparsity)
-        self.schedule = QuerySchedule(cfg, total_epochs=math.ceil(self.total_steps / len(self.epoch_batches(0))),
+        self.schedule = QuerySchedule(cfg, total_epochs=math.ceil(self.total_steps / self.steps_per_epoch),
                                       total_steps=self.total_steps)
         self.activations = SavedActivationCounter(model)
 
@@ -143,8 +144,6 @@ class ZerothOrderWorker(Worker):
                       str(folder / TRAINABLE_FILE))
 
     def load(self, folder: Path) -> dict:
-        import json
-
         from safetensors.torch import load_file
 
         saved = load_file(str(folder / TRAINABLE_FILE))

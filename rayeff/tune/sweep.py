@@ -156,12 +156,11 @@ def best_trial(trials: list[dict], sweep: SweepSpec) -> dict | None:
 def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None = None,
               address: str | None = None) -> dict:
     import optuna
-    import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from rayeff.train.runner import check_reachable, write_json_atomic, write_text_atomic
+    from rayeff.train.runner import init_ray, write_json_atomic, write_text_atomic
 
     sweep, job, space = load_sweep(sweep_file, overrides, data_dir)
     output = Path(sweep.output_dir).resolve()
@@ -171,14 +170,8 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
     if job.data.data_dir is not None:
         job.data.data_dir = str(Path(job.data.data_dir).resolve())
     base = job.model_dump(mode="json")
-    if not ray.is_initialized():
-        if address:
-            check_reachable(address)
-            ray.init(address=address, logging_level="WARNING")
-        else:
-            per_trial = job.scaling.num_workers * job.scaling.cpus_per_worker + DRIVER_CPUS
-            ray.init(num_cpus=max(2, math.ceil(sweep.max_concurrent * per_trial)), logging_level="WARNING",
-                     dashboard_host="127.0.0.1")
+    per_trial = job.scaling.num_workers * job.scaling.cpus_per_worker + DRIVER_CPUS
+    init_ray(address, sweep.max_concurrent * per_trial)
     searcher = OptunaSearch(space=optuna_distributions(space), metric="objective", mode=sweep.objective.mode,
                             sampler=optuna.samplers.TPESampler(seed=sweep.searcher.seed), study_name=STUDY_NAME,
                             storage=optuna.storages.RDBStorage(f"sqlite:///{output / 'optuna.db'}"))
