@@ -128,12 +128,7 @@ class ZerothOrderWorker(Worker):
         seconds = time.perf_counter() - start
         s.train_seconds += seconds
         s.extra.setdefault("step_seconds", []).append(seconds)
-        s.extra.setdefault("step_queries", []).append(queries)
-        for key, value in (("queries", queries), ("forward_passes", 2 * queries),
-                           ("worker_forward_passes", 2 * math.ceil(queries / self.world)),
-                           ("exchange_bytes", EXCHANGE_BYTES_PER_QUERY * queries if self.world > 1 else 0)):
-            s.extra[key] = s.extra.get(key, 0) + value
-        s.extra["last_queries"] = queries
+        s.extra.setdefault("step_queries", []).append(queries)   # every other ZO count derives from these
         return sum(losses) / len(losses) if finite else math.nan
 
     def save(self, folder: Path, saved_state: dict) -> None:
@@ -162,13 +157,15 @@ class ZerothOrderWorker(Worker):
                 "perturbation_snapshot_bytes": self.perturber.snapshot_bytes}  # theta0, for the exact restore
 
     def _zo_figures(self) -> dict:
-        e, steps = self.state.extra, max(self.state.step, 1)
-        return {"queries_total": e.get("queries", 0), "queries_last_step": e.get("last_queries", 0),
-                "queries_per_second": e.get("queries", 0) / max(self.state.train_seconds, 1e-9),
-                "forward_passes_per_step": e.get("forward_passes", 0) / steps,
-                "forward_passes_per_worker_per_step": e.get("worker_forward_passes", 0) / steps,
-                "exchange_bytes_per_step": e.get("exchange_bytes", 0) / steps,
-                "step_seconds": e.get("step_seconds", []), "step_queries": e.get("step_queries", [])}
+        per_step = self.state.extra.get("step_queries", [])
+        total, steps = sum(per_step), max(self.state.step, 1)
+        worker_passes = sum(2 * math.ceil(q / self.world) for q in per_step)
+        return {"queries_total": total, "queries_last_step": per_step[-1] if per_step else 0,
+                "queries_per_second": total / max(self.state.train_seconds, 1e-9),
+                "forward_passes_per_step": 2 * total / steps,
+                "forward_passes_per_worker_per_step": worker_passes / steps,
+                "exchange_bytes_per_step": (EXCHANGE_BYTES_PER_QUERY * total if self.world > 1 else 0) / steps,
+                "step_seconds": self.state.extra.get("step_seconds", []), "step_queries": per_step}
 
     def extra_progress(self) -> dict:
         z = self._zo_figures()
