@@ -3,8 +3,11 @@
     rayeff run JOB.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--resume] [--address ADDR]
     rayeff bench compare --job JOB.yaml --methods full,lora,read --output OUT.json [--data-dir DIR]
                          [--per-method METHOD:FIELD=VALUE ...]
-    rayeff tune SWEEP.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--address ADDR]
+    rayeff tune SWEEP.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--resume] [--address ADDR]
+    rayeff priors list [--store FILE]
+    rayeff priors show ID [--store FILE]
     rayeff bench zo --job JOB.yaml --output OUT.json [--data-dir DIR] [--loss-target L] [--queries Q]
+    rayeff bench priors --output OUT.json [--sweep SWEEP.yaml] [--sources sst2] [--targets stsb] [--seeds 0,1,2]
 
 Bad input (a job file, a field, a path, an address) ends with one line on stderr naming it, and exit code 2.
 """
@@ -12,8 +15,10 @@ Bad input (a job file, a field, a path, an address) ends with one line on stderr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from rayeff.errors import UserError
 
@@ -42,7 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a sweep field, e.g. --set num_trials=4 or --set overrides.training.lr=1e-3")
     tune.add_argument("--data-dir", help="GLUE data in its download layout (sets the base job's data.data_dir)")
     tune.add_argument("--output", help="output folder (sets output_dir)")
+    tune.add_argument("--resume", action="store_true", help="continue the sweep in the output folder")
     tune.add_argument("--address", help="join the Ray cluster at this address instead of starting a local Ray")
+
+    priors = commands.add_parser("priors", help="inspect the store of finished sweeps that warm-start new ones")
+    views = priors.add_subparsers(dest="view", required=True)
+    for name, text in (("list", "one line per stored sweep"), ("show", "one stored sweep, as JSON")):
+        view = views.add_parser(name, help=text)
+        if name == "show":
+            view.add_argument("id", type=int, help="the sweep's id (from `rayeff priors list`)")
+        view.add_argument("--store", default="runs/priors.db", help="the prior store (default runs/priors.db)")
 
     bench = commands.add_parser("bench", help="benchmarks that write JSON")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -63,7 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     zo.add_argument("--queries", type=int, default=8, help="queries per step of the 1- vs 2-worker timing")
     zo.add_argument("--timing-steps", type=int, default=6, help="steps of each timing run (default 6)")
     _job_options(zo)
+    pri = kinds.add_parser("priors", help="trials to a target dev metric with and without transferred priors")
+    pri.add_argument("--sweep", default="jobs/sweep-bench-priors.yaml", help="the sweep run on every task")
+    pri.add_argument("--sources", default="sst2", help="comma-separated tasks the priors are built from")
+    pri.add_argument("--targets", default="stsb", help="comma-separated tasks the sweeps are measured on")
+    pri.add_argument("--seeds", default="0,1,2", help="comma-separated sampler seeds (at least 3 for a median)")
+    pri.add_argument("--target-fraction", type=float, default=0.99,
+                     help="target: this fraction of the best dev metric seen on the task (default 0.99)")
+    pri.add_argument("--output", required=True, help="JSON file to write")
+    pri.add_argument("--runs-dir", help="folder for the sweeps and stores (default: next to --output)")
+    pri.add_argument("--data-dir", help="GLUE data in its download layout")
+    pri.add_argument("--address", help="join the Ray cluster at this address instead of starting a local Ray")
     return parser
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def job_from_args(path: str, args: argparse.Namespace, output: str | None = None):
@@ -94,17 +123,47 @@ def cmd_tune(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.output:
         overrides.append(f"output_dir={args.output}")
-    report = run_sweep(args.sweep, overrides, data_dir=args.data_dir, address=args.address)
-    best = report["best"]
+    report = run_sweep(args.sweep, overrides, data_dir=args.data_dir, address=args.address, resume=args.resume)
+    best, energy = report["best"], report["energy"]
     for t in report["trials"]:
-        print(f"  trial {t['trial_id']}: {t['status']}, objective {t['objective']}, "
-              f"{(t['energy'] or {}).get('joules', 0):.0f} J, {t['params']}")
-    print(f"rayeff: best: {best['params']} -> {best['objective']}" if best else "rayeff: no feasible trial")
-    print(f"rayeff: wrote {report['sweep']['output_dir']}/sweep.json")
+        print(f"  trial {t['number']}: {t['status']}, objectives {t['objectives']}, "
+              f"{(t.get('energy') or {}).get('joules', 0):.0f} J, {t['params']}")
+    print(f"rayeff: best: {best['params']} -> {best['objectives']}" if best else "rayeff: no feasible trial")
+    print(f"rayeff: {len(report['trials'])} trials, {energy['total_j']:.0f} J ({', '.join(energy['sources'])})"
+          + (f"; stopped by the {energy['stopped_by']}" if energy["stopped_by"] else ""))
+    print(f"rayeff: wrote {Path(report['study']).parent}/sweep.json")
+    return 0
+
+
+def cmd_priors(args: argparse.Namespace) -> int:
+    from rayeff.tune.priors import PriorStore, best_trials
+
+    store = PriorStore(args.store)
+    if args.view == "show":
+        print(json.dumps(store.entry(args.id), indent=2))
+        return 0
+    for e in store.entries():
+        d, best, objective = e["descriptors"], best_trials(e, 1), e["objectives"][0]
+        outcome = f"best {objective['metric']} {best[0]['objectives'][0]:.4g}" if best else "no feasible trial"
+        print(f"{e['id']:>4}  {e['finished_at']}  {d['method']:<8} {d['task']:<6} {d['model']:<12} "
+              f"n={d['train_size']:<6} {len(e['trials'])} trials  {outcome}  {e['name']}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "priors":
+        from rayeff.bench.priors import bench_priors
+
+        try:
+            seeds = [int(s) for s in _names(args.seeds)]
+        except ValueError:
+            raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        report = bench_priors(args.sweep, _names(args.sources), _names(args.targets), seeds, args.output,
+                              runs_dir=args.runs_dir, data_dir=args.data_dir, address=args.address,
+                              target_fraction=args.target_fraction)
+        print(f"rayeff: median trials to target {report['median_with_priors']} with priors, "
+              f"{report['median_without_priors']} without (ratio {report['ratio']:.2f}); wrote {args.output}")
+        return 0
     job = job_from_args(args.job, args)
     if args.bench == "zo":
         from rayeff.bench.zo import bench_zo
@@ -135,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "tune":
             return cmd_tune(args)
+        if args.command == "priors":
+            return cmd_priors(args)
         return cmd_bench(args)
     except UserError as err:
         print(f"rayeff: error: {err}", file=sys.stderr)

@@ -1,28 +1,38 @@
-"""`rayeff tune`: a small READ sweep on tiny-bert through Ray Tune + Optuna, and bad sweep files."""
+"""`rayeff tune`: sweeps of READ on tiny-bert through Ray Tune + Optuna (ASHA, budgets, priors, a multi-objective
+sweep killed and resumed), the sweep limits and Pareto front by hand, and bad sweep files."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 
+from rayeff.cli import main
 from rayeff.config import load_job
 from rayeff.errors import UserError
-from rayeff.tune.sweep import load_sweep, run_sweep
+from rayeff.tune.limits import ENERGY, TIME, SweepLimits
+from rayeff.tune.priors import PriorStore
+from rayeff.tune.results import dominates, pareto_front
+from rayeff.tune.spec import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_sweep(tmp_path, glue_dir, **changes) -> Path:
+def write_sweep(tmp_path, glue_dir, name="sweep", steps=2, **changes) -> Path:
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({
         "model": {"name": "tiny-bert"},
         "data": {"task": "sst2", "data_dir": str(glue_dir), "train_subset": 32, "eval_subset": 32},
         "method": {"name": "read", "hidden_size": 8},
-        "training": {"max_steps": 2, "batch_size": 8, "log_every": 1},
+        "training": {"max_steps": steps, "batch_size": 8, "log_every": 1},
         "scaling": {"num_workers": 1},
     }))
     space = tmp_path / "space.yaml"
@@ -30,61 +40,203 @@ def write_sweep(tmp_path, glue_dir, **changes) -> Path:
                      "  training.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
                      "  method.hidden_size: {type: int, low: 4, high: 16}\n")
     sweep = {"base_job": str(job), "search_space": str(space), "num_trials": 3, "max_concurrent": 1,
-             "searcher": {"kind": "tpe", "seed": 3}, "output_dir": str(tmp_path / "sweep"), **changes}
-    path = tmp_path / "sweep.yaml"
+             "searcher": {"kind": "tpe", "seed": 3}, "output_dir": str(tmp_path / name),
+             "priors": {"store": str(tmp_path / "priors.db")}, **changes}
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(sweep))
     return path
 
 
+@pytest.fixture(scope="module")
+def sweep_ray():
+    """A local Ray with its dashboard: Ray Train cleans up a trial that Tune stops through the State API."""
+    import ray
+
+    ray.init(num_cpus=2, logging_level="WARNING", dashboard_host="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.slow
-def test_a_small_sweep_writes_every_trial_the_study_and_the_best_job(tmp_path, glue_dir, local_ray):
-    report = run_sweep(str(write_sweep(tmp_path, glue_dir)))
+def test_an_asha_sweep_records_every_trial_and_a_later_sweep_starts_from_it(tmp_path, glue_dir, sweep_ray):
+    from rayeff.tune.sweep import run_sweep
+
+    report = run_sweep(str(write_sweep(tmp_path, glue_dir, steps=3, scheduler={"report_every_steps": 1})))
     out = tmp_path / "sweep"
     on_disk = json.loads((out / "sweep.json").read_text())
-    assert on_disk["best"] == report["best"] and len(on_disk["trials"]) == 3
+    assert on_disk["best"] == report["best"] and [t["number"] for t in on_disk["trials"]] == [0, 1, 2]
+    study = optuna.load_study(study_name="rayeff", storage=f"sqlite:///{out / 'optuna.db'}")
+    states = {t.number: t.state for t in study.trials}
     for trial in on_disk["trials"]:
-        assert trial["status"] == "finished" and trial["feasible"]
         assert 1e-4 <= trial["params"]["training.lr"] <= 1e-2 and 4 <= trial["params"]["method.hidden_size"] <= 16
-        assert trial["objective"] == trial["metrics"]["accuracy"]
         assert trial["energy"]["joules"] > 0 and trial["energy"]["source"] in ("nvml", "rapl", "estimate")
-        assert trial["memory"]["trainable_params"] > 0 and trial["time"]["steps"] == 2
-    assert report["best"]["objective"] == max(t["objective"] for t in on_disk["trials"])
+        if trial["status"] == "finished":   # ran all 3 steps: its objective is its final dev accuracy
+            assert trial["feasible"] and trial["objectives"] == [trial["metrics"]["accuracy"]]
+            assert trial["memory"]["trainable_params"] > 0 and trial["time"]["steps"] == 3
+            assert states[trial["number"]] == optuna.trial.TrialState.COMPLETE
+        else:                               # ASHA stopped it after a report: pruned, ranked by that report
+            assert trial["status"] == "stopped: asha" and trial["time"]["steps"] < 3 and not trial["feasible"]
+            assert states[trial["number"]] == optuna.trial.TrialState.PRUNED
+        assert study.trials[trial["number"]].constraints == trial["constraints"]
+    assert on_disk["trials"][0]["status"] == "finished"   # the first trial has no rival at its rung
+    assert report["best"]["objectives"][0] == max(t["objectives"][0] for t in on_disk["trials"] if t["feasible"])
     best_job = load_job(out / "best_job.yaml")
     assert best_job.training.lr == report["best"]["params"]["training.lr"]
-    assert best_job.method.hidden_size == report["best"]["params"]["method.hidden_size"]
-    study = optuna.load_study(study_name="rayeff", storage=f"sqlite:///{out / 'optuna.db'}")
-    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 3
+    assert best_job.training.eval_every is None   # the job as the user wrote it, not the trial's ASHA settings
+    assert [e["name"] for e in PriorStore(tmp_path / "priors.db").entries()] == [str(out)]
+
+    # The next sweep with priors evaluates the stored sweep's best configurations first, in a narrowed space.
+    warm = run_sweep(str(write_sweep(tmp_path, glue_dir, name="warm", num_trials=1,
+                                     priors={"use": "auto", "store": str(tmp_path / "priors.db"), "top_trials": 1})))
+    assert warm["priors"]["sweeps"][0]["name"] == str(out) and warm["priors"]["sweeps"][0]["distance"] == 0
+    assert warm["trials"][0]["params"] == report["best"]["params"] and warm["trials"][0]["prior"] == 1
+    lr = warm["search_space"]["params"]["training.lr"]
+    assert lr["low"] == pytest.approx(max(report["best"]["params"]["training.lr"] / 2, 1e-4))
 
 
 @pytest.mark.slow
-def test_trials_past_their_energy_budget_are_stopped_and_infeasible(tmp_path, glue_dir, local_ray):
-    report = run_sweep(str(write_sweep(tmp_path, glue_dir, num_trials=2, energy={"trial_budget_j": 1e-9})))
-    assert [t["status"] for t in report["trials"]] == ["stopped: energy budget"] * 2
-    assert not any(t["feasible"] for t in report["trials"]) and report["best"] is None
-    assert all(t["energy"]["joules"] > 0 for t in report["trials"])
+def test_energy_budgets_stop_trials_and_the_sweep(tmp_path, glue_dir, sweep_ray):
+    from rayeff.tune.sweep import run_sweep
+
+    per_trial = run_sweep(str(write_sweep(tmp_path, glue_dir, num_trials=2, energy={"trial_budget_j": 1e-9})))
+    assert [t["status"] for t in per_trial["trials"]] == ["stopped: energy budget"] * 2
+    assert not any(t["feasible"] for t in per_trial["trials"]) and per_trial["best"] is None
+    assert all(t["energy"]["joules"] > 0 and t["constraints"]["energy_over_budget_j"] > 0
+               for t in per_trial["trials"])
     assert not (tmp_path / "sweep" / "best_job.yaml").exists()
 
-
-def test_bad_sweep_files_are_one_line_errors(tmp_path, glue_dir):
-    with pytest.raises(UserError, match="num_trials: Field required"):
-        load_sweep(_without(write_sweep(tmp_path, glue_dir), "num_trials"))
-    with pytest.raises(UserError, match="is for method lora but base job"):
-        load_sweep(write_sweep(tmp_path, glue_dir, search_space=str(ROOT / "search_spaces" / "lora.yaml")))
-    with pytest.raises(UserError, match="objective.metric 'f1' is not a dev metric of sst2"):
-        load_sweep(write_sweep(tmp_path, glue_dir, objective={"metric": "f1"}))
-    with pytest.raises(UserError, match="searcher.kind"):
-        load_sweep(write_sweep(tmp_path, glue_dir, searcher={"kind": "grid"}))
-    with pytest.raises(UserError, match="no such job file"):
-        load_sweep(write_sweep(tmp_path, glue_dir, base_job="jobs/none.yaml"))
+    # The first trial passes the sweep's budget at its first log step: it stops there and no other starts.
+    whole = run_sweep(str(write_sweep(tmp_path, glue_dir, name="budget", steps=8, num_trials=3,
+                                      energy={"sweep_budget_j": 1e-9})))
+    assert [t["status"] for t in whole["trials"]] == ["stopped: sweep energy budget"]
+    assert whole["trials"][0]["time"]["steps"] == 1
+    assert whole["energy"]["stopped_by"] == ENERGY
+    assert whole["energy"]["overshoot_j"] == pytest.approx(whole["energy"]["total_j"] - 1e-9)
 
 
-def _without(path: Path, key: str) -> Path:
-    raw = yaml.safe_load(path.read_text())
-    raw.pop(key)
-    path.write_text(yaml.safe_dump(raw))
-    return path
+@pytest.mark.slow
+def test_a_killed_multi_objective_sweep_resumes_without_losing_or_repeating_a_trial(tmp_path, glue_dir):
+    path = write_sweep(tmp_path, glue_dir, steps=6, num_trials=4, searcher={"kind": "nsga2", "seed": 1},
+                       objective=[{"metric": "dev", "mode": "max"}, {"metric": "energy_j", "mode": "min"}])
+    out, db = tmp_path / "sweep", f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}"
+    command = [sys.executable, "-m", "rayeff.cli", "tune", str(path)]
+    driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:   # kill it while its second trial runs
+        time.sleep(1)
+        trials = _trials(db)
+        if len(trials) >= 2 and trials[0].state.is_finished() and not trials[1].state.is_finished():
+            break
+    else:
+        driver.kill()
+        pytest.fail("the sweep never reached its second trial")
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    first = _trials(db)[0].user_attrs["rayeff"]
+
+    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    report = json.loads((out / "sweep.json").read_text())
+    assert len(report["trials"]) == 4 and len({t["trial_id"] for t in report["trials"]}) == 4
+    assert report["trials"][0]["trial_id"] == first["trial_id"]   # kept, not run again
+    assert report["requeued_after_interruption"] == [1]
+    assert report["trials"][1]["params"] == _trials(db)[1].params   # the killed trial, run again from the start
+    assert all(t["status"] == "finished" for t in report["trials"])
+    front = json.loads((out / "pareto.json").read_text())["front"]
+    assert [t["number"] for t in front] == report["pareto_front"] and front
+    for t in front:
+        assert not any(dominates(o["objectives"], t["objectives"], ["max", "min"]) for o in report["trials"])
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_the_shipped_sweep_loads():
+def _trials(db: str) -> list:
+    try:
+        return optuna.load_study(study_name="rayeff", storage=db).trials
+    except Exception:  # the driver has not created the study yet
+        return []
+
+
+def test_sweep_limits_refuse_trials_that_would_pass_the_budget():
+    limits = SweepLimits(budget_j=10.0, time_limit_s=None)
+    assert limits.start("a") is None and limits.update("a", 4.0) is None
+    limits.finish("a", 4.0)
+    assert limits.start("b") is None            # 4 spent + 4 expected <= 10
+    assert limits.update("b", 3.0) is None
+    assert limits.start("c") == ENERGY          # 7 spent + 1 more expected of b + 4 expected of c > 10
+    assert limits.update("b", 10.5) == ENERGY and limits.why_stopped() == ENERGY
+    resumed = SweepLimits(budget_j=10.0, time_limit_s=None, earlier_j=[6.0])
+    assert resumed.start("d") == ENERGY         # 6 earlier + 6 expected > 10
+    late = SweepLimits(budget_j=None, time_limit_s=1e-3)
+    time.sleep(0.01)
+    assert late.start("a") == TIME and late.update("a", 1.0) == TIME
+
+
+def test_the_pareto_front_holds_the_trials_no_other_dominates():
+    def t(n, acc, joules, feasible=True):
+        return {"number": n, "objectives": [acc, joules], "feasible": feasible}
+
+    trials = [t(0, 0.8, 10), t(1, 0.9, 20), t(2, 0.7, 15), t(3, 0.9, 25), t(4, 0.95, 5, feasible=False)]
+    assert [x["number"] for x in pareto_front(trials, ["max", "min"])] == [1, 0]
+    assert dominates([0.9, 20], [0.9, 25], ["max", "min"]) and not dominates([0.9, 20], [0.9, 20], ["max", "min"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_trials": None}, "num_trials"),
+    ({"searcher": {"kind": "grid"}}, "searcher.kind"),
+    ({"energy": {"sweep_budget_j": -5}}, "energy.sweep_budget_j: Input should be greater than 0"),
+    ({"objective": {"metric": "f1"}}, "objective.metric 'f1' is not a dev metric of sst2"),
+    ({"objective": [{"metric": "dev"}, {"metric": "energy_j", "mode": "min"}], "searcher": {"kind": "cmaes"}},
+     "cmaes optimises one objective"),
+    ({"base_job": "jobs/none.yaml"}, "no such job file"),
+    ({"priors": "sometimes"}, "priors.use"),
+])
+def test_bad_sweep_files_are_one_line_errors(tmp_path, glue_dir, changes, message):
+    path = write_sweep(tmp_path, glue_dir, **changes)
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        load_sweep(path)
+
+
+@pytest.mark.parametrize("space, message", [
+    ("  method.rank: {type: int, low: 2, high: 8}\n", "params.method.rank = 2 does not make a valid read job"),
+    ("  training.lr: {type: float, low: 1.0e-3, high: 1.0e-3}\n", "the range is empty"),
+])
+def test_bad_input_exits_2_and_alters_no_study_or_store(tmp_path, glue_dir, capsys, space, message):
+    path = write_sweep(tmp_path, glue_dir, priors="auto")
+    (tmp_path / "space.yaml").write_text("method: read\nparams:\n" + space)
+    store = PriorStore(tmp_path / "priors.db")
+    store.add("earlier", {"method": "read", "task": "sst2"}, [{"metric": "dev", "mode": "max"}], {}, [])
+    before = (tmp_path / "priors.db").read_bytes()
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert (tmp_path / "priors.db").read_bytes() == before and not (tmp_path / "sweep").exists()
+
+
+def test_the_shipped_sweeps_load():
     sweep, job, space = load_sweep(ROOT / "jobs" / "sweep-read.yaml")
     assert job.method.name == space.method == "read" and job.data.train_subset == 512 and sweep.num_trials == 6
+    pareto, job, _ = load_sweep(ROOT / "jobs" / "sweep-adazeta-pareto.yaml")
+    assert [o.metric for o in pareto.objectives] == ["dev", "energy_j"] and pareto.searcher.kind == "nsga2"
+    bench, job, _ = load_sweep(ROOT / "jobs" / "sweep-bench-priors.yaml", ["overrides.data.task=stsb"])
+    assert job.data.task == "stsb" and bench.max_concurrent == 2 and job.scaling.num_workers == 1
+
+
+def test_a_trial_asha_stopped_is_recorded_from_its_last_report_and_pruned():
+    from rayeff.tune.searcher import outcome
+    from rayeff.tune.spec import SweepSpec
+    from rayeff.tune.trial import trial_record
+
+    sweep = SweepSpec(base_job="j", search_space="s", num_trials=2, energy={"trial_budget_j": 100.0})
+    flat = {"objective_0": 0.6, "progress/step": 4, "progress/energy_joules": 30.0,   # as Tune hands it over
+            "progress/energy_source": "estimate", "progress/eval/accuracy": 0.6, "training_iteration": 2}
+    record = trial_record("t1", {"training.lr": 1e-3}, flat, sweep)
+    assert record["status"] == "stopped: asha" and record["objectives"] == [0.6] and record["time"] == {"steps": 4}
+    assert record["constraints"] == {"unfinished": 1.0, "energy_over_budget_j": -70.0} and not record["feasible"]
+    assert outcome(record) == (optuna.trial.TrialState.PRUNED, None)
+    final = {"objective_0": 0.7, "final": True, "summary/status": "finished", "summary/metrics/accuracy": 0.7,
+             "summary/energy/joules": 120.0, "summary/energy/source": "estimate"}
+    over = trial_record("t2", {}, final, sweep)
+    assert over["constraints"] == {"unfinished": 0.0, "energy_over_budget_j": 20.0} and not over["feasible"]
+    assert outcome(over) == (optuna.trial.TrialState.COMPLETE, 0.7)
+    crashed = trial_record("t3", {}, {"final": True, "summary/status": "error: RuntimeError: boom"}, sweep)
+    assert outcome(crashed) == (optuna.trial.TrialState.FAIL, None) and not crashed["feasible"]

@@ -126,7 +126,9 @@ def check_resources(job: JobSpec) -> None:
                             f"{total.get(name, 0):g}; lower scaling.num_workers or {name.lower()}s_per_worker")
 
 
-def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None):
+def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None, callbacks: list | None = None,
+                 sweep_limits=None, trial_key: str | None = None):
+    """The run's `TorchTrainer`. A sweep's trial adds Tune's report callback and the sweep's limits actor."""
     from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -137,13 +139,13 @@ def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job.model_dump(), "model_source": asdict(source),
-                           "progress_queue": progress_queue},
+                           "progress_queue": progress_queue, "sweep_limits": sweep_limits, "trial_key": trial_key},
         scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=TRAIN_DIR, storage_path=str(Path(job.output_dir).resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             logging_config=LoggingConfig(log_level="WARNING")),
+                             logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks),
     )
 
 

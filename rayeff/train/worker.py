@@ -110,6 +110,8 @@ class Worker:
 
         self.job = JobSpec.model_validate(config["job"])
         self.progress_queue = config.get("progress_queue")
+        # In a sweep: the sweep's limits actor (energy budget, time limit) and this trial's key in it.
+        self.sweep_limits, self.trial_key = config.get("sweep_limits"), config.get("trial_key")
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -252,7 +254,8 @@ class Worker:
         return {"step": self.state.step, "total_steps": self.total_steps, "epoch": self.state.epoch,
                 "loss": float(np.mean(window)) if window else None,
                 "samples_per_second": self.state.samples / max(self.state.train_seconds, 1e-9),
-                "energy_joules": energy["joules"], "eval": self.state.last_eval, **self.extra_progress()}
+                "energy_joules": energy["joules"], "energy_source": energy["source"], "eval": self.state.last_eval,
+                **self.extra_progress()}
 
     def publish(self, progress: dict) -> None:
         if self.rank == 0 and self.progress_queue is not None:
@@ -303,6 +306,8 @@ class Worker:
                     self.publish(self.progress(energy))
                     if self.job.energy.budget_j is not None and energy["joules"] >= self.job.energy.budget_j:
                         status = "stopped: energy budget"
+                    elif (reason := self.sweep_stop_reason(energy)) is not None:
+                        status = f"stopped: {reason}"
                 if t.eval_every and s.step % t.eval_every == 0 and not last:
                     s.last_eval = self.evaluate()
                 if self._checkpoint_due() and not last and status == "finished":
@@ -317,6 +322,16 @@ class Worker:
         # A diverged run holds the weights from before its bad step: its final checkpoint is new, the earlier kept.
         name = f"step_{s.step:08d}" + ("-diverged" if status == "diverged" else "")
         self.checkpoint_and_report(self.summary(metrics, energy, status), name, energy)
+
+    def sweep_stop_reason(self, energy: dict) -> str | None:
+        """Rank 0 tells the sweep's limits actor this trial's energy so far and hears back whether the sweep must
+        stop (`sweep energy budget`, `time limit`); every rank gets rank 0's answer, so all stop together."""
+        if self.sweep_limits is None:
+            return None
+        import ray
+
+        answer = ray.get(self.sweep_limits.update.remote(self.trial_key, energy["joules"])) if self.rank == 0 else None
+        return all_gather(answer)[0]
 
     def _checkpoint_due(self) -> bool:
         every = self.job.training.checkpoint_every

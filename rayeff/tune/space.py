@@ -40,8 +40,9 @@ class ParamSpec(Spec):
             return self
         if self.low is None or self.high is None:
             raise ValueError(f"{self.type} needs `low` and `high`")
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if self.low >= self.high:
+            raise ValueError(f"the range is empty: low ({self.low}) must be below high ({self.high}); to fix a "
+                             "value, set it in the sweep's overrides instead")
         if self.log and self.low <= 0:
             raise ValueError("log scale needs low > 0")
         if self.log and self.step is not None:

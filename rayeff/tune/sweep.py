@@ -1,201 +1,196 @@
-"""`rayeff tune SWEEP.yaml`: a hyper-parameter sweep of one job over a search space, with Ray Tune and Optuna.
+"""`rayeff tune SWEEP.yaml [--resume]`: a hyper-parameter sweep of one job over a search space, with Ray Tune and
+Optuna (the sweep file's fields: `rayeff/tune/spec.py`).
 
-    base_job: jobs/sst2-read.yaml            # the job every trial runs, with the tuned fields changed
-    search_space: search_spaces/read.yaml
-    overrides: {training.max_steps: 60}      # job fields fixed for the whole sweep
-    objective: {metric: dev, mode: max}      # dev: the task's primary dev metric
-    searcher: {kind: tpe, seed: 0}
-    num_trials: 6
-    max_concurrent: 1
-    energy: {trial_budget_j: 2000}
-    output_dir: runs/sweep-read
+Each trial is a Tune function that runs its job through a Ray Train `TorchTrainer` (`tune/trial.py`); trial
+functions ask for a tenth of a CPU, so they never hold the CPUs their training workers need. Optuna (TPE, NSGA-II
+or CMA-ES) suggests the parameters; its study lives in `optuna.db` (SQLite, which optuna-dashboard opens) and holds
+every trial's record, so the study is the one account of what ran (`tune/searcher.py`). Energy and time limits are
+kept by one actor that trials consult as they run (`tune/limits.py`).
 
-Each trial is a Tune function that runs its job through a Ray Train `TorchTrainer` (Ray 2.60's pattern, not
-`Tuner(trainer)`); the trial function itself asks for a tenth of a CPU so that trial drivers never hold the CPUs
-their training workers need. Optuna's TPE suggests the parameters; its study lives in `optuna.db` (SQLite, which
-optuna-dashboard opens). A trial whose energy passes `trial_budget_j` is stopped by the run itself (status
-`stopped: energy budget`, recorded with the energy it used) and counts as infeasible.
+Output folder: `optuna.db`, `sweep_spec.json` (the sweep as started, with its space and priors), `trials/<id>/`
+(each trial's run), `sweep.json`, `best_job.yaml` (the best feasible trial's job, ready for `rayeff run`), and for a
+multi-objective sweep `pareto.json` and `pareto.png`.
 
-Writes `sweep.json` (every trial: parameters, metrics, energy with its source, memory, time, status, feasibility)
-and `best_job.yaml`, the best feasible trial's job, ready for `rayeff run`.
+Resume: a killed driver leaves the study with its finished trials recorded. `--resume` re-opens it, re-queues the
+trials that were running (their parameters, evaluated again from the start) and runs only what is missing.
 """
 
 from __future__ import annotations
 
-import copy
-import math
+import json
 from pathlib import Path
-from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
 
-from rayeff.config import JobSpec, Spec, describe_errors, load_job, read_yaml_mapping, set_field, validate_job
-from rayeff.data.metrics import primary_metric
 from rayeff.errors import UserError
-from rayeff.tune.space import SearchSpace, load_search_space, optuna_distributions
+from rayeff.tune.spec import ENERGY_METRIC, SweepSpec, load_sweep, metric_name
 
 DRIVER_CPUS = 0.1
-STUDY_NAME = "rayeff"
+STUDY_FILE = "optuna.db"
+STARTED_FILE = "sweep_spec.json"
+# Fields a resumed sweep may change: how many trials, how many at once, its limits.
+RESUMABLE_CHANGES = {"num_trials", "max_concurrent", "time_limit_s", "energy"}
 
 
-class ObjectiveSpec(Spec):
-    metric: str = Field("dev", description="dev (the task's primary dev metric), another dev metric, or energy_j")
-    mode: Literal["max", "min"] = "max"
-
-
-class SearcherSpec(Spec):
-    kind: Literal["tpe"] = "tpe"
-    seed: int = 0
-
-
-class SweepEnergySpec(Spec):
-    trial_budget_j: float | None = Field(None, gt=0, description="stop a trial past this; it counts as infeasible")
-
-
-class SweepSpec(Spec):
-    base_job: str
-    search_space: str
-    overrides: dict[str, Any] = Field(default_factory=dict, description="job fields fixed for every trial")
-    objective: ObjectiveSpec = ObjectiveSpec()
-    searcher: SearcherSpec = SearcherSpec()
-    num_trials: int = Field(gt=0)
-    max_concurrent: int = Field(1, gt=0)
-    energy: SweepEnergySpec = SweepEnergySpec()
-    output_dir: str = "runs/sweep"
-
-
-def load_sweep(path: str | Path, overrides: list[str] = (), data_dir: str | None = None
-               ) -> tuple[SweepSpec, JobSpec, SearchSpace]:
-    """The sweep, its base job (with the sweep's overrides) and its search space, each checked; paths in the sweep
-    file are relative to the working directory. `--set overrides.training.lr=...` sets one job override."""
-    from rayeff.config import parse_overrides
-
-    raw = read_yaml_mapping(path, "sweep", "base_job, search_space and num_trials")
-    for key, value in parse_overrides(list(overrides)):
-        if key.startswith("overrides."):   # the rest is one dotted job field
-            raw.setdefault("overrides", {})[key.removeprefix("overrides.")] = value
-        else:
-            set_field(raw, key, value)
-    if data_dir is not None:
-        raw.setdefault("overrides", {})["data.data_dir"] = data_dir
-    try:
-        sweep = SweepSpec.model_validate(raw)
-    except ValidationError as err:
-        raise UserError(f"{path}: {describe_errors(err)}") from None
-    job = load_job(sweep.base_job, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
-                                    for k, v in sweep.overrides.items()])
-    space = load_search_space(sweep.search_space)
-    if space.method != job.method.name:
-        raise UserError(f"{path}: search space {sweep.search_space} is for method {space.method} but base job "
-                        f"{sweep.base_job} uses {job.method.name}")
-    metric = sweep.objective.metric
-    if metric not in ("dev", "energy_j") and not _is_dev_metric(job, metric):
-        raise UserError(f"{path}: objective.metric {metric!r} is not a dev metric of {job.data.task}; use dev, "
-                        "energy_j or one of the task's metrics")
-    return sweep, job, space
-
-
-def _is_dev_metric(job: JobSpec, metric: str) -> bool:
-    from rayeff.data.glue import get_task
-
-    return metric in get_task(job.data.task).metrics
-
-
-def objective_value(sweep: SweepSpec, job: JobSpec, summary: dict) -> float:
-    metric = sweep.objective.metric
-    if metric == "energy_j":
-        return float(summary["energy"]["joules"])
-    name = primary_metric(job.data.task) if metric == "dev" else metric
-    return float(summary["metrics"][name])
-
-
-def run_trial(config: dict, base: dict, sweep: dict, sweep_dir: str) -> None:
-    """One trial (a Tune function): the base job with this trial's parameters, run by a TorchTrainer."""
-    from ray import tune
-
-    from rayeff.train.runner import finish, make_trainer, prepare
-
-    trial_id = tune.get_context().get_trial_id()
-    raw = copy.deepcopy(base)
-    for key, value in config.items():
-        set_field(raw, key, value)
-    raw["output_dir"], raw["resume"] = str(Path(sweep_dir) / "trials" / trial_id), False
-    spec = SweepSpec.model_validate(sweep)
-    if spec.energy.trial_budget_j is not None:
-        raw["energy"]["budget_j"] = spec.energy.trial_budget_j
-    job = validate_job(raw, f"trial {trial_id}")
-    source = prepare(job)
-    Path(job.output_dir).mkdir(parents=True, exist_ok=True)
-    summary = finish(job, make_trainer(job, source).fit())
-    feasible = summary["status"] == "finished"
-    tune.report({"objective": objective_value(spec, job, summary), "feasible": feasible,
-                 "status": summary["status"], "summary": summary})
-
-
-def trial_record(result) -> dict:
-    metrics = result.metrics or {}
-    summary = metrics.get("summary") or {}
-    params = {k: v for k, v in (result.config or {}).items()}
-    return {"trial_id": metrics.get("trial_id") or Path(result.path).name, "params": params,
-            "status": summary.get("status") or ("error" if result.error else "unknown"),
-            "error": str(result.error).splitlines()[0] if result.error else None,
-            "feasible": bool(metrics.get("feasible")), "objective": metrics.get("objective"),
-            "metrics": summary.get("metrics"), "energy": summary.get("energy"), "memory": summary.get("memory"),
-            "time": summary.get("time"), "output_dir": summary.get("output_dir")}
-
-
-def best_trial(trials: list[dict], sweep: SweepSpec) -> dict | None:
-    feasible = [t for t in trials if t["feasible"] and t["objective"] is not None and math.isfinite(t["objective"])]
-    if not feasible:
+def _started(output: Path, sweep: SweepSpec, resume: bool) -> dict | None:
+    """The sweep as first started, when resuming; checks the folder is free otherwise."""
+    has_study = (output / STUDY_FILE).exists()
+    if not resume:
+        if has_study:
+            raise UserError(f"output_dir: {output} already holds a sweep; pass --resume to continue it, or choose "
+                            "another output_dir")
         return None
-    pick = max if sweep.objective.mode == "max" else min
-    return pick(feasible, key=lambda t: t["objective"])
+    if not has_study or not (output / STARTED_FILE).exists():
+        raise UserError(f"output_dir: {output} holds no sweep to resume; run without --resume to start one")
+    started = json.loads((output / STARTED_FILE).read_text())
+    before, now = started["sweep"], sweep.model_dump(mode="json")
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and now[k] != before.get(k))
+    if changed:
+        raise UserError(f"{', '.join(changed)}: changed since the sweep in {output} started; resume with the "
+                        "original values or choose another output_dir")
+    return started
+
+
+def _descriptors(job) -> dict:
+    from rayeff.data.glue import check_data_dir
+    from rayeff.data.tokenized import load_train_and_dev
+    from rayeff.models import load_tokenizer, resolve_model
+    from rayeff.tune.priors import describe_setting
+
+    check_data_dir(job.data.task, job.data.data_dir)
+    source = resolve_model(job.model.name)
+    try:   # also fills the tokenised cache that every trial then reads
+        train, _ = load_train_and_dev(job.data, load_tokenizer(source), job.training.max_seq_length)
+    except ValueError as err:
+        raise UserError(f"data: {err}") from None
+    return describe_setting(job, len(train))
+
+
+def _requeue_interrupted(study) -> list[int]:
+    """Trials a killed driver left RUNNING. One whose record was written before the kill is told as recorded;
+    the others are failed and their parameters queued again, so they run from the start."""
+    import optuna
+
+    from rayeff.tune.searcher import RECORD_ATTR, outcome
+
+    requeued = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if RECORD_ATTR in t.user_attrs:
+            state, values = outcome(t.user_attrs[RECORD_ATTR])
+            study.tell(t.number, values, state=state)
+            continue
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k == "prior"})
+        requeued.append(t.number)
+    return requeued
 
 
 def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None = None,
-              address: str | None = None) -> dict:
+              address: str | None = None, resume: bool = False) -> dict:
     import optuna
-    from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+    import ray
 
-    from rayeff.train.runner import init_ray, write_json_atomic, write_text_atomic
+    from rayeff.train.runner import init_ray, write_json_atomic
+    from rayeff.tune.limits import SweepLimits
+    from rayeff.tune.priors import PriorStore, warm_start
+    from rayeff.tune.results import study_records
+    from rayeff.tune.space import SearchSpace
 
     sweep, job, space = load_sweep(sweep_file, overrides, data_dir)
     output = Path(sweep.output_dir).resolve()
-    if (output / "sweep.json").exists():
-        raise UserError(f"output_dir: {output} already holds a sweep; choose another output_dir")
-    output.mkdir(parents=True, exist_ok=True)
+    started = _started(output, sweep, resume)
     if job.data.data_dir is not None:
         job.data.data_dir = str(Path(job.data.data_dir).resolve())
-    base = job.model_dump(mode="json")
+    if started is None:
+        descriptors, first, priors = _descriptors(job), [], None
+        store = PriorStore(sweep.priors.store)
+        if sweep.priors.use == "auto":
+            if store.path.is_file():
+                space, first, priors = warm_start(store, descriptors, space, sweep.priors.max_sweeps,
+                                                  sweep.priors.top_trials, sweep.priors.narrow)
+            else:
+                priors = {"store": str(store.path), "sweeps": [], "enqueued": [], "note": "the store is empty"}
+        started = {"sweep": sweep.model_dump(mode="json"), "space": space.model_dump(mode="json"),
+                   "descriptors": descriptors, "priors": priors}
+        output.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output / STARTED_FILE, started)
+    else:
+        space, first = SearchSpace.model_validate(started["space"]), []
+
     per_trial = job.scaling.num_workers * job.scaling.cpus_per_worker + DRIVER_CPUS
     init_ray(address, sweep.max_concurrent * per_trial)
-    searcher = OptunaSearch(space=optuna_distributions(space), metric="objective", mode=sweep.objective.mode,
-                            sampler=optuna.samplers.TPESampler(seed=sweep.searcher.seed), study_name=STUDY_NAME,
-                            storage=optuna.storages.RDBStorage(f"sqlite:///{output / 'optuna.db'}"))
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, sweep=sweep.model_dump(mode="json"),
-                                                         sweep_dir=str(output)), {"CPU": DRIVER_CPUS})
-    tuner = tune.Tuner(trainable,
-                       tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, sweep.max_concurrent),
-                                                   num_samples=sweep.num_trials,
-                                                   max_concurrent_trials=sweep.max_concurrent),
-                       run_config=tune.RunConfig(name="tune", storage_path=str(output), verbose=0))
-    grid = tuner.fit()
-    trials = [trial_record(r) for r in grid]
+    storage_url = f"sqlite:///{output / STUDY_FILE}"
+    study = optuna.create_study(storage=storage_url, study_name="rayeff", load_if_exists=True,
+                                directions=["maximize" if o.mode == "max" else "minimize" for o in sweep.objectives])
+    for f in first:
+        study.enqueue_trial(f["params"], user_attrs={"prior": f["prior"]})
+    requeued = _requeue_interrupted(study) if resume else []
+    done = study_records(study)
+    earlier_j = [(r.get("energy") or {}).get("joules", 0.0) for r in done]
+    limits = ray.remote(num_cpus=0)(SweepLimits).remote(sweep.energy.sweep_budget_j, sweep.time_limit_s, earlier_j)
+    if sweep.num_trials > len(done):
+        _run_trials(sweep, job, space, output, storage_url, limits, len(done))
+    report = write_results(sweep, job, output, started, optuna.load_study(study_name="rayeff", storage=storage_url),
+                           ray.get(limits.why_stopped.remote()), requeued)
+    PriorStore(sweep.priors.store).add(str(output), started["descriptors"],
+                                       [o.model_dump() for o in sweep.objectives], started["space"], report["trials"])
+    return report
+
+
+def _run_trials(sweep: SweepSpec, job, space, output: Path, storage_url: str, limits, done: int) -> None:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from rayeff.tune.searcher import SweepSearch
+    from rayeff.tune.space import optuna_distributions
+    from rayeff.tune.trial import objective_keys, run_trial
+
+    searcher = SweepSearch(sweep, optuna_distributions(space), storage_url, limits, done)
+    scheduler = None
+    if sweep.scheduler is not None:
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=objective_keys(sweep)[0],
+                                  mode=sweep.objectives[0].mode, grace_period=sweep.scheduler.grace_period,
+                                  reduction_factor=sweep.scheduler.reduction_factor, max_t=10**6)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=job.model_dump(mode="json"), sweep=sweep.model_dump(mode="json"),
+                             sweep_dir=str(output), limits=limits), {"CPU": DRIVER_CPUS})
+    attempt = len(list(output.glob("tune-*")))   # one Tune experiment folder per invocation
+    tune.Tuner(trainable,
+               tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, sweep.max_concurrent),
+                                           scheduler=scheduler, num_samples=sweep.num_trials - done),
+               run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=str(output), verbose=0)).fit()
+
+
+def write_results(sweep: SweepSpec, job, output: Path, started: dict, study, stopped_by: str | None,
+                  requeued: list[int]) -> dict:
+    from rayeff.config import validate_job
+    from rayeff.train.runner import write_json_atomic, write_text_atomic
+    from rayeff.tune.results import best_trial, pareto_front, plot_pareto, study_records
+    from rayeff.tune.trial import job_with_params
+
+    trials = study_records(study)
     best = best_trial(trials, sweep)
-    report = {"sweep": sweep.model_dump(mode="json"), "objective": sweep.objective.model_dump(),
-              "trials": trials, "best": best,
-              "total_energy_j": sum((t["energy"] or {}).get("joules", 0.0) for t in trials),
-              "study": str(output / "optuna.db")}
+    total = sum((t.get("energy") or {}).get("joules", 0.0) for t in trials)
+    budget = sweep.energy.sweep_budget_j
+    report = {"sweep": sweep.model_dump(mode="json"), "search_space": started["space"],
+              "descriptors": started["descriptors"], "priors": started["priors"], "trials": trials, "best": best,
+              "energy": {"total_j": total, "sweep_budget_j": budget,
+                         "overshoot_j": max(total - budget, 0.0) if budget is not None else None,
+                         "stopped_by": stopped_by,
+                         "sources": sorted({(t.get("energy") or {}).get("source") for t in trials} - {None})},
+              "requeued_after_interruption": requeued, "study": str(output / STUDY_FILE),
+              "dashboard": f"optuna-dashboard sqlite:///{output / STUDY_FILE}"}
+    if len(sweep.objectives) > 1:
+        labels = [f"{ENERGY_METRIC if o.metric == ENERGY_METRIC else 'dev ' + metric_name(o, job)} ({o.mode})"
+                  for o in sweep.objectives]
+        front = pareto_front(trials, [o.mode for o in sweep.objectives])
+        report["pareto_front"] = [t["number"] for t in front]
+        write_json_atomic(output / "pareto.json", {"objectives": labels, "front": front})
+        plot_pareto(trials, front, labels, output / "pareto.png")
     if best is not None:
-        raw = copy.deepcopy(base)
-        for key, value in best["params"].items():
-            set_field(raw, key, value)
-        raw["output_dir"], raw["resume"] = str(output / "best"), False
-        write_text_atomic(output / "best_job.yaml", yaml.safe_dump(validate_job(raw).model_dump(mode="json"),
-                                                                  sort_keys=False))
+        best_job = validate_job(job_with_params(job.model_dump(mode="json"), best["params"], output / "best"))
+        write_text_atomic(output / "best_job.yaml", yaml.safe_dump(best_job.model_dump(mode="json"), sort_keys=False))
         report["best_job"] = str(output / "best_job.yaml")
     write_json_atomic(output / "sweep.json", report)
     return report
