@@ -114,6 +114,11 @@ class EnergySpec(Spec):
     watts_per_cpu: float = Field(10.0, gt=0, description="power per busy core used by the `estimate` meter")
 
 
+class FailureSpec(Spec):
+    max_failures: int = Field(0, ge=-1, description="times the worker group restarts from the last checkpoint when "
+                              "a worker dies (-1: no limit); Ray Train's FailureConfig")
+
+
 class JobSpec(Spec):
     model: ModelSpec = ModelSpec()
     data: DataSpec
@@ -122,6 +127,7 @@ class JobSpec(Spec):
     scaling: ScalingSpec = ScalingSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     energy: EnergySpec = EnergySpec()
+    failure: FailureSpec = FailureSpec()
     output_dir: str = Field("runs/job", description="where result.json, checkpoints and final weights go")
     resume: bool = Field(False, description="continue from the checkpoint in output_dir")
 

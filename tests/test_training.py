@@ -87,3 +87,34 @@ def test_energy_budget_stops_the_run_with_a_resumable_checkpoint(tmp_path, glue_
     assert 2 <= result["time"]["steps"] < 200 and result["time"]["steps"] % 2 == 0
     assert result["energy"]["joules"] >= 0.5
     assert any((tmp_path / "budget" / "train").glob("step_*"))
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_with_the_same_weights(tmp_path, glue_dir,
+                                                                                         local_ray):
+    import threading
+    import time
+
+    import psutil
+
+    sections = dict(training={"max_steps": 400, "log_every": 20, "checkpoint_every": 40},
+                    model={"dropout": 0.1}, failure={"max_failures": 1})   # dropout: the RNG must be restored too
+    clean = run_job(tiny_job(tmp_path, glue_dir, "clean", **sections), show_progress=False)
+    outcome = {}
+    run = threading.Thread(target=lambda: outcome.update(
+        result=run_job(tiny_job(tmp_path, glue_dir, "killed", **sections), show_progress=False)))
+    run.start()
+    train_dir, killed = tmp_path / "killed" / "train", None
+    deadline = time.monotonic() + 120
+    while killed is None and time.monotonic() < deadline and run.is_alive():
+        if any(train_dir.glob("step_*")):   # a checkpoint exists: kill the worker mid-run
+            for proc in psutil.process_iter(["cmdline"]):
+                if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+                    proc.kill()
+                    killed = proc.pid
+        time.sleep(0.02)
+    assert killed is not None and not (tmp_path / "killed" / "result.json").exists()
+    run.join(timeout=300)
+    result = outcome["result"]
+    assert result["status"] == "finished" and result["time"]["steps"] == 400
+    weights = [(tmp_path / name / "final" / "trainable.safetensors").read_bytes() for name in ("clean", "killed")]
+    assert weights[0] == weights[1] and clean["metrics"] == result["metrics"]

@@ -129,7 +129,7 @@ def check_resources(job: JobSpec) -> None:
 def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None, callbacks: list | None = None,
                  sweep_limits=None, trial_key: str | None = None):
     """The run's `TorchTrainer`. A sweep's trial adds Tune's report callback and the sweep's limits actor."""
-    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = job.scaling.gpus_per_worker > 0
@@ -145,6 +145,7 @@ def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None, callbac
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=TRAIN_DIR, storage_path=str(Path(job.output_dir).resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=job.failure.max_failures),
                              logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks),
     )
 
