@@ -182,7 +182,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.address:
+    if not getattr(args, "address", None):
         from rayeff.train.runner import keep_local_ray_on_loopback
 
         keep_local_ray_on_loopback()

@@ -102,3 +102,21 @@ def test_the_benchmark_refuses_a_target_that_is_also_a_source(tmp_path):
     with pytest.raises(UserError, match=r"--targets: \['sst2'\] are also sources"):
         bench_priors("jobs/sweep-bench-priors.yaml", ["sst2"], ["sst2", "stsb"], [0, 1, 2], str(tmp_path / "o.json"))
     assert not (tmp_path / "o").exists()
+
+
+def test_priors_list_and_show_through_the_cli(tmp_path, capsys):
+    import json
+
+    from rayeff.cli import main
+
+    store = tmp_path / "priors.db"
+    PriorStore(store).add("runs/sweep-a", setting(), [{"metric": "dev", "mode": "max"}], {}, trials((1e-3, 0.81)))
+    assert main(["priors", "list", "--store", str(store)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("1  ") and "read" in line and "sst2" in line and "best dev 0.81" in line
+    assert main(["priors", "show", "1", "--store", str(store)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["name"] == "runs/sweep-a" and shown["trials"][0]["params"]["training.lr"] == 1e-3
+    assert main(["priors", "show", "2", "--store", str(store)]) == 2
+    assert "no sweep 2" in capsys.readouterr().err
+    assert main(["priors", "list", "--store", str(tmp_path / "none.db")]) == 2

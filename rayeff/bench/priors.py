@@ -4,12 +4,15 @@ without, on tasks the priors were not built from.
     rayeff bench priors --sweep jobs/sweep-bench-priors.yaml --sources sst2 --targets stsb --seeds 0,1,2 \
         --output priors.json --data-dir ../shared/data/glue
 
-1. One sweep per source task (no priors) fills a fresh prior store.
+1. One sweep per source task (no priors) fills a fresh prior store. Source sweeps use sampler seeds that no target
+   run uses (SOURCE_SEED + i): with the same seed and space, TPE's random start-up would otherwise draw the source's
+   very configurations in the runs without priors.
 2. Per target task and sampler seed, the same sweep runs twice, with `priors: auto` and without, each on its own
    copy of the source-only store (so target sweeps never become priors of each other).
 3. The target is `target_fraction` of the best dev metric seen across all runs on that task; a run's count is the
    number of the first trial that reaches it (a run that never does counts as num_trials + 1, and says so).
-   The ratio is the median count with priors over the median without.
+   The ratio is the median count with priors over the median without. The same runs are also scored at the
+   lower fractions in EXTRA_FRACTIONS, since one lucky trial can put 99% of the best out of reach of every run.
 """
 
 from __future__ import annotations
@@ -23,12 +26,23 @@ from rayeff.train.runner import write_json_atomic
 from rayeff.tune.spec import load_sweep
 from rayeff.tune.sweep import run_sweep
 
+SOURCE_SEED = 1000
+EXTRA_FRACTIONS = (0.95, 0.9)
+
 
 def trials_to_target(objectives: list[float | None], target: float) -> int | None:
     for i, value in enumerate(objectives, start=1):
         if value is not None and value >= target:
             return i
     return None
+
+
+def medians(runs: list[dict], counts: list[int | None]) -> dict:
+    """Median trials to the target with and without priors (a run that never reached it: num_trials + 1)."""
+    censored = {use: [c or r["num_trials"] + 1 for r, c in zip(runs, counts) if r["priors"] == use]
+                for use in ("auto", "none")}
+    with_priors, without = statistics.median(censored["auto"]), statistics.median(censored["none"])
+    return {"median_with_priors": with_priors, "median_without_priors": without, "ratio": with_priors / without}
 
 
 def bench_priors(sweep_file: str, sources: list[str], targets: list[str], seeds: list[int], output: str,
@@ -50,11 +64,11 @@ def bench_priors(sweep_file: str, sources: list[str], targets: list[str], seeds:
         return run_sweep(sweep_file, [f"overrides.data.task={task}", f"output_dir={runs / name}", *settings],
                          data_dir=data_dir, address=address)
 
-    for task in sources:
-        sweep(task, f"source-{task}", "priors.use=none", f"priors.store={store}")
+    for i, task in enumerate(sources):
+        sweep(task, f"source-{task}", "priors.use=none", f"priors.store={store}", f"searcher.seed={SOURCE_SEED + i}")
     report = {"sweep": sweep_file, "sources": sources, "targets": targets, "seeds": seeds,
               "target_fraction": target_fraction, "tasks": {}}
-    with_all, without_all = [], []
+    measured = []
     for task in targets:
         task_runs = []
         for seed in seeds:
@@ -69,20 +83,16 @@ def bench_priors(sweep_file: str, sources: list[str], targets: list[str], seeds:
                                   "from_priors": [t["prior"] is not None for t in result["trials"]],
                                   "priors_used": (result["priors"] or {}).get("sweeps")})
         best = max(v for r in task_runs for v in r["objectives"] if v is not None)
-        target = target_fraction * best
-        counts = {"auto": [], "none": []}
         for r in task_runs:
-            r["trials_to_target"] = trials_to_target(r["objectives"], target)
-            counts[r["priors"]].append(r["trials_to_target"] or r["num_trials"] + 1)
-        report["tasks"][task] = {"best": best, "target": target, "runs": task_runs,
-                                 "median_with_priors": statistics.median(counts["auto"]),
-                                 "median_without_priors": statistics.median(counts["none"]),
-                                 "ratio": statistics.median(counts["auto"]) / statistics.median(counts["none"])}
-        with_all += counts["auto"]
-        without_all += counts["none"]
-    report["median_with_priors"] = statistics.median(with_all)
-    report["median_without_priors"] = statistics.median(without_all)
-    report["ratio"] = report["median_with_priors"] / report["median_without_priors"]
+            r["trials_to_target"] = trials_to_target(r["objectives"], target_fraction * best)
+        others = {str(f): {"target": f * best, **medians(task_runs, [trials_to_target(r["objectives"], f * best)
+                                                                     for r in task_runs])}
+                  for f in EXTRA_FRACTIONS}
+        report["tasks"][task] = {"best": best, "target": target_fraction * best, "runs": task_runs,
+                                 **medians(task_runs, [r["trials_to_target"] for r in task_runs]),
+                                 "at_other_fractions": others}
+        measured += task_runs
+    report.update(medians(measured, [r["trials_to_target"] for r in measured]))
     report["note"] = "a run that never reached the target counts as num_trials + 1"
     write_json_atomic(Path(output), report)
     return report

@@ -148,7 +148,7 @@ def _run_trials(sweep: SweepSpec, job, space, output: Path, storage_url: str, li
 
     searcher = SweepSearch(sweep, optuna_distributions(space), storage_url, limits, done)
     scheduler = None
-    if sweep.scheduler is not None:
+    if sweep.scheduler is not None:   # rungs count reports; a trial that runs out of steps simply ends (no max_t)
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=objective_keys(sweep)[0],
                                   mode=sweep.objectives[0].mode, grace_period=sweep.scheduler.grace_period,
                                   reduction_factor=sweep.scheduler.reduction_factor, max_t=10**6)
@@ -182,7 +182,7 @@ def write_results(sweep: SweepSpec, job, output: Path, started: dict, study, sto
               "requeued_after_interruption": requeued, "study": str(output / STUDY_FILE),
               "dashboard": f"optuna-dashboard sqlite:///{output / STUDY_FILE}"}
     if len(sweep.objectives) > 1:
-        labels = [f"{ENERGY_METRIC if o.metric == ENERGY_METRIC else 'dev ' + metric_name(o, job)} ({o.mode})"
+        labels = [f"{'energy (J)' if o.metric == ENERGY_METRIC else 'dev ' + metric_name(o, job)}, {o.mode}"
                   for o in sweep.objectives]
         front = pareto_front(trials, [o.mode for o in sweep.objectives])
         report["pareto_front"] = [t["number"] for t in front]
