@@ -196,13 +196,16 @@ def test_bad_sweep_files_are_one_line_errors(tmp_path, glue_dir, changes, messag
         load_sweep(path)
 
 
-@pytest.mark.parametrize("space, message", [
-    ("  method.rank: {type: int, low: 2, high: 8}\n", "params.method.rank = 2 does not make a valid read job"),
-    ("  training.lr: {type: float, low: 1.0e-3, high: 1.0e-3}\n", "the range is empty"),
+@pytest.mark.parametrize("space, changes, message", [
+    ("  method.rank: {type: int, low: 2, high: 8}\n", {}, "params.method.rank = 2 does not make a valid read job"),
+    ("  training.lr: {type: float, low: 1.0e-3, high: 1.0e-3}\n", {}, "the range is empty"),
+    (None, {"searcher": {"kind": "hyperband"}}, "searcher.kind: Input should be 'tpe', 'nsga2' or 'cmaes'"),
+    (None, {"energy": {"trial_budget_j": -1}}, "energy.trial_budget_j: Input should be greater than 0"),
 ])
-def test_bad_input_exits_2_and_alters_no_study_or_store(tmp_path, glue_dir, capsys, space, message):
-    path = write_sweep(tmp_path, glue_dir, priors="auto")
-    (tmp_path / "space.yaml").write_text("method: read\nparams:\n" + space)
+def test_bad_input_exits_2_and_alters_no_study_or_store(tmp_path, glue_dir, capsys, space, changes, message):
+    path = write_sweep(tmp_path, glue_dir, priors="auto", **changes)
+    if space:
+        (tmp_path / "space.yaml").write_text("method: read\nparams:\n" + space)
     store = PriorStore(tmp_path / "priors.db")
     store.add("earlier", {"method": "read", "task": "sst2"}, [{"metric": "dev", "mode": "max"}], {}, [])
     before = (tmp_path / "priors.db").read_bytes()
@@ -240,3 +243,13 @@ def test_a_trial_asha_stopped_is_recorded_from_its_last_report_and_pruned():
     assert outcome(over) == (optuna.trial.TrialState.COMPLETE, 0.7)
     crashed = trial_record("t3", {}, {"final": True, "summary/status": "error: RuntimeError: boom"}, sweep)
     assert outcome(crashed) == (optuna.trial.TrialState.FAIL, None) and not crashed["feasible"]
+
+
+def test_a_used_output_folder_needs_resume_and_resume_needs_a_sweep(tmp_path, glue_dir, capsys):
+    path = write_sweep(tmp_path, glue_dir)
+    assert main(["tune", str(path), "--resume"]) == 2
+    assert "holds no sweep to resume; run without --resume" in capsys.readouterr().err
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "optuna.db").write_bytes(b"")
+    assert main(["tune", str(path)]) == 2
+    assert "already holds a sweep; pass --resume to continue it" in capsys.readouterr().err
