@@ -69,4 +69,5 @@ def test_the_kuberay_manifest_has_what_the_operator_requires():
 
 def test_the_dockerfile_installs_this_repository_on_the_matching_ray_image():
     text = (CLUSTERS / "Dockerfile").read_text()
-    assert f"FROM rayproject/ray:{ray.__version__}-" in text and "pip install --no-cache-dir -e /home/ray/rayeff" in text
+    assert f"FROM rayproject/ray:{ray.__version__}-" in text
+    assert "pip install --no-cache-dir -e /home/ray/rayeff" in text
