@@ -4,6 +4,7 @@ sweep killed and resumed), the sweep limits and Pareto front by hand, and bad sw
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -253,3 +254,22 @@ def test_a_used_output_folder_needs_resume_and_resume_needs_a_sweep(tmp_path, gl
     (tmp_path / "sweep" / "optuna.db").write_bytes(b"")
     assert main(["tune", str(path)]) == 2
     assert "already holds a sweep; pass --resume to continue it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, sampler", [("tpe", "TPESampler"), ("nsga2", "NSGAIISampler"),
+                                           ("cmaes", "CmaEsSampler")])
+def test_each_searcher_kind_samples_the_space(kind, sampler):
+    from rayeff.tune.searcher import make_sampler
+    from rayeff.tune.space import load_search_space, optuna_distributions
+    from rayeff.tune.spec import SearcherSpec
+
+    space = optuna_distributions(load_search_space(ROOT / "search_spaces" / "adazeta.yaml"))
+    study = optuna.create_study(sampler=make_sampler(SearcherSpec(kind=kind, seed=0)), direction="maximize")
+    assert type(study.sampler).__name__ == sampler
+    for i in range(12):   # past every sampler's start-up, so the model-based path runs too
+        trial = study.ask(fixed_distributions=space)
+        trial.set_constraint("energy_over_budget_j", 1.0 if i % 3 == 0 else -1.0)
+        study.tell(trial, -abs(math.log10(trial.params["training.lr"]) + 3))
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 12
+    assert all(set(t.params) == set(space) for t in study.trials)
+    assert study.trials[0].constraints == {"energy_over_budget_j": 1.0}

@@ -3,8 +3,9 @@
 At each trial's completion the searcher stores the trial's record (params, status, metrics, energy, memory, time)
 as an Optuna user attribute and marks its budgets as Optuna constraints (`trial.set_constraint`, feasible when every
 value is <= 0), which TPE and NSGA-II honour; Ray's own `on_trial_complete` drops constraints, so this one tells the
-study itself. The study (SQLite) is thereby the sweep's single record: `sweep.json` is written from it, and a
-resumed sweep reads it to know what is done.
+study itself. CMA-ES ignores constraints, so for it an infeasible trial is told as failed instead. The study
+(SQLite) is thereby the sweep's single record: `sweep.json` is written from it, and a resumed sweep reads it to know
+what is done.
 
 Before a trial starts, the sweep's limits actor is asked whether the sweep may start another (energy, time).
 """
@@ -57,6 +58,7 @@ class SweepSearch(OptunaSearch):
                          study_name=STUDY_NAME, storage=optuna.storages.RDBStorage(storage_url))
         self._sweep_dump = sweep.model_dump(mode="json")
         self._limits = limits
+        self._ignores_constraints = sweep.searcher.kind == "cmaes"   # Optuna's CmaEsSampler does not read them
 
     def suggest(self, trial_id: str):
         if self._limits is not None and trial_id not in self._ot_trials:
@@ -74,6 +76,8 @@ class SweepSearch(OptunaSearch):
         for key, value in record["constraints"].items():
             ot_trial.set_constraint(key, value)
         state, values = outcome(record, error)
+        if self._ignores_constraints and not record["feasible"] and state == optuna.trial.TrialState.COMPLETE:
+            state, values = optuna.trial.TrialState.FAIL, None   # keep an over-budget trial out of CMA-ES's model
         self._ot_study.tell(ot_trial, values, state=state)
         self._completed_trials.add(trial_id)
         if self._limits is not None:
