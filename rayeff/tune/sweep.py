@@ -94,6 +94,7 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
     from rayeff.tune.limits import SweepLimits
     from rayeff.tune.priors import PriorStore, warm_start
     from rayeff.tune.results import study_records
+    from rayeff.tune.searcher import STUDY_NAME
     from rayeff.tune.space import SearchSpace
 
     sweep, job, space = load_sweep(sweep_file, overrides, data_dir)
@@ -120,7 +121,7 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
     per_trial = job.scaling.num_workers * job.scaling.cpus_per_worker + DRIVER_CPUS
     init_ray(address, sweep.max_concurrent * per_trial)
     storage_url = f"sqlite:///{output / STUDY_FILE}"
-    study = optuna.create_study(storage=storage_url, study_name="rayeff", load_if_exists=True,
+    study = optuna.create_study(storage=storage_url, study_name=STUDY_NAME, load_if_exists=True,
                                 directions=["maximize" if o.mode == "max" else "minimize" for o in sweep.objectives])
     for f in first:
         study.enqueue_trial(f["params"], user_attrs={"prior": f["prior"]})
@@ -130,7 +131,7 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
     limits = ray.remote(num_cpus=0)(SweepLimits).remote(sweep.energy.sweep_budget_j, sweep.time_limit_s, earlier_j)
     if sweep.num_trials > len(done):
         _run_trials(sweep, job, space, output, storage_url, limits, len(done))
-    report = write_results(sweep, job, output, started, optuna.load_study(study_name="rayeff", storage=storage_url),
+    report = write_results(sweep, job, output, started, optuna.load_study(study_name=STUDY_NAME, storage=storage_url),
                            ray.get(limits.why_stopped.remote()), requeued)
     PriorStore(sweep.priors.store).add(str(output), started["descriptors"],
                                        [o.model_dump() for o in sweep.objectives], started["space"], report["trials"])
