@@ -13,6 +13,7 @@ and the field, before any trial runs. `optuna_distributions` gives the space to 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,11 +65,13 @@ class SearchSpace(Spec):
     params: dict[str, ParamSpec] = Field(min_length=1)
 
 
-def check_fields(space: SearchSpace, source: str) -> None:
-    """Every tuned field, at each end of its range (or each choice), must give a valid job of `space.method`."""
+def check_fields(space: SearchSpace, source: str, base: dict | None = None) -> None:
+    """Every tuned field, at each end of its range (or each choice), must give a valid job of `space.method`:
+    a minimal one, or `base` (a job dump) when given, since a valid space can still clash with a valid job
+    (AdaZeta's beta with a job that sets q_target)."""
     for key, param in space.params.items():
         for value in param.corner_values():
-            raw: dict = {"data": {"task": "sst2"}, "method": {"name": space.method}}
+            raw: dict = copy.deepcopy(base) if base else {"data": {"task": "sst2"}, "method": {"name": space.method}}
             set_field(raw, key, value)
             try:
                 validate_job(raw, source)
