@@ -17,10 +17,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, parse_overrides, set_field, validate_job
 from rayeff.data.metrics import primary_metric
 from rayeff.errors import UserError
-from rayeff.train.runner import run_job, write_json_atomic
+from rayeff.train.runner import run_job
 
 RATIO_FIGURES = {
     "tensor_account_bytes": lambda r: r["memory"]["tensor_account_bytes"],

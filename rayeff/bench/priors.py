@@ -21,8 +21,8 @@ import shutil
 import statistics
 from pathlib import Path
 
+from rayeff.cluster.storage import write_json_atomic
 from rayeff.errors import UserError
-from rayeff.train.runner import write_json_atomic
 from rayeff.tune.spec import load_sweep
 from rayeff.tune.sweep import run_sweep
 

@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, validate_job
 from rayeff.data.glue import get_task
 from rayeff.data.metrics import primary_metric
@@ -32,7 +33,7 @@ from rayeff.errors import UserError
 from rayeff.measure.memory import SavedActivationCounter
 from rayeff.methods import get_method, method_config_from_dict
 from rayeff.models import build_classifier, load_tokenizer, resolve_model
-from rayeff.train.runner import run_job, write_json_atomic
+from rayeff.train.runner import run_job
 
 
 def variant(job: JobSpec, runs: Path, name: str, method: dict | None = None, **sections) -> JobSpec:

@@ -3,9 +3,10 @@
 
     rayeff run jobs/sst2-read.yaml --data-dir ../shared/data/glue
 
-Output folder: `job.yaml` (the job as run), `train/` (Ray Train's storage: checkpoints), `result.json`,
-`final/trainable.safetensors` (the trained parameters). Everything the user can get wrong is checked before the
-folder is created, so bad input leaves nothing behind.
+Output folder (a local or shared path, or an s3:// / gs:// URI: rayeff/cluster/storage.py): `job.yaml` (the job as
+run), `train/` (Ray Train's storage: checkpoints), `result.json`, `final/trainable.safetensors` (the trained
+parameters). Everything the user can get wrong is checked before the folder is created, so bad input leaves nothing
+behind.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 import threading
 from dataclasses import asdict
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from rayeff.cluster.storage import Storage, check_shared
 from rayeff.config import JobSpec
 from rayeff.data.glue import check_data_dir, get_task
 from rayeff.errors import UserError
@@ -32,27 +33,16 @@ TRAIN_DIR = "train"
 RESULT_FILE = "result.json"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def has_checkpoint(output: Storage) -> bool:
+    return any(name.startswith("step_") for name in output.names(TRAIN_DIR))
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=float))
-
-
-def has_checkpoint(output: Path) -> bool:
-    return any((output / TRAIN_DIR).glob("step_*"))
-
-
-def check_output_dir(output: Path, resume: bool) -> None:
+def check_output_dir(output: Storage, resume: bool) -> None:
     if resume:
         return
-    if has_checkpoint(output) or (output / RESULT_FILE).exists():
-        raise UserError(f"output_dir: {output} already holds a run; pass --resume to continue it, or choose another "
-                        "--output")
+    if has_checkpoint(output) or output.exists(RESULT_FILE):
+        raise UserError(f"output_dir: {output.location} already holds a run; pass --resume to continue it, or "
+                        "choose another --output")
 
 
 def prepare(job: JobSpec) -> ModelSource:
@@ -63,7 +53,7 @@ def prepare(job: JobSpec) -> ModelSource:
     check_data_dir(job.data.task, job.data.data_dir)
     source = resolve_model(job.model.name)
     get_method(job.method.name)
-    check_output_dir(Path(job.output_dir), job.resume)
+    check_output_dir(Storage(job.output_dir), job.resume)
     try:
         load_train_and_dev(job.data, load_tokenizer(source), job.training.max_seq_length)
     except ValueError as err:
@@ -98,6 +88,7 @@ def keep_local_ray_on_loopback() -> None:
 def init_ray(address: str | None, cpus_needed: float) -> None:
     """Join the cluster at `address`, or start a local Ray with at least `cpus_needed` logical CPUs."""
     import ray
+    from ray.exceptions import AuthenticationError
 
     if ray.is_initialized():
         return
@@ -110,8 +101,14 @@ def init_ray(address: str | None, cpus_needed: float) -> None:
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), logging_level="WARNING",
                  dashboard_host="127.0.0.1")
     except ConnectionError as err:
-        raise UserError(f"--address {address}: cannot reach a Ray cluster there ({err}); start one with "
+        token = "" if os.environ.get("RAY_AUTH_MODE") == "token" else \
+            "; if the cluster uses token authentication, set RAY_AUTH_MODE=token"
+        raise UserError(f"--address {address}: cannot reach a Ray cluster there ({err}){token}; start one with "
                         "`ray start --head` or leave --address out to run on a local Ray") from None
+    except AuthenticationError:
+        raise UserError(f"--address {address}: the cluster refused the connection for its authentication token "
+                        "(missing or wrong); give the head's token (`ray get-auth-token` on the head prints it) in "
+                        "~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH") from None
 
 
 def check_resources(job: JobSpec) -> None:
@@ -127,8 +124,9 @@ def check_resources(job: JobSpec) -> None:
 
 
 def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None, callbacks: list | None = None,
-                 sweep_limits=None, trial_key: str | None = None):
-    """The run's `TorchTrainer`. A sweep's trial adds Tune's report callback and the sweep's limits actor."""
+                 sweep_limits=None, trial_key: str | None = None, run_name: str | None = None):
+    """The run's `TorchTrainer`. A sweep's trial adds Tune's report callback, the sweep's limits actor, its trial
+    key and the sweep's name (the `run` label of its metrics; a plain run's is its output folder's name)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -139,11 +137,13 @@ def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None, callbac
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job.model_dump(), "model_source": asdict(source),
-                           "progress_queue": progress_queue, "sweep_limits": sweep_limits, "trial_key": trial_key},
+                           "progress_queue": progress_queue, "sweep_limits": sweep_limits, "trial_key": trial_key,
+                           "labels": {"run": run_name or Path(job.output_dir).name, "trial": trial_key or "",
+                                      "method": job.method.name}},
         scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=TRAIN_DIR, storage_path=str(Path(job.output_dir).resolve()),
+        run_config=RunConfig(name=TRAIN_DIR, storage_path=Storage(job.output_dir).location,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=job.failure.max_failures),
                              logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks),
@@ -152,23 +152,19 @@ def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None, callbac
 
 def finish(job: JobSpec, result) -> dict:
     """result.json and the final weights, from the last report (which carries the final checkpoint)."""
-    output = Path(job.output_dir)
+    output = Storage(job.output_dir)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     summary = dict(result.metrics or {})
     if not summary.get("status"):
         raise RuntimeError("training ended without a final report")
-    summary["output_dir"] = str(output.resolve())
+    summary["output_dir"] = output.location
     summary["job"] = job.model_dump(mode="json")
     if result.checkpoint is not None:
-        final = output / "final"
-        final.mkdir(exist_ok=True)
         with result.checkpoint.as_directory() as folder:
-            tmp = final / f".{TRAINABLE_FILE}.tmp"
-            shutil.copyfile(Path(folder) / TRAINABLE_FILE, tmp)
-            os.replace(tmp, final / TRAINABLE_FILE)
-        summary["weights"] = str((final / TRAINABLE_FILE).resolve())
-    write_json_atomic(output / RESULT_FILE, summary)
+            output.upload(Path(folder) / TRAINABLE_FILE, f"final/{TRAINABLE_FILE}")
+        summary["weights"] = output.child("final", TRAINABLE_FILE)
+    output.write_text(RESULT_FILE, json.dumps(summary, indent=2, default=float))
     return summary
 
 
@@ -178,17 +174,18 @@ def run_job(job: JobSpec, address: str | None = None, show_progress: bool = True
 
     from rayeff.train.progress import ProgressDisplay
 
-    output = Path(job.output_dir).resolve()
-    job.output_dir = str(output)
+    output = Storage(job.output_dir)
+    job.output_dir = output.location
     if job.data.data_dir is not None:
         job.data.data_dir = str(Path(job.data.data_dir).resolve())
     source = prepare(job)
     init_ray(address, job.scaling.num_workers * job.scaling.cpus_per_worker)
     check_resources(job)
+    check_shared(job.output_dir)
     if job.resume and not has_checkpoint(output):
-        print(f"rayeff: no checkpoint in {output}; starting from the beginning")
-    output.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output / "job.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+        print(f"rayeff: no checkpoint in {output.location}; starting from the beginning")
+    output.make()
+    output.write_text("job.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
 
     queue = Queue(maxsize=1000, actor_options={"num_cpus": 0}) if show_progress else None
     trainer = make_trainer(job, source, queue)

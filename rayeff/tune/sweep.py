@@ -90,7 +90,8 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
     import optuna
     import ray
 
-    from rayeff.train.runner import init_ray, write_json_atomic
+    from rayeff.cluster.storage import check_shared, write_json_atomic
+    from rayeff.train.runner import init_ray
     from rayeff.tune.limits import SweepLimits
     from rayeff.tune.priors import PriorStore, warm_start
     from rayeff.tune.results import study_records
@@ -120,6 +121,7 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
 
     per_trial = job.scaling.num_workers * job.scaling.cpus_per_worker + DRIVER_CPUS
     init_ray(address, sweep.max_concurrent * per_trial)
+    check_shared(str(output))
     storage_url = f"sqlite:///{output / STUDY_FILE}"
     study = optuna.create_study(storage=storage_url, study_name=STUDY_NAME, load_if_exists=True,
                                 directions=["maximize" if o.mode == "max" else "minimize" for o in sweep.objectives])
@@ -165,8 +167,8 @@ def _run_trials(sweep: SweepSpec, job, space, output: Path, storage_url: str, li
 
 def write_results(sweep: SweepSpec, job, output: Path, started: dict, study, stopped_by: str | None,
                   requeued: list[int]) -> dict:
+    from rayeff.cluster.storage import write_json_atomic, write_text_atomic
     from rayeff.config import validate_job
-    from rayeff.train.runner import write_json_atomic, write_text_atomic
     from rayeff.tune.results import best_trial, pareto_front, plot_pareto, study_records
     from rayeff.tune.trial import job_with_params
 

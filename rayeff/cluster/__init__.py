@@ -1,0 +1,1 @@
+"""Working with Ray clusters: job submission (Jobs API), storage locations, live metrics and the status board."""

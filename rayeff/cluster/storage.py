@@ -1,0 +1,145 @@
+"""Where a run keeps its files (`output_dir`): a local folder, a shared filesystem path, or an object-store URI
+(`s3://bucket/runs/x`, `gs://bucket/runs/x`, anything `pyarrow.fs` opens). Ray Train writes checkpoints there
+itself (its storage_path); the driver writes job.yaml, result.json and the final weights through the same pyarrow
+filesystem. Object-store options come from the environment as their SDKs read it (AWS_ENDPOINT_URL, AWS_REGION,
+credentials), so a location is one plain URI that joins cleanly.
+
+On a multi-node cluster every worker writes checkpoints, so a folder on the driver's own disk would scatter them:
+`check_shared` rejects a local path there unless it lies on a network filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rayeff.errors import UserError
+
+# Filesystem types (as /proc/mounts names them) that every node of a cluster can mount at the same path.
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "cephfs", "glusterfs",
+                      "beegfs", "9p", "virtiofs", "fuse.gcsfuse", "fuse.s3fs", "fuse.juicefs", "fuse.sshfs",
+                      "fuse.mountpoint-s3", "efs", "wekafs")
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=float))
+
+
+class Storage:
+    """One output location and the pyarrow filesystem behind it."""
+
+    def __init__(self, location: str):
+        import pyarrow.fs
+
+        if is_uri(location):
+            if "?" in location:
+                raise UserError(f"output_dir {location}: give object-store options in the environment (e.g. "
+                                "AWS_ENDPOINT_URL), not in the URI")
+            self.location = location.rstrip("/")
+            try:
+                self.fs, self.root = pyarrow.fs.FileSystem.from_uri(self.location)
+            except (pyarrow.lib.ArrowInvalid, OSError) as err:
+                raise UserError(f"output_dir {location}: pyarrow cannot open it ({err}); use a local or shared "
+                                "path, or an s3:// or gs:// URI") from None
+        else:
+            self.location = str(Path(location).expanduser().resolve())
+            self.fs, self.root = pyarrow.fs.LocalFileSystem(), self.location
+
+    @property
+    def local(self) -> bool:
+        return not is_uri(self.location)
+
+    def child(self, *parts: str) -> str:
+        """The location of a file or folder inside this one (an output_dir for a sweep's trial, say)."""
+        return "/".join([self.location, *parts])
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        import pyarrow.fs
+
+        try:
+            return self.fs.get_file_info(self._path(*parts)).type != pyarrow.fs.FileType.NotFound
+        except OSError as err:
+            raise UserError(f"output_dir {self.location}: cannot read it ({err}); check the URI and credentials"
+                            ) from None
+
+    def names(self, *parts: str) -> list[str]:
+        """Names of the entries directly inside a folder (none if it does not exist)."""
+        import pyarrow.fs
+
+        selector = pyarrow.fs.FileSelector(self._path(*parts), allow_not_found=True)
+        return sorted(Path(info.path).name for info in self.fs.get_file_info(selector))
+
+    def make(self) -> None:
+        self.fs.create_dir(self.root, recursive=True)
+
+    def write_text(self, name: str, text: str) -> None:
+        """Whole or not at all: a local file is renamed into place; an object store shows an object only once
+        its upload completes."""
+        if self.local:
+            write_text_atomic(Path(self.root) / name, text)
+            return
+        with self.fs.open_output_stream(self._path(name)) as out:
+            out.write(text.encode())
+
+    def upload(self, local_file: Path, name: str) -> None:
+        """Copy a local file to `name` (a path inside this location), as atomically as `write_text`."""
+        import pyarrow.fs
+
+        target = self._path(name)
+        self.fs.create_dir(target.rpartition("/")[0], recursive=True)
+        if self.local:
+            tmp = Path(target).with_name(f".{Path(target).name}.tmp{os.getpid()}")
+            pyarrow.fs.copy_files(str(local_file), str(tmp))
+            os.replace(tmp, target)
+            return
+        pyarrow.fs.copy_files(str(local_file), target, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=self.fs)
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem that holds `path` (or its nearest existing parent), from /proc/mounts."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    probe = probe.resolve()
+    best, kind = "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in mounts:
+        fields = line.split()
+        if len(fields) >= 3:
+            mount = fields[1].replace("\\040", " ")
+            if (probe == Path(mount) or Path(mount) in probe.parents) and len(mount) > len(best):
+                best, kind = mount, fields[2]
+    return kind
+
+
+def check_shared(location: str, what: str = "output_dir") -> None:
+    """On a Ray cluster of several nodes, refuse a location that only this node can see."""
+    import ray
+
+    if is_uri(location):
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    kind = filesystem_type(location)
+    if len(nodes) > 1 and kind not in SHARED_FILESYSTEMS:
+        raise UserError(f"{what} {location}: a folder on this node's own disk ({kind}), but the Ray cluster has "
+                        f"{len(nodes)} nodes whose workers all write there; use a shared filesystem mounted on every "
+                        "node (e.g. /mnt/rayeff, see clusters/README.md) or an s3:// or gs:// URI")
