@@ -8,6 +8,9 @@
     rayeff priors show ID [--store FILE]
     rayeff bench zo --job JOB.yaml --output OUT.json [--data-dir DIR] [--loss-target L] [--queries Q]
     rayeff bench priors --output OUT.json [--sweep SWEEP.yaml] [--sources sst2] [--targets stsb] [--seeds 0,1,2]
+    rayeff submit JOB_OR_SWEEP.yaml --address http://HEAD:8265 [--set ...] [--data-dir DIR] [--output DIR] [--follow]
+    rayeff jobs list|status ID|logs ID [--follow]|stop ID [--address http://HEAD:8265]
+    rayeff status [--address ADDR]
 
 Bad input (a job file, a field, a path, an address) ends with one line on stderr naming it, and exit code 2.
 """
@@ -18,9 +21,12 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from rayeff.errors import UserError
+
+_DASHBOARD_HELP = "the head's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)"
 
 
 def _job_options(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "show":
             view.add_argument("id", type=int, help="the sweep's id (from `rayeff priors list`)")
         view.add_argument("--store", default="runs/priors.db", help="the prior store (default runs/priors.db)")
+
+    submit = commands.add_parser("submit", help="submit a job or a sweep to a Ray cluster (Ray's Jobs API)")
+    submit.add_argument("file", help="job or sweep YAML file; validated here before anything is submitted")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a field of the job (or sweep) file (repeatable)")
+    submit.add_argument("--data-dir", help="GLUE data folder as the cluster sees it (sets data.data_dir)")
+    submit.add_argument("--output", help="output folder as the cluster sees it: shared storage or s3://, gs://")
+    submit.add_argument("--resume", action="store_true", help="continue the run or sweep in the output folder")
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    submit.add_argument("--address", help=_DASHBOARD_HELP)
+
+    jobs = commands.add_parser("jobs", help="list, inspect, follow and stop submitted jobs")
+    actions = jobs.add_subparsers(dest="action", required=True)
+    for name, text in (("list", "every job on the cluster, newest first"), ("status", "one job's status"),
+                       ("logs", "one job's logs"), ("stop", "stop a running job")):
+        action = actions.add_parser(name, help=text)
+        if name != "list":
+            action.add_argument("id", help="submission id (printed by `rayeff submit`, listed by `rayeff jobs list`)")
+        if name == "logs":
+            action.add_argument("--follow", action="store_true", help="stream until the job ends")
+        action.add_argument("--address", help=_DASHBOARD_HELP)
+
+    status = commands.add_parser("status", help="live runs and sweep trials on a Ray cluster, with energy so far")
+    status.add_argument("--address", default="auto",
+                        help="the cluster's GCS address (default: the Ray running on this machine)")
 
     bench = commands.add_parser("bench", help="benchmarks that write JSON")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -150,6 +181,66 @@ def cmd_priors(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from rayeff.cluster.jobs import submit
+
+    overrides = list(args.overrides) + ([f"output_dir={args.output}"] if args.output else [])
+    cluster, submission_id = submit(args.file, overrides, args.data_dir, args.address, args.resume)
+    print(submission_id, flush=True)
+    if not args.follow:
+        print(f"rayeff: submitted to {cluster.address}; follow it with `rayeff jobs logs {submission_id} --follow`",
+              file=sys.stderr)
+        return 0
+    return _ended(submission_id, cluster.follow(submission_id))
+
+
+def _ended(submission_id: str, status: str) -> int:
+    print(f"rayeff: job {submission_id} {status.lower()}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from rayeff.cluster.jobs import Cluster, job_rows
+
+    cluster = Cluster(args.address)
+    if args.action == "list":
+        for r in job_rows(cluster):
+            print(f"{r['id']:<40} {r['status']:<10} {r['started']}  {r['kind']:<5} {r['file']:<28} {r['output_dir']}")
+    elif args.action == "status":
+        print(cluster.status(args.id))
+    elif args.action == "logs":
+        if args.follow:
+            return _ended(args.id, cluster.follow(args.id))
+        print(cluster.call("get_job_logs", args.id), end="")
+    else:
+        stopped = cluster.call("stop_job", args.id)
+        print(f"rayeff: {'stopping' if stopped else 'not running'}: {args.id} ({cluster.status(args.id)})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import ray
+
+    from rayeff.cluster.live import BOARD_NAME, BOARD_NAMESPACE
+    from rayeff.train.runner import init_ray
+
+    init_ray(args.address, 0)
+    try:
+        board = ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
+    except ValueError:
+        print("rayeff: no run has reported on this cluster yet")
+        return 0
+    lines = ray.get(board.snapshot.remote())
+    for line in sorted(lines, key=lambda x: x["state"] != "running"):   # live ones first
+        trial = f" trial {line['trial']}" if line["trial"] else ""
+        power = "" if line["power_watts"] is None else f"  {line['power_watts']:.1f} W"
+        dev = "" if line["dev"] is None else f"  dev {line['dev']:.4f}"
+        print(f"{line['run']}{trial}  {line['method']}  {line['state']}  step {line['step']}/{line['total_steps']}  "
+              f"{line['energy_joules']:.1f} J ({line['energy_source']}){power}{dev}  "
+              f"updated {time.time() - line['updated']:.0f} s ago")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "priors":
         from rayeff.bench.priors import bench_priors
@@ -196,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_tune(args)
         if args.command == "priors":
             return cmd_priors(args)
+        if args.command == "submit":
+            return cmd_submit(args)
+        if args.command == "jobs":
+            return cmd_jobs(args)
+        if args.command == "status":
+            return cmd_status(args)
         return cmd_bench(args)
     except UserError as err:
         print(f"rayeff: error: {err}", file=sys.stderr)

@@ -160,17 +160,17 @@ def _trials(db: str) -> list:
 
 def test_sweep_limits_refuse_trials_that_would_pass_the_budget():
     limits = SweepLimits(budget_j=10.0, time_limit_s=None)
-    assert limits.start("a") is None and limits.update("a", 4.0) is None
+    assert limits.start("a") is None and limits.update("a", 4.0) == (None, 6.0)
     limits.finish("a", 4.0)
     assert limits.start("b") is None            # 4 spent + 4 expected <= 10
-    assert limits.update("b", 3.0) is None
+    assert limits.update("b", 3.0)[0] is None
     assert limits.start("c") == ENERGY          # 7 spent + 1 more expected of b + 4 expected of c > 10
-    assert limits.update("b", 10.5) == ENERGY and limits.why_stopped() == ENERGY
+    assert limits.update("b", 10.5)[0] == ENERGY and limits.why_stopped() == ENERGY
     resumed = SweepLimits(budget_j=10.0, time_limit_s=None, earlier_j=[6.0])
     assert resumed.start("d") == ENERGY         # 6 earlier + 6 expected > 10
     late = SweepLimits(budget_j=None, time_limit_s=1e-3)
     time.sleep(0.01)
-    assert late.start("a") == TIME and late.update("a", 1.0) == TIME
+    assert late.start("a") == TIME and late.update("a", 1.0)[0] == TIME
 
 
 def test_the_pareto_front_holds_the_trials_no_other_dominates():

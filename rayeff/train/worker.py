@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from rayeff.config import JobSpec
 from rayeff.data.glue import get_task
-from rayeff.data.metrics import compute_metrics
+from rayeff.data.metrics import compute_metrics, primary_metric
 from rayeff.data.tokenized import Collator, load_train_and_dev
 from rayeff.measure.energy import combine, make_meter
 from rayeff.measure.memory import DevicePeak
@@ -112,6 +112,7 @@ class Worker:
         self.progress_queue = config.get("progress_queue")
         # In a sweep: the sweep's limits actor (energy budget, time limit) and this trial's key in it.
         self.sweep_limits, self.trial_key = config.get("sweep_limits"), config.get("trial_key")
+        self.sweep_remaining_j = None   # rank 0: the sweep's energy left, as its limits actor last said
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -134,6 +135,13 @@ class Worker:
         self.setup(model)
         self.meter = make_meter(self.job.energy.meter, self.device, self.job.energy.watts_per_cpu)
         self.train_joules = 0.0  # this segment's energy inside training steps, on this worker's counter
+        self.live = None
+        if self.rank == 0:   # the cluster's view of this run: Prometheus metrics and the status board
+            from rayeff.cluster.live import LiveRun
+
+            self.live = LiveRun(config["labels"], primary_metric(self.task.name), self.job.energy.budget_j,
+                                {"task": self.task.name, "model": self.job.model.name,
+                                 "output_dir": self.job.output_dir})
 
     # -- what a training loop supplies ---------------------------------------------------------------------------
 
@@ -258,7 +266,11 @@ class Worker:
                 **self.extra_progress()}
 
     def publish(self, progress: dict) -> None:
-        if self.rank == 0 and self.progress_queue is not None:
+        """Rank 0 hands progress to the driver's display and to the cluster (metrics, status board)."""
+        if self.rank != 0:
+            return
+        self.live.update(progress, self.sweep_remaining_j)
+        if self.progress_queue is not None:
             try:
                 self.progress_queue.put_nowait(progress)
             except Exception:  # a full or gone display queue must never stop training
@@ -303,11 +315,12 @@ class Worker:
                 last = s.step >= self.total_steps
                 if s.step % t.log_every == 0 or last:
                     energy = self.energy()
+                    sweep_stop = self.sweep_stop_reason(energy)
                     self.publish(self.progress(energy))
                     if self.job.energy.budget_j is not None and energy["joules"] >= self.job.energy.budget_j:
                         status = "stopped: energy budget"
-                    elif (reason := self.sweep_stop_reason(energy)) is not None:
-                        status = f"stopped: {reason}"
+                    elif sweep_stop is not None:
+                        status = f"stopped: {sweep_stop}"
                 if t.eval_every and s.step % t.eval_every == 0 and not last:
                     s.last_eval = self.evaluate()
                 if self._checkpoint_due() and not last and status == "finished":
@@ -322,15 +335,20 @@ class Worker:
         # A diverged run holds the weights from before its bad step: its final checkpoint is new, the earlier kept.
         name = f"step_{s.step:08d}" + ("-diverged" if status == "diverged" else "")
         self.checkpoint_and_report(self.summary(metrics, energy, status), name, energy)
+        if self.live is not None:
+            self.live.end(status, energy["joules"])
 
     def sweep_stop_reason(self, energy: dict) -> str | None:
         """Rank 0 tells the sweep's limits actor this trial's energy so far and hears back whether the sweep must
-        stop (`sweep energy budget`, `time limit`); every rank gets rank 0's answer, so all stop together."""
+        stop (`sweep energy budget`, `time limit`) and the sweep's energy left; every rank gets rank 0's answer, so
+        all stop together."""
         if self.sweep_limits is None:
             return None
         import ray
 
-        answer = ray.get(self.sweep_limits.update.remote(self.trial_key, energy["joules"])) if self.rank == 0 else None
+        answer = None
+        if self.rank == 0:
+            answer, self.sweep_remaining_j = ray.get(self.sweep_limits.update.remote(self.trial_key, energy["joules"]))
         return all_gather(answer)[0]
 
     def _checkpoint_due(self) -> bool:

@@ -29,8 +29,8 @@ class SweepLimits:
     def total_j(self) -> float:
         return sum(self.energy.values())
 
-    def update(self, trial: str, joules: float) -> str | None:
-        """A running trial's energy so far; returns why it must stop, or None."""
+    def update(self, trial: str, joules: float) -> tuple[str | None, float | None]:
+        """A running trial's energy so far; returns why it must stop (or None) and the sweep's energy left."""
         self.energy[trial] = max(joules, self.energy.get(trial, 0.0))
         reason = None
         if self.budget_j is not None and self.total_j() >= self.budget_j:
@@ -38,7 +38,7 @@ class SweepLimits:
         elif self.deadline is not None and time.monotonic() >= self.deadline:
             reason = TIME
         self.stopped_by = self.stopped_by or reason
-        return reason
+        return reason, (None if self.budget_j is None else max(self.budget_j - self.total_j(), 0.0))
 
     def finish(self, trial: str, joules: float | None) -> None:
         if joules is not None:

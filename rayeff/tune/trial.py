@@ -79,7 +79,7 @@ def run_trial(config: dict, base: dict, sweep: dict, sweep_dir: str, limits) -> 
         source = prepare(job)
         Path(job.output_dir).mkdir(parents=True, exist_ok=True)
         trainer = make_trainer(job, source, callbacks=[ReportObjectives(sweep, job.model_dump(mode="json"))],
-                               sweep_limits=limits, trial_key=trial_id)
+                               sweep_limits=limits, trial_key=trial_id, run_name=Path(sweep_dir).name)
         summary = finish(job, trainer.fit())
     except Exception as err:  # noqa: BLE001  (recorded, not raised: one bad trial must not end the sweep)
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -1,0 +1,96 @@
+"""What a live run tells the cluster at every log step: Prometheus metrics for the Ray dashboard's Grafana
+(through `ray.util.metrics`), and a line on the status board that `rayeff status` prints.
+
+Only rank 0 of a run's workers reports, with figures already reduced over all workers (energy is the run's
+total). Metrics carry the labels run (the output folder's name, or the sweep's), trial (Tune's trial id, empty for
+a plain run) and method; Ray adds its own (node, session). The Grafana dashboard in clusters/grafana-rayeff.json
+plots them.
+"""
+
+from __future__ import annotations
+
+import time
+
+LABELS = ("run", "trial", "method")
+BOARD_NAME, BOARD_NAMESPACE = "rayeff-status-board", "rayeff"
+METRICS = {   # name -> (kind, description); Ray exports each as ray_<name>
+    "rayeff_energy_joules": ("counter", "Energy drawn by the run so far, over all workers (see energy source)"),
+    "rayeff_power_watts": ("gauge", "Mean power over the last log interval, over all workers"),
+    "rayeff_samples_per_second": ("gauge", "Training samples per second of training-step time"),
+    "rayeff_zo_queries_per_second": ("gauge", "Zeroth-order (SPSA) queries per second, over all workers"),
+    "rayeff_train_loss": ("gauge", "Training loss, mean over the last log interval"),
+    "rayeff_dev_metric": ("gauge", "Latest dev value of the task's primary metric"),
+    "rayeff_trial_energy_remaining_joules": ("gauge", "Energy left in the run's (trial's) budget"),
+    "rayeff_sweep_energy_remaining_joules": ("gauge", "Energy left in the sweep's budget"),
+}
+
+
+class StatusBoard:
+    """The latest line of every run and trial on the cluster: one detached Ray actor (no CPU) that rank-0 workers
+    write to and `rayeff status` reads. Plain methods, so tests can call it directly."""
+
+    def __init__(self):
+        self.lines: dict[str, dict] = {}
+
+    def put(self, key: str, line: dict) -> None:
+        self.lines[key] = line
+
+    def snapshot(self) -> list[dict]:
+        return sorted(self.lines.values(), key=lambda line: line["started"])
+
+
+def status_board():
+    """The cluster's board actor, created by whichever run comes first."""
+    import ray
+
+    return ray.remote(num_cpus=0)(StatusBoard).options(name=BOARD_NAME, namespace=BOARD_NAMESPACE,
+                                                       lifetime="detached", get_if_exists=True).remote()
+
+
+class LiveRun:
+    """Rank 0's reporter: call `update` at each log step and `end` with the final status."""
+
+    def __init__(self, labels: dict[str, str], dev_metric: str, budget_j: float | None, details: dict):
+        from ray.util import metrics
+
+        self.labels, self.dev_metric, self.budget_j = labels, dev_metric, budget_j
+        self.metrics = {}
+        for name, (kind, description) in METRICS.items():
+            metric = (metrics.Counter if kind == "counter" else metrics.Gauge)(name, description, tag_keys=LABELS)
+            metric.set_default_tags(labels)
+            self.metrics[name] = metric
+        self.board = status_board()
+        self.key = f"{labels['run']}/{labels['trial']}" if labels["trial"] else labels["run"]
+        self.line = {**labels, **details, "started": time.time(), "state": "running"}
+        self.counted_j, self.last = 0.0, None   # energy already added to the counter; (time, joules) of last update
+
+    def update(self, progress: dict, sweep_remaining_j: float | None = None) -> None:
+        now, joules = time.monotonic(), progress["energy_joules"]
+        m = self.metrics
+        m["rayeff_energy_joules"].inc(max(joules - self.counted_j, 0.0))   # a counter only grows
+        self.counted_j = max(self.counted_j, joules)
+        power = None
+        if self.last is not None and now > self.last[0]:
+            power = (joules - self.last[1]) / (now - self.last[0])
+            m["rayeff_power_watts"].set(power)
+        self.last = (now, joules)
+        m["rayeff_samples_per_second"].set(progress["samples_per_second"])
+        if progress.get("queries_per_second") is not None:
+            m["rayeff_zo_queries_per_second"].set(progress["queries_per_second"])
+        if progress.get("loss") is not None:
+            m["rayeff_train_loss"].set(progress["loss"])
+        dev = (progress.get("eval") or {}).get(self.dev_metric)
+        if dev is not None:
+            m["rayeff_dev_metric"].set(dev)
+        if self.budget_j is not None:
+            m["rayeff_trial_energy_remaining_joules"].set(max(self.budget_j - joules, 0.0))
+        if sweep_remaining_j is not None:
+            m["rayeff_sweep_energy_remaining_joules"].set(sweep_remaining_j)
+        self.line.update(step=progress["step"], total_steps=progress["total_steps"], energy_joules=joules,
+                         energy_source=progress["energy_source"], power_watts=power, loss=progress.get("loss"),
+                         dev=dev, samples_per_second=progress["samples_per_second"], updated=time.time())
+        self.board.put.remote(self.key, dict(self.line))
+
+    def end(self, status: str, energy_joules: float) -> None:
+        self.line.update(state=status, energy_joules=energy_joules, updated=time.time())
+        self.board.put.remote(self.key, dict(self.line))
