@@ -67,8 +67,9 @@ class LiveRun:
     def update(self, progress: dict, sweep_remaining_j: float | None = None) -> None:
         now, joules = time.monotonic(), progress["energy_joules"]
         m = self.metrics
-        m["rayeff_energy_joules"].inc(max(joules - self.counted_j, 0.0))   # a counter only grows
-        self.counted_j = max(self.counted_j, joules)
+        if joules > self.counted_j:   # a counter only grows (and Ray refuses an increment of 0)
+            m["rayeff_energy_joules"].inc(joules - self.counted_j)
+            self.counted_j = joules
         power = None
         if self.last is not None and now > self.last[0]:
             power = (joules - self.last[1]) / (now - self.last[0])
