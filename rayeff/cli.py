@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from rayeff.errors import UserError
 
@@ -162,7 +161,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"rayeff: best: {best['params']} -> {best['objectives']}" if best else "rayeff: no feasible trial")
     print(f"rayeff: {len(report['trials'])} trials, {energy['total_j']:.0f} J ({', '.join(energy['sources'])})"
           + (f"; stopped by the {energy['stopped_by']}" if energy["stopped_by"] else ""))
-    print(f"rayeff: wrote {Path(report['study']).parent}/sweep.json")
+    print(f"rayeff: wrote {report['output_dir']}/sweep.json")
     return 0
 
 
@@ -185,11 +184,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from rayeff.cluster.jobs import submit
 
     overrides = list(args.overrides) + ([f"output_dir={args.output}"] if args.output else [])
-    cluster, submission_id = submit(args.file, overrides, args.data_dir, args.address, args.resume)
+    cluster, submission_id, output = submit(args.file, overrides, args.data_dir, args.address, args.resume)
     print(submission_id, flush=True)
+    print(f"rayeff: submitted to {cluster.address}; output: {output}", file=sys.stderr)
     if not args.follow:
-        print(f"rayeff: submitted to {cluster.address}; follow it with `rayeff jobs logs {submission_id} --follow`",
-              file=sys.stderr)
+        print(f"rayeff: follow it with `rayeff jobs logs {submission_id} --follow`", file=sys.stderr)
         return 0
     return _ended(submission_id, cluster.follow(submission_id))
 

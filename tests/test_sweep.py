@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from rayeff.cli import main
+from rayeff.cluster.storage import Storage
 from rayeff.config import load_job
 from rayeff.errors import UserError
 from rayeff.tune.limits import ENERGY, TIME, SweepLimits
@@ -49,8 +50,9 @@ def write_sweep(tmp_path, glue_dir, name="sweep", steps=2, **changes) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sweep_ray():
-    """A local Ray with its dashboard: Ray Train cleans up a trial that Tune stops through the State API."""
+def sweep_ray(s3_server):
+    """A local Ray with its dashboard: Ray Train cleans up a trial that Tune stops through the State API. Started
+    after the S3 server, so that its workers can write there."""
     import ray
 
     ray.init(num_cpus=2, logging_level="WARNING", dashboard_host="127.0.0.1")
@@ -97,7 +99,7 @@ def test_an_asha_sweep_records_every_trial_and_a_later_sweep_starts_from_it(tmp_
 
 
 @pytest.mark.slow
-def test_energy_budgets_stop_trials_and_the_sweep(tmp_path, glue_dir, sweep_ray):
+def test_energy_budgets_stop_trials_and_the_sweep(tmp_path, glue_dir, sweep_ray, s3_server):
     from rayeff.tune.sweep import run_sweep
 
     per_trial = run_sweep(str(write_sweep(tmp_path, glue_dir, num_trials=2, energy={"trial_budget_j": 1e-9})))
@@ -107,13 +109,23 @@ def test_energy_budgets_stop_trials_and_the_sweep(tmp_path, glue_dir, sweep_ray)
                for t in per_trial["trials"])
     assert not (tmp_path / "sweep" / "best_job.yaml").exists()
 
-    # The first trial passes the sweep's budget at its first log step: it stops there and no other starts.
+    # The first trial passes the sweep's budget at its first log step: it stops there and no other starts. This
+    # sweep lives in S3: trials, results and the study (sent back after every trial) all go there.
+    uri = f"{s3_server}/sweeps/budget"
     whole = run_sweep(str(write_sweep(tmp_path, glue_dir, name="budget", steps=8, num_trials=3,
-                                      energy={"sweep_budget_j": 1e-9})))
+                                      energy={"sweep_budget_j": 1e-9}, output_dir=uri)))
     assert [t["status"] for t in whole["trials"]] == ["stopped: sweep energy budget"]
     assert whole["trials"][0]["time"]["steps"] == 1
     assert whole["energy"]["stopped_by"] == ENERGY
     assert whole["energy"]["overshoot_j"] == pytest.approx(whole["energy"]["total_j"] - 1e-9)
+    stored = Storage(uri)
+    assert {"optuna.db", "sweep.json", "sweep_spec.json", "trials", "tune-0"} <= set(stored.names())
+    assert [t["trial_id"] for t in json.loads(stored.read_text("sweep.json"))["trials"]] == \
+        [whole["trials"][0]["trial_id"]]
+    trial_dir = f"trials/{whole['trials'][0]['trial_id']}"
+    assert {"result.json", "train", "final"} <= set(stored.names(trial_dir))
+    resumed = run_sweep(str(tmp_path / "budget.yaml"), resume=True)   # fetches the study; the budget is spent
+    assert [t["trial_id"] for t in resumed["trials"]] == [whole["trials"][0]["trial_id"]]
 
 
 @pytest.mark.slow

@@ -84,6 +84,16 @@ class Storage:
         selector = pyarrow.fs.FileSelector(self._path(*parts), allow_not_found=True)
         return sorted(Path(info.path).name for info in self.fs.get_file_info(selector))
 
+    def read_text(self, name: str) -> str:
+        with self.fs.open_input_stream(self._path(name)) as stream:
+            return stream.read().decode()
+
+    def download(self, name: str, local_file: Path) -> None:
+        import pyarrow.fs
+
+        pyarrow.fs.copy_files(self._path(name), str(local_file), source_filesystem=self.fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+
     def make(self) -> None:
         self.fs.create_dir(self.root, recursive=True)
 

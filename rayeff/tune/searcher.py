@@ -7,23 +7,34 @@ study itself. CMA-ES ignores constraints, so for it an infeasible trial is told 
 (SQLite) is thereby the sweep's single record: `sweep.json` is written from it, and a resumed sweep reads it to know
 what is done.
 
-Before a trial starts, the sweep's limits actor is asked whether the sweep may start another (energy, time).
+Before a trial starts, the sweep's limits actor is asked whether the sweep may start another (energy, time). After
+each completion, a sweep whose output is in an object store sends its study copy back (`save_study`).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import optuna
 import ray
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from rayeff.cluster.storage import Storage
 from rayeff.tune.spec import SearcherSpec, SweepSpec
 from rayeff.tune.trial import objective_keys, trial_record
 
 RECORD_ATTR = "rayeff"
 STUDY_NAME = "rayeff"
+STUDY_FILE = "optuna.db"
+
+
+def save_study(output_location: str, study_file: str) -> None:
+    """Send an object-store sweep's study copy back (its finished trials must outlive this driver)."""
+    output = Storage(output_location)
+    if not output.local:
+        output.upload(Path(study_file), STUDY_FILE)
 
 
 def make_sampler(spec: SearcherSpec, trials_done: int = 0) -> optuna.samplers.BaseSampler:
@@ -50,12 +61,14 @@ def outcome(record: dict, error: bool = False) -> tuple[optuna.trial.TrialState,
 
 
 class SweepSearch(OptunaSearch):
-    def __init__(self, sweep: SweepSpec, space: dict, storage_url: str, limits=None, trials_done: int = 0):
+    def __init__(self, sweep: SweepSpec, space: dict, output_location: str, study_file: str, limits=None,
+                 trials_done: int = 0):
         keys = objective_keys(sweep)
         modes = [o.mode for o in sweep.objectives]
         super().__init__(space=space, metric=keys if len(keys) > 1 else keys[0],
                          mode=modes if len(modes) > 1 else modes[0], sampler=make_sampler(sweep.searcher, trials_done),
-                         study_name=STUDY_NAME, storage=optuna.storages.RDBStorage(storage_url))
+                         study_name=STUDY_NAME, storage=optuna.storages.RDBStorage(f"sqlite:///{study_file}"))
+        self._output_location, self._study_file = output_location, study_file
         self._sweep_dump = sweep.model_dump(mode="json")
         self._limits = limits
         self._ignores_constraints = sweep.searcher.kind == "cmaes"   # Optuna's CmaEsSampler does not read them
@@ -80,5 +93,6 @@ class SweepSearch(OptunaSearch):
             state, values = optuna.trial.TrialState.FAIL, None   # keep an over-budget trial out of CMA-ES's model
         self._ot_study.tell(ot_trial, values, state=state)
         self._completed_trials.add(trial_id)
+        save_study(self._output_location, self._study_file)
         if self._limits is not None:
             self._limits.finish.remote(trial_id, (record.get("energy") or {}).get("joules"))

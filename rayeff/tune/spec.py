@@ -77,14 +77,6 @@ class SweepSpec(Spec):
     priors: PriorsSpec = PriorsSpec()
     output_dir: str = "runs/sweep"
 
-    @field_validator("output_dir")
-    @classmethod
-    def _filesystem_path(cls, value: str) -> str:
-        if "://" in value:
-            raise ValueError("a sweep keeps its Optuna study (SQLite) here, so it must be a filesystem path: local, "
-                             "or shared by every node on a cluster (e.g. /mnt/rayeff/sweeps/NAME)")
-        return value
-
     @field_validator("priors", mode="before")
     @classmethod
     def _priors_shorthand(cls, value: Any) -> Any:

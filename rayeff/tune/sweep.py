@@ -7,9 +7,10 @@ or CMA-ES) suggests the parameters; its study lives in `optuna.db` (SQLite, whic
 every trial's record, so the study is the one account of what ran (`tune/searcher.py`). Energy and time limits are
 kept by one actor that trials consult as they run (`tune/limits.py`).
 
-Output folder: `optuna.db`, `sweep_spec.json` (the sweep as started, with its space and priors), `trials/<id>/`
-(each trial's run), `sweep.json`, `best_job.yaml` (the best feasible trial's job, ready for `rayeff run`), and for a
-multi-objective sweep `pareto.json` and `pareto.png`.
+Output folder (a local or shared path, or an s3:// / gs:// URI, where the study is worked on in a local copy that is
+sent back after every trial): `optuna.db`, `sweep_spec.json` (the sweep as started, with its space and priors),
+`trials/<id>/` (each trial's run), `sweep.json`, `best_job.yaml` (the best feasible trial's job, ready for
+`rayeff run`), and for a multi-objective sweep `pareto.json` and `pareto.png`.
 
 Resume: a killed driver leaves the study with its finished trials recorded. `--resume` re-opens it, re-queues the
 trials that were running (their parameters, evaluated again from the start) and runs only what is missing.
@@ -18,37 +19,50 @@ trials that were running (their parameters, evaluated again from the start) and 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import yaml
 
+from rayeff.cluster.storage import Storage
 from rayeff.errors import UserError
+from rayeff.tune.searcher import STUDY_FILE, save_study
 from rayeff.tune.spec import ENERGY_METRIC, SweepSpec, load_sweep, metric_name
 
 DRIVER_CPUS = 0.1
-STUDY_FILE = "optuna.db"
 STARTED_FILE = "sweep_spec.json"
 # Fields a resumed sweep may change: how many trials, how many at once, its limits.
 RESUMABLE_CHANGES = {"num_trials", "max_concurrent", "time_limit_s", "energy"}
 
 
-def _started(output: Path, sweep: SweepSpec, resume: bool) -> dict | None:
+def _started(output: Storage, sweep: SweepSpec, resume: bool) -> dict | None:
     """The sweep as first started, when resuming; checks the folder is free otherwise."""
-    has_study = (output / STUDY_FILE).exists()
+    has_study = output.exists(STUDY_FILE)
     if not resume:
         if has_study:
-            raise UserError(f"output_dir: {output} already holds a sweep; pass --resume to continue it, or choose "
-                            "another output_dir")
+            raise UserError(f"output_dir: {output.location} already holds a sweep; pass --resume to continue it, or "
+                            "choose another output_dir")
         return None
-    if not has_study or not (output / STARTED_FILE).exists():
-        raise UserError(f"output_dir: {output} holds no sweep to resume; run without --resume to start one")
-    started = json.loads((output / STARTED_FILE).read_text())
+    if not has_study or not output.exists(STARTED_FILE):
+        raise UserError(f"output_dir: {output.location} holds no sweep to resume; run without --resume to start one")
+    started = json.loads(output.read_text(STARTED_FILE))
     before, now = started["sweep"], sweep.model_dump(mode="json")
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and now[k] != before.get(k))
     if changed:
-        raise UserError(f"{', '.join(changed)}: changed since the sweep in {output} started; resume with the "
-                        "original values or choose another output_dir")
+        raise UserError(f"{', '.join(changed)}: changed since the sweep in {output.location} started; resume with "
+                        "the original values or choose another output_dir")
     return started
+
+
+def _study_file(output: Storage, resume: bool) -> Path:
+    """The study's SQLite file: in the output folder, or, for an object store (SQLite needs a filesystem), a local
+    working copy that --resume fetches and `save_study` sends back after every trial and at the end."""
+    if output.local:
+        return Path(output.root) / STUDY_FILE
+    local = Path(tempfile.mkdtemp(prefix="rayeff-study-")) / STUDY_FILE
+    if resume:
+        output.download(STUDY_FILE, local)
+    return local
 
 
 def _descriptors(job) -> dict:
@@ -90,7 +104,7 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
     import optuna
     import ray
 
-    from rayeff.cluster.storage import check_shared, write_json_atomic
+    from rayeff.cluster.storage import check_shared
     from rayeff.train.runner import init_ray
     from rayeff.tune.limits import SweepLimits
     from rayeff.tune.priors import PriorStore, warm_start
@@ -99,7 +113,7 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
     from rayeff.tune.space import SearchSpace
 
     sweep, job, space = load_sweep(sweep_file, overrides, data_dir)
-    output = Path(sweep.output_dir).resolve()
+    output = Storage(sweep.output_dir)
     started = _started(output, sweep, resume)
     if job.data.data_dir is not None:
         job.data.data_dir = str(Path(job.data.data_dir).resolve())
@@ -114,33 +128,36 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
                 priors = {"store": str(store.path), "sweeps": [], "enqueued": [], "note": "the store is empty"}
         started = {"sweep": sweep.model_dump(mode="json"), "space": space.model_dump(mode="json"),
                    "descriptors": descriptors, "priors": priors}
-        output.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output / STARTED_FILE, started)
+        output.make()
+        output.write_text(STARTED_FILE, json.dumps(started, indent=2))
     else:
         space, first = SearchSpace.model_validate(started["space"]), []
 
     per_trial = job.scaling.num_workers * job.scaling.cpus_per_worker + DRIVER_CPUS
     init_ray(address, sweep.max_concurrent * per_trial)
-    check_shared(str(output))
-    storage_url = f"sqlite:///{output / STUDY_FILE}"
+    check_shared(output.location)
+    study_file = _study_file(output, resume)
+    storage_url = f"sqlite:///{study_file}"
     study = optuna.create_study(storage=storage_url, study_name=STUDY_NAME, load_if_exists=True,
                                 directions=["maximize" if o.mode == "max" else "minimize" for o in sweep.objectives])
     for f in first:
         study.enqueue_trial(f["params"], user_attrs={"prior": f["prior"]})
     requeued = _requeue_interrupted(study) if resume else []
+    save_study(output.location, str(study_file))
     done = study_records(study)
     earlier_j = [(r.get("energy") or {}).get("joules", 0.0) for r in done]
     limits = ray.remote(num_cpus=0)(SweepLimits).remote(sweep.energy.sweep_budget_j, sweep.time_limit_s, earlier_j)
     if sweep.num_trials > len(done):
-        _run_trials(sweep, job, space, output, storage_url, limits, len(done))
+        _run_trials(sweep, job, space, output, study_file, limits, len(done))
     report = write_results(sweep, job, output, started, optuna.load_study(study_name=STUDY_NAME, storage=storage_url),
                            ray.get(limits.why_stopped.remote()), requeued)
-    PriorStore(sweep.priors.store).add(str(output), started["descriptors"],
+    save_study(output.location, str(study_file))
+    PriorStore(sweep.priors.store).add(output.location, started["descriptors"],
                                        [o.model_dump() for o in sweep.objectives], started["space"], report["trials"])
     return report
 
 
-def _run_trials(sweep: SweepSpec, job, space, output: Path, storage_url: str, limits, done: int) -> None:
+def _run_trials(sweep: SweepSpec, job, space, output: Storage, study_file: Path, limits, done: int) -> None:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -149,7 +166,7 @@ def _run_trials(sweep: SweepSpec, job, space, output: Path, storage_url: str, li
     from rayeff.tune.space import optuna_distributions
     from rayeff.tune.trial import objective_keys, run_trial
 
-    searcher = SweepSearch(sweep, optuna_distributions(space), storage_url, limits, done)
+    searcher = SweepSearch(sweep, optuna_distributions(space), output.location, str(study_file), limits, done)
     scheduler = None
     if sweep.scheduler is not None:   # rungs count reports; a trial that runs out of steps simply ends (no max_t)
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=objective_keys(sweep)[0],
@@ -157,17 +174,16 @@ def _run_trials(sweep: SweepSpec, job, space, output: Path, storage_url: str, li
                                   reduction_factor=sweep.scheduler.reduction_factor, max_t=10**6)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=job.model_dump(mode="json"), sweep=sweep.model_dump(mode="json"),
-                             sweep_dir=str(output), limits=limits), {"CPU": DRIVER_CPUS})
-    attempt = len(list(output.glob("tune-*")))   # one Tune experiment folder per invocation
+                             sweep_dir=output.location, limits=limits), {"CPU": DRIVER_CPUS})
+    attempt = sum(name.startswith("tune-") for name in output.names())   # one Tune experiment per invocation
     tune.Tuner(trainable,
                tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, sweep.max_concurrent),
                                            scheduler=scheduler, num_samples=sweep.num_trials - done),
-               run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=str(output), verbose=0)).fit()
+               run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=output.location, verbose=0)).fit()
 
 
-def write_results(sweep: SweepSpec, job, output: Path, started: dict, study, stopped_by: str | None,
+def write_results(sweep: SweepSpec, job, output: Storage, started: dict, study, stopped_by: str | None,
                   requeued: list[int]) -> dict:
-    from rayeff.cluster.storage import write_json_atomic, write_text_atomic
     from rayeff.config import validate_job
     from rayeff.tune.results import best_trial, pareto_front, plot_pareto, study_records
     from rayeff.tune.trial import job_with_params
@@ -182,18 +198,22 @@ def write_results(sweep: SweepSpec, job, output: Path, started: dict, study, sto
                          "overshoot_j": max(total - budget, 0.0) if budget is not None else None,
                          "stopped_by": stopped_by,
                          "sources": sorted({(t.get("energy") or {}).get("source") for t in trials} - {None})},
-              "requeued_after_interruption": requeued, "study": str(output / STUDY_FILE),
-              "dashboard": f"optuna-dashboard sqlite:///{output / STUDY_FILE}"}
+              "requeued_after_interruption": requeued, "output_dir": output.location,
+              "study": output.child(STUDY_FILE),
+              "dashboard": f"optuna-dashboard sqlite:///{output.child(STUDY_FILE)}" if output.local else
+              f"copy {output.child(STUDY_FILE)} here, then: optuna-dashboard sqlite:///{STUDY_FILE}"}
     if len(sweep.objectives) > 1:
         labels = [f"{'energy (J)' if o.metric == ENERGY_METRIC else 'dev ' + metric_name(o, job)}, {o.mode}"
                   for o in sweep.objectives]
         front = pareto_front(trials, [o.mode for o in sweep.objectives])
         report["pareto_front"] = [t["number"] for t in front]
-        write_json_atomic(output / "pareto.json", {"objectives": labels, "front": front})
-        plot_pareto(trials, front, labels, output / "pareto.png")
+        output.write_text("pareto.json", json.dumps({"objectives": labels, "front": front}, indent=2, default=float))
+        with tempfile.TemporaryDirectory() as tmp:
+            plot_pareto(trials, front, labels, Path(tmp) / "pareto.png")
+            output.upload(Path(tmp) / "pareto.png", "pareto.png")
     if best is not None:
-        best_job = validate_job(job_with_params(job.model_dump(mode="json"), best["params"], output / "best"))
-        write_text_atomic(output / "best_job.yaml", yaml.safe_dump(best_job.model_dump(mode="json"), sort_keys=False))
-        report["best_job"] = str(output / "best_job.yaml")
-    write_json_atomic(output / "sweep.json", report)
+        best_job = validate_job(job_with_params(job.model_dump(mode="json"), best["params"], output.child("best")))
+        output.write_text("best_job.yaml", yaml.safe_dump(best_job.model_dump(mode="json"), sort_keys=False))
+        report["best_job"] = output.child("best_job.yaml")
+    output.write_text("sweep.json", json.dumps(report, indent=2, default=float))
     return report

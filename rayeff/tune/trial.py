@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -24,16 +23,16 @@ def objective_keys(sweep: SweepSpec) -> list[str]:
     return [f"objective_{i}" for i in range(len(sweep.objectives))]
 
 
-def job_with_params(base: dict, params: dict, output_dir: Path) -> dict:
+def job_with_params(base: dict, params: dict, output_dir: str) -> dict:
     """The base job (a dump) with tuned parameters set and its own output folder."""
     raw = copy.deepcopy(base)
     for key, value in params.items():
         set_field(raw, key, value)
-    raw["output_dir"], raw["resume"] = str(output_dir), False
+    raw["output_dir"], raw["resume"] = output_dir, False
     return raw
 
 
-def trial_job(base: dict, params: dict, sweep: SweepSpec, output_dir: Path) -> JobSpec:
+def trial_job(base: dict, params: dict, sweep: SweepSpec, output_dir: str) -> JobSpec:
     """A trial's job: the base job with its parameters and the sweep's per-trial settings; raises UserError when
     the combination is not a valid job."""
     raw = job_with_params(base, params, output_dir)
@@ -42,7 +41,7 @@ def trial_job(base: dict, params: dict, sweep: SweepSpec, output_dir: Path) -> J
     if sweep.scheduler is not None:   # ASHA needs an evaluated, reported objective every interval
         every = sweep.scheduler.report_every_steps
         raw["training"]["eval_every"] = raw["training"]["checkpoint_every"] = every
-    return validate_job(raw, f"trial {output_dir.name}")
+    return validate_job(raw, f"trial {output_dir.rsplit('/', 1)[-1]}")
 
 
 class ReportObjectives(TuneReportCallback):
@@ -70,16 +69,19 @@ def run_trial(config: dict, base: dict, sweep: dict, sweep_dir: str, limits) -> 
     and goes on."""
     from ray import tune
 
+    from rayeff.cluster.storage import Storage
     from rayeff.train.runner import finish, make_trainer, prepare
 
     spec = SweepSpec.model_validate(sweep)
     trial_id = tune.get_context().get_trial_id()
     try:
-        job = trial_job(base, config, spec, Path(sweep_dir) / "trials" / trial_id)
+        sweep_storage = Storage(sweep_dir)
+        job = trial_job(base, config, spec, sweep_storage.child("trials", trial_id))
         source = prepare(job)
-        Path(job.output_dir).mkdir(parents=True, exist_ok=True)
+        Storage(job.output_dir).make()
         trainer = make_trainer(job, source, callbacks=[ReportObjectives(sweep, job.model_dump(mode="json"))],
-                               sweep_limits=limits, trial_key=trial_id, run_name=Path(sweep_dir).name)
+                               sweep_limits=limits, trial_key=trial_id,
+                               run_name=sweep_storage.location.rsplit("/", 1)[-1])
         summary = finish(job, trainer.fit())
     except Exception as err:  # noqa: BLE001  (recorded, not raised: one bad trial must not end the sweep)
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
