@@ -1,6 +1,6 @@
 """Cluster operations: storage locations, job submission through Ray's Jobs API to a real Ray head on 127.0.0.1
-(token authentication on), live metrics scraped from the head's Prometheus endpoint, `rayeff status`, a
-multi-node cluster that refuses node-local storage, and runs written to an S3 server on loopback (moto)."""
+(token authentication on) with a run written to an S3 server on loopback (moto), live metrics scraped from the
+head's Prometheus endpoint, `rayeff status`, and node-local storage refused on a multi-node cluster."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from rayeff.cluster.jobs import Cluster, stage_job, stage_sweep, submit
 from rayeff.cluster.live import METRICS, StatusBoard
 from rayeff.cluster.storage import Storage, check_shared, filesystem_type
 from rayeff.errors import UserError
+from rayeff.train.runner import check_output_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -62,13 +63,9 @@ def test_local_storage_writes_whole_files_and_lists_folders(tmp_path):
     assert out.child("trials", "t1") == f"{out.location}/trials/t1"
 
 
-def test_storage_refuses_options_in_the_uri_and_sweeps_refuse_object_stores(tmp_path):
-    from rayeff.tune.spec import SweepSpec
-
+def test_storage_refuses_options_in_the_uri():
     with pytest.raises(UserError, match="AWS_ENDPOINT_URL"):
         Storage("s3://bucket/run?endpoint_override=localhost:9000")
-    with pytest.raises(ValueError, match="filesystem path"):
-        SweepSpec(base_job="j.yaml", search_space="s.yaml", num_trials=1, output_dir="s3://bucket/sweep")
 
 
 def test_filesystem_type_reads_the_mount_that_holds_a_path(tmp_path):
@@ -174,7 +171,7 @@ def _stop_ray_processes_of(temp_dir: str, starters: list[subprocess.Popen]) -> N
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(s3_server):
     """`ray start --head` on 127.0.0.1 with token authentication, the dashboard and the metrics export on free
     ports. Clients get the token the documented way: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")   # short: Ray's socket paths must stay under 108 bytes
@@ -230,7 +227,7 @@ def scrape(url: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_submit_follow_status_metrics_and_stop_on_a_real_head(ray_head, tmp_path, glue_dir):
+def test_submit_follow_status_metrics_and_stop_on_a_real_head(ray_head, s3_server, tmp_path, glue_dir):
     env = ray_head["env"]
     job = tmp_path / "tiny.yaml"
     job.write_text(TINY_JOB)
@@ -249,9 +246,18 @@ def test_submit_follow_status_metrics_and_stop_on_a_real_head(ray_head, tmp_path
     refused = rayeff("submit", bad, "--address", ray_head["dashboard"], env=env)
     assert refused.returncode == 2 and "fulll" in refused.stderr
     assert rayeff("jobs", "list", "--address", ray_head["dashboard"], env=env).stdout == ""
+    unknown = rayeff("jobs", "status", "rayeff-run-nothing", "--address", ray_head["dashboard"], env=env)
+    assert unknown.returncode == 2 and "rayeff-run-nothing does not exist" in unknown.stderr
 
-    # A small job, followed to its end.
-    out = tmp_path / "small"
+    # A long job, started first so that it runs beside the small one (both fit the head's 2 CPUs).
+    long_out = tmp_path / "long"
+    started = rayeff("submit", job, "--address", ray_head["dashboard"], "--data-dir", glue_dir, "--output", long_out,
+                     "--set", "training.max_steps=100000", "--set", "training.log_every=5", env=env)
+    assert started.returncode == 0, started.stderr[-3000:]
+    long_id = started.stdout.strip()
+
+    # A small job, followed to its end, writing its checkpoint and results to S3.
+    out = f"{s3_server}/runs/small"
     done = rayeff("submit", job, "--address", ray_head["dashboard"], "--data-dir", glue_dir, "--output", out,
                   "--follow", env=env)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
@@ -260,16 +266,17 @@ def test_submit_follow_status_metrics_and_stop_on_a_real_head(ray_head, tmp_path
     assert f"wrote {out}/result.json" in done.stdout          # the job's own log, streamed
     assert rayeff("jobs", "status", submission_id, "--address", ray_head["dashboard"], env=env).stdout.strip() \
         == "SUCCEEDED"
-    assert json.loads((out / "result.json").read_text())["time"]["steps"] == 4
     listed = rayeff("jobs", "list", "--address", ray_head["dashboard"], env=env).stdout
-    assert submission_id in listed and "SUCCEEDED" in listed and str(out) in listed
+    assert submission_id in listed and "SUCCEEDED" in listed and out in listed and long_id in listed
+    stored = Storage(out)
+    assert stored.names() == ["final", "job.yaml", "result.json", "train"]
+    assert "step_00000004" in stored.names("train") and stored.names("final") == ["trainable.safetensors"]
+    result = json.loads(stored.read_text("result.json"))
+    assert result["output_dir"] == out and result["time"]["steps"] == 4
+    with pytest.raises(UserError, match="already holds a run"):   # a second run there is refused
+        check_output_dir(stored, resume=False)
 
-    # A long job: its metrics grow on the head's Prometheus endpoint, `rayeff status` shows it, then it is stopped.
-    long_out = tmp_path / "long"
-    started = rayeff("submit", job, "--address", ray_head["dashboard"], "--data-dir", glue_dir, "--output", long_out,
-                     "--set", "training.max_steps=100000", "--set", "training.log_every=5", env=env)
-    assert started.returncode == 0, started.stderr[-3000:]
-    long_id = started.stdout.strip()
+    # The long job's metrics grow on the head's Prometheus endpoint, `rayeff status` shows it, then it is stopped.
     readings, deadline = [], time.time() + 300
     while len(readings) < 3 and time.time() < deadline:
         energy = scrape(ray_head["metrics"]).get("long")
@@ -288,62 +295,3 @@ def test_submit_follow_status_metrics_and_stop_on_a_real_head(ray_head, tmp_path
                                             env=env).stdout.strip() != "STOPPED":
         time.sleep(1)
     assert rayeff("jobs", "status", long_id, "--address", ray_head["dashboard"], env=env).stdout.strip() == "STOPPED"
-
-
-# -- an S3 server on loopback -----------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 server on a free port, and the environment pyarrow reads it from (set before Ray starts, so the
-    workers inherit it)."""
-    port = free_port()
-    server = subprocess.Popen([BIN / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import pyarrow.fs
-
-        deadline = time.time() + 60
-        while True:
-            try:
-                fs, bucket = pyarrow.fs.FileSystem.from_uri("s3://rayeff-test?allow_bucket_creation=true")
-                fs.create_dir(bucket)
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, "moto_server did not start"
-                time.sleep(0.5)
-        yield "s3://rayeff-test"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.mark.slow
-def test_a_run_writes_checkpoints_and_results_to_s3_and_refuses_a_second_run_there(s3_server, local_ray, tmp_path,
-                                                                                    glue_dir):
-    from rayeff.config import validate_job
-    from rayeff.train.runner import run_job
-
-    raw = yaml.safe_load(TINY_JOB)
-    raw["data"]["data_dir"] = str(glue_dir)
-    raw["training"]["checkpoint_every"] = 2
-    raw["output_dir"] = f"{s3_server}/runs/tiny"
-    result = run_job(validate_job(raw), show_progress=False)
-    assert result["output_dir"] == f"{s3_server}/runs/tiny" and result["time"]["steps"] == 4
-    out = Storage(result["output_dir"])
-    assert out.names() == ["final", "job.yaml", "result.json", "train"]
-    assert {"step_00000002", "step_00000004"} <= set(out.names("train"))
-    assert "trainable.safetensors" in out.names("final")
-    stored = json.loads(out.fs.open_input_stream(f"{out.root}/result.json").read())
-    assert stored["metrics"] == result["metrics"]
-    with pytest.raises(UserError, match="already holds a run"):
-        run_job(validate_job(raw), show_progress=False)
-    check_shared(result["output_dir"])   # an object store is shared by every node

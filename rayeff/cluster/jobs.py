@@ -74,9 +74,9 @@ class Cluster:
             return getattr(self.client, method)(*args, **kwargs)
         except self._auth_error as err:
             raise auth_error(self.address, err) from None
-        except RuntimeError as err:   # the Jobs API's answer to an unknown id or a refused request
+        except RuntimeError as err:   # "Request failed with status code 404: Job x does not exist.."
             first = (str(err).strip().splitlines() or ["refused"])[0]
-            raise UserError(f"{self.address}: {first}") from None
+            raise UserError(f"{self.address}: {first.split(': ', 1)[-1].rstrip('.')}") from None
 
     def status(self, submission_id: str) -> str:
         return str(self.call("get_job_status", submission_id).value)
@@ -126,8 +126,9 @@ def stage_sweep(path: str, overrides: list[str], data_dir: str | None, folder: P
 
 
 def submit(path: str, overrides: list[str], data_dir: str | None, address: str | None, resume: bool = False
-           ) -> tuple[Cluster, str]:
-    """Validate the job or sweep here (nothing is submitted if it fails), then submit it; returns the id."""
+           ) -> tuple[Cluster, str, str]:
+    """Validate the job or sweep here (nothing is submitted if it fails), then submit it; returns the client, the
+    submission id and the output location as the cluster will see it."""
     import rayeff
 
     raw = read_yaml_mapping(path, "job or sweep", "a job's `data` and `method`, or a sweep's `base_job`")
@@ -147,7 +148,7 @@ def submit(path: str, overrides: list[str], data_dir: str | None, address: str |
                                   "excludes": ["__pycache__"]})
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return cluster, submission_id
+    return cluster, submission_id, metadata["output_dir"]
 
 
 def job_rows(cluster: Cluster) -> list[dict]:
