@@ -65,6 +65,9 @@ class MethodConfig(Spec):
 
     name: str
 
+    def check_job(self, job: JobSpec) -> None:
+        """Raise ValueError when the rest of the job does not suit this method (a method's own cross-field rules)."""
+
 
 class TrainingSpec(Spec):
     epochs: float | None = Field(None, gt=0, description="passes over the training set (default 1)")
@@ -154,6 +157,7 @@ class JobSpec(Spec):
         elif self.training.batch_size % self.scaling.num_workers:
             raise ValueError(f"training.batch_size ({self.training.batch_size}) must be a multiple of "
                              f"scaling.num_workers ({self.scaling.num_workers})")
+        self.method.check_job(self)
         return self
 
     def micro_batch_size(self) -> int:

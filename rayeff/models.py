@@ -149,6 +149,16 @@ def load_backbone(source: ModelSource, dropout: float | None = None) -> nn.Modul
     return AutoModel.from_pretrained(source.weights, config=config)
 
 
+def backbone_skeleton(source: ModelSource) -> nn.Module:
+    """The backbone's structure without its weights: built on the meta device (a tiny config is simply built)."""
+    from transformers import AutoConfig, AutoModel
+
+    if source.tiny_config is not None:
+        return load_backbone(source)
+    with torch.device("meta"):
+        return AutoModel.from_config(AutoConfig.from_pretrained(source.weights))
+
+
 class ClassificationHead(nn.Module):
     """mlp: dropout -> dense -> tanh -> dropout -> out (RoBERTa's head); linear: dropout -> out. Trained by every
     method; it runs in its own dtype (float32 when a zeroth-order method keeps the backbone in bf16/fp16)."""

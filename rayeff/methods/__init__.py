@@ -21,6 +21,7 @@ class MethodDefinition:
     name: str
     config_cls: type[MethodConfig]
     build: Callable[..., nn.Module]    # (classifier: SequenceClassifier, config) -> model to train
+    check: Callable[..., None] | None = None   # (config, backbone built without weights): UserError if they clash
 
 
 METHODS: dict[str, MethodDefinition] = {}
@@ -48,4 +49,4 @@ def trainable_parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-from rayeff.methods import adazeta, full, lora, mezo, read  # noqa: E402,F401  (registration)
+from rayeff.methods import adazeta, full, lora, mezo, moe, read  # noqa: E402,F401  (registration)

@@ -26,7 +26,7 @@ from rayeff.config import JobSpec
 from rayeff.data.glue import check_data_dir, get_task
 from rayeff.errors import UserError
 from rayeff.methods import get_method
-from rayeff.models import ModelSource, load_tokenizer, resolve_model
+from rayeff.models import ModelSource, backbone_skeleton, load_tokenizer, resolve_model
 from rayeff.train.worker import TRAINABLE_FILE, train_loop_per_worker
 
 TRAIN_DIR = "train"
@@ -52,7 +52,9 @@ def prepare(job: JobSpec) -> ModelSource:
 
     check_data_dir(job.data.task, job.data.data_dir)
     source = resolve_model(job.model.name)
-    get_method(job.method.name)
+    method = get_method(job.method.name)
+    if method.check is not None:
+        method.check(job.method, backbone_skeleton(source))
     check_output_dir(Storage(job.output_dir), job.resume)
     try:
         load_train_and_dev(job.data, load_tokenizer(source), job.training.max_seq_length)

@@ -58,16 +58,9 @@ def describe_setting(job: JobSpec, train_size: int) -> dict:
 
 def model_family_and_size(source) -> tuple[str, int]:
     """The backbone's model type and parameter count, from its config alone (built on the meta device)."""
-    import torch
-    from transformers import AutoConfig, AutoModel
+    from rayeff.models import backbone_skeleton
 
-    from rayeff.models import load_backbone
-
-    if source.tiny_config is not None:
-        model = load_backbone(source)
-    else:
-        with torch.device("meta"):
-            model = AutoModel.from_config(AutoConfig.from_pretrained(source.weights))
+    model = backbone_skeleton(source)
     return model.config.model_type, sum(p.numel() for p in model.parameters())
 
 
