@@ -78,9 +78,11 @@ class FirstOrderWorker(Worker):
         with self.activations:
             logits = self.engine(**batch)
             loss = loss_fn(logits, batch["labels"], self.task.is_regression)
-        # The mean loss before the update: if any worker's is not finite, no worker steps (the run diverged).
+        # The mean task loss before the update: if any worker's is not finite, no worker steps (the run diverged).
         mean_loss = mean_over_workers([loss.item()], self.device)[0]
         if math.isfinite(mean_loss):
+            for layer in self.moe:   # the routers' auxiliary losses join the task loss in what is minimised
+                loss = loss + layer.loss_term()
             self.engine.backward(loss)
             self.engine.step()
         if self.device.type == "cuda":

@@ -34,6 +34,7 @@ from rayeff.data.tokenized import Collator, load_train_and_dev
 from rayeff.measure.energy import combine, make_meter
 from rayeff.measure.memory import DevicePeak
 from rayeff.methods import get_method
+from rayeff.mixture_of_experts import coefficient_of_variation, moe_layers, parameter_figures
 from rayeff.models import ModelSource, build_classifier, load_tokenizer
 from rayeff.quiet import quiet_libraries
 
@@ -131,6 +132,7 @@ class Worker:
                                 self.task.is_regression)
         model = get_method(self.job.method.name).build(classifier, self.job.method)
         self.model = model  # the method's module (`self.module` may be an engine around it)
+        self.moe = moe_layers(model)   # Mixture-of-Experts layers, whose routing is reported (rayeff/methods/moe.py)
         self.total_steps = self._total_steps()
         self.setup(model)
         self.meter = make_meter(self.job.energy.meter, self.device, self.job.energy.watts_per_cpu)
@@ -243,7 +245,33 @@ class Worker:
             merged.update(part)
         keys = sorted(merged)
         labels = self.dev_set["label"]
+        if self.moe:
+            self.record_routing()
         return compute_metrics(self.task.name, [merged[k] for k in keys], [labels[k] for k in keys])
+
+    def record_routing(self) -> None:
+        """The MoE layers' training load since the last record, summed over workers: per-expert assignments and
+        their coefficient of variation, the fraction dropped for capacity, and the latest auxiliary losses."""
+        counts = all_gather([layer.take_counts() for layer in self.moe])
+        layers = []
+        for i, layer in enumerate(self.moe):
+            load = [sum(worker[i][0][e] for worker in counts) for e in range(layer.num_experts)]
+            dropped, assigned = (sum(worker[i][j] for worker in counts) for j in (1, 2))
+            layers.append({"load": load, "load_cv": coefficient_of_variation(load),
+                           "dropped_fraction": dropped / max(assigned, 1), "aux_loss": float(layer.aux_loss),
+                           "z_loss": float(layer.z_loss)})
+        if sum(sum(x["load"]) for x in layers):
+            self.state.extra.setdefault("moe_routing", []).append(
+                {"step": self.state.step, "load_cv": float(np.mean([x["load_cv"] for x in layers])),
+                 "dropped_fraction": float(np.mean([x["dropped_fraction"] for x in layers])), "layers": layers})
+
+    def route_first_batch(self) -> None:
+        """The routing of the untrained router (step 0) on the first training batch: a forward in training mode
+        without gradients, with the RNG state put back so the run itself is unchanged."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
+            self.module.train()
+            self.module(**self.batch(self.epoch_batches(0)[0]))
+        self.record_routing()
 
     def energy(self) -> dict:
         """Energy of the whole run (`joules`) and of its training steps alone (`train_joules`: no start-up,
@@ -295,11 +323,15 @@ class Worker:
                      "seconds_per_sample": s.train_seconds / max(s.samples, 1)},
             "workers": self.world, "zero_stage": self.job.deepspeed.zero_stage,
             "device": self.device.type, "total_steps": self.total_steps, **self.extra_summary(),
+            **({"moe": {**parameter_figures(self.model), "routing": s.extra.get("moe_routing", [])}}
+               if self.moe else {}),
             **({"method_figures": self.model.figures()} if hasattr(self.model, "figures") else {}),
         }
 
     def run(self) -> None:
         self.restore()
+        if self.moe and self.state.step == 0:
+            self.route_first_batch()
         self.meter.start()
         t, s = self.job.training, self.state
         status = "finished"
