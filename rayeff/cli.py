@@ -7,6 +7,7 @@
     rayeff priors list [--store FILE]
     rayeff priors show ID [--store FILE]
     rayeff bench zo --job JOB.yaml --output OUT.json [--data-dir DIR] [--loss-target L] [--queries Q]
+    rayeff bench moe --job JOB.yaml --output OUT.json [--experts 4,8] [--top-k 1,2] [--data-dir DIR]
     rayeff bench priors --output OUT.json [--sweep SWEEP.yaml] [--sources sst2] [--targets stsb] [--seeds 0,1,2]
     rayeff submit JOB_OR_SWEEP.yaml --address http://HEAD:8265 [--set ...] [--data-dir DIR] [--output DIR] [--follow]
     rayeff jobs list|status ID|logs ID [--follow]|stop ID [--address http://HEAD:8265]
@@ -107,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     zo.add_argument("--queries", type=int, default=8, help="queries per step of the 1- vs 2-worker timing")
     zo.add_argument("--timing-steps", type=int, default=6, help="steps of each timing run (default 6)")
     _job_options(zo)
+    moe = kinds.add_parser("moe", help="dense fine-tuning against upcycled MoE (E experts, top-k) on the same data")
+    moe.add_argument("--job", required=True, help="a dense or moe job YAML file, e.g. jobs/bench-moe.yaml")
+    moe.add_argument("--output", required=True, help="JSON file to write")
+    moe.add_argument("--experts", default="4,8", help="comma-separated expert counts (default 4,8)")
+    moe.add_argument("--top-k", default="1,2", help="comma-separated top-k values (default 1,2)")
+    moe.add_argument("--runs-dir", help="folder for the runs (default: next to --output)")
+    _job_options(moe)
     pri = kinds.add_parser("priors", help="trials to a target dev metric with and without transferred priors")
     pri.add_argument("--sweep", default="jobs/sweep-bench-priors.yaml", help="the sweep run on every task")
     pri.add_argument("--sources", default="sst2", help="comma-separated tasks the priors are built from")
@@ -255,6 +263,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{report['median_without_priors']} without (ratio {report['ratio']:.2f}); wrote {args.output}")
         return 0
     job = job_from_args(args.job, args)
+    if args.bench == "moe":
+        from rayeff.bench.moe import bench_moe
+
+        try:
+            experts, top_ks = [int(x) for x in _names(args.experts)], [int(x) for x in _names(args.top_k)]
+        except ValueError:
+            raise UserError("--experts, --top-k: expected comma-separated integers, e.g. 4,8") from None
+        bench_moe(job, args.output, experts, top_ks, runs_dir=args.runs_dir, address=args.address,
+                  show_progress=not args.no_progress)
+        return 0
     if args.bench == "zo":
         from rayeff.bench.zo import bench_zo
 

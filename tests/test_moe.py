@@ -135,3 +135,19 @@ def test_an_upcycled_run_reports_its_moe_figures(tmp_path, glue_dir, local_ray):
     assert len(first["load"]) == 4 and sum(first["load"]) > 0 and sum(first["load"]) % 8 == 0   # 8 padded rows
     assert all(0.0 <= r["dropped_fraction"] < 1.0 and r["load_cv"] >= 0.0 for r in moe["routing"])
     assert json.loads((tmp_path / "moe" / "result.json").read_text())["moe"]["routing"] == moe["routing"]
+
+
+def test_bench_moe_runs_dense_and_each_upcycling_of_the_same_job(tmp_path):
+    from rayeff.bench.moe import moe_jobs
+
+    job = validate_job({**JOB, "method": {"name": "moe", "aux_loss_coef": 0.1,
+                                          "upcycle": {"experts": 2, "every": 2, "capacity_factor": None}}})
+    jobs = moe_jobs(job, [4, 8], [1, 2], tmp_path)
+    assert list(jobs) == ["dense", "moe-e4-k1", "moe-e4-k2", "moe-e8-k1", "moe-e8-k2"]
+    assert jobs["dense"].method.name == "full" and jobs["dense"].training == job.training
+    m = jobs["moe-e8-k2"].method
+    assert (m.upcycle.experts, m.upcycle.top_k, m.upcycle.every, m.upcycle.capacity_factor, m.aux_loss_coef) == \
+        (8, 2, 2, None, 0.1)
+    assert jobs["moe-e4-k1"].output_dir == str(tmp_path / "moe-e4-k1")
+    from_dense = moe_jobs(validate_job({**JOB, "method": {"name": "full"}}), [4], [1], tmp_path)
+    assert from_dense["moe-e4-k1"].method.upcycle == UpcycleSpec(experts=4, top_k=1)

@@ -1,0 +1,87 @@
+"""`rayeff bench moe`: dense fine-tuning against the same backbone upcycled to Mixture-of-Experts (E experts, top-k),
+on the same data, batch, steps and seed.
+
+    rayeff bench moe --job jobs/bench-moe.yaml --output moe.json --data-dir ../shared/data/glue
+
+The job is run dense (method full) and once per (experts, top_k) pair with method moe; the other upcycle settings
+(every, capacity_factor, noise) and the auxiliary-loss weights come from the job's own moe section when it has one.
+Per run: dev metric, estimated FLOPs per token and their ratio to dense, the exact tensor account, device peak,
+energy, time per sample, and the routing (load coefficient of variation and dropped fraction at step 0 and at the
+end, the final auxiliary loss).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rayeff.cluster.storage import write_json_atomic
+from rayeff.config import JobSpec, validate_job
+from rayeff.data.metrics import primary_metric
+from rayeff.errors import UserError
+from rayeff.train.runner import run_job
+
+
+def moe_jobs(job: JobSpec, experts: list[int], top_ks: list[int], runs_dir: Path) -> dict[str, JobSpec]:
+    """The dense job and one upcycled job per (experts, top_k), named dense and moe-e{E}-k{k}."""
+    base = job.model_dump(mode="json")
+    moe = dict(base["method"]) if base["method"]["name"] == "moe" else {"name": "moe", "upcycle": {}}
+    jobs = {"dense": {**base, "method": {"name": "full"}}}
+    for e in experts:
+        for k in top_ks:
+            jobs[f"moe-e{e}-k{k}"] = {**base, "method": {**moe, "upcycle": {**moe["upcycle"], "experts": e,
+                                                                            "top_k": k}}}
+    return {name: validate_job({**raw, "output_dir": str(runs_dir / name), "resume": False}, f"{name} job")
+            for name, raw in jobs.items()}
+
+
+def summarise(result: dict, metric: str, dense_flops: float) -> dict:
+    row = {"dev": result["metrics"][metric], "tensor_account_bytes": result["memory"]["tensor_account_bytes"],
+           "peak_device_bytes": result["memory"]["peak_device_bytes"], "energy_joules": result["energy"]["joules"],
+           "energy_source": result["energy"]["source"], "seconds_per_sample": result["time"]["seconds_per_sample"],
+           "trainable_params": result["memory"]["trainable_params"]}
+    moe = result.get("moe")
+    if moe is None:
+        return {**row, "flops_per_token": dense_flops, "flops_ratio_to_dense": 1.0}
+    start, end = moe["routing"][0], moe["routing"][-1]
+    return {**row, "flops_per_token": moe["flops_per_token"], "flops_ratio_to_dense": moe["flops_ratio_to_dense"],
+            "total_params": moe["total_params"], "active_params_per_token": moe["active_params_per_token"],
+            "load_cv_step0": start["load_cv"], "load_cv_end": end["load_cv"],
+            "load_cv_fell": end["load_cv"] < start["load_cv"], "dropped_fraction_step0": start["dropped_fraction"],
+            "dropped_fraction_end": end["dropped_fraction"],
+            "aux_loss_end": sum(layer["aux_loss"] for layer in end["layers"]) / len(end["layers"])}
+
+
+def bench_moe(job: JobSpec, output: str, experts: list[int], top_ks: list[int], runs_dir: str | None = None,
+              address: str | None = None, show_progress: bool = True) -> dict:
+    if not experts or not top_ks:
+        raise UserError("--experts and --top-k: give at least one value each, e.g. --experts 4,8 --top-k 1,2")
+    output_path = Path(output)
+    if not output_path.parent.is_dir():
+        raise UserError(f"--output: folder {output_path.parent} does not exist")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    runs = Path(runs_dir) if runs_dir else output_path.parent / f"{output_path.stem}-runs-{stamp}"
+    jobs = moe_jobs(job, experts, top_ks, runs)
+    results = {name: run_job(j, address=address, show_progress=show_progress) for name, j in jobs.items()}
+    metric = primary_metric(job.data.task)
+    dense_flops = next(r["moe"]["dense_flops_per_token"] for r in results.values() if "moe" in r)
+    rows = {name: summarise(r, metric, dense_flops) for name, r in results.items()}
+    dense = rows["dense"]
+    for row in rows.values():
+        row.update({f"{key}_ratio_to_dense": row[key] / dense[key] if dense[key] else None
+                    for key in ("tensor_account_bytes", "energy_joules", "seconds_per_sample")},
+                   dev_difference_to_dense=row["dev"] - dense["dev"])
+    report = {"task": job.data.task, "model": job.model.name, "primary_metric": metric,
+              "same_for_all": {"batch_size": job.training.batch_size, "max_seq_length": job.training.max_seq_length,
+                               "seed": job.training.seed, "workers": job.scaling.num_workers,
+                               "steps": {name: r["time"]["steps"] for name, r in results.items()}},
+              "flops_formula": next(r["moe"]["flops_formula"] for r in results.values() if "moe" in r),
+              "runs": rows, "results": results}
+    write_json_atomic(output_path, report)
+    for name, row in rows.items():
+        cv = f"  load CV {row['load_cv_step0']:.3f} -> {row['load_cv_end']:.3f}" if "load_cv_end" in row else ""
+        print(f"{name:<10} dev {row['dev']:.4f}  FLOPs/token x{row['flops_ratio_to_dense']:.3f}  "
+              f"energy x{row['energy_joules_ratio_to_dense']:.3f}  "
+              f"s/sample x{row['seconds_per_sample_ratio_to_dense']:.3f}{cv}")
+    print(f"rayeff: wrote {output_path}")
+    return report
