@@ -11,12 +11,12 @@ differs between the runs. Ratios are method / full, so figures from one run on o
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from rayeff.bench import output_and_runs_dir
 from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, parse_overrides, set_field, validate_job
 from rayeff.data.metrics import primary_metric
@@ -68,11 +68,7 @@ def compare_methods(job: JobSpec, methods: list[str], output: str, runs_dir: str
                     address: str | None = None, show_progress: bool = True, per_method: list[str] = ()) -> dict:
     if not methods:
         raise UserError("--methods: name at least one method, e.g. full,lora,read")
-    output_path = Path(output)
-    if not output_path.parent.is_dir():
-        raise UserError(f"--output: folder {output_path.parent} does not exist")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    runs = Path(runs_dir) if runs_dir else output_path.parent / f"{output_path.stem}-runs-{stamp}"
+    output_path, runs = output_and_runs_dir(output, runs_dir)
     jobs = method_jobs(job, methods, list(per_method), runs)
     results = {m: run_job(j, address=address, show_progress=show_progress) for m, j in jobs.items()}
     metric = primary_metric(job.data.task)

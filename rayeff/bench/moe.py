@@ -12,9 +12,9 @@ end, the final auxiliary loss).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
+from rayeff.bench import output_and_runs_dir
 from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, validate_job
 from rayeff.data.metrics import primary_metric
@@ -56,11 +56,7 @@ def bench_moe(job: JobSpec, output: str, experts: list[int], top_ks: list[int], 
               address: str | None = None, show_progress: bool = True) -> dict:
     if not experts or not top_ks:
         raise UserError("--experts and --top-k: give at least one value each, e.g. --experts 4,8 --top-k 1,2")
-    output_path = Path(output)
-    if not output_path.parent.is_dir():
-        raise UserError(f"--output: folder {output_path.parent} does not exist")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    runs = Path(runs_dir) if runs_dir else output_path.parent / f"{output_path.stem}-runs-{stamp}"
+    output_path, runs = output_and_runs_dir(output, runs_dir)
     jobs = moe_jobs(job, experts, top_ks, runs)
     results = {name: run_job(j, address=address, show_progress=show_progress) for name, j in jobs.items()}
     metric = primary_metric(job.data.task)

@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from rayeff.bench import output_and_runs_dir
 from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, validate_job
 from rayeff.data.glue import get_task
@@ -194,16 +195,12 @@ def adapter_time(job: JobSpec, repeats: int = 20) -> dict:
 def bench_zo(job: JobSpec, output: str, runs_dir: str | None = None, loss_target: float = 0.6, window: int = 5,
              queries: int = 8, timing_steps: int = 6, full_steps: int = 3, address: str | None = None,
              show_progress: bool = True) -> dict:
-    output_path = Path(output)
-    if not output_path.parent.is_dir():
-        raise UserError(f"--output: folder {output_path.parent} does not exist")
+    output_path, runs = output_and_runs_dir(output, runs_dir)
     for flag, value in (("--queries", queries), ("--window", window), ("--timing-steps", timing_steps)):
         if value < 1:
             raise UserError(f"{flag}: must be at least 1, not {value}")
     if job.method.training_loop != "zeroth_order":
         raise UserError(f"{job.method.name}: bench zo needs a job whose method is adazeta or mezo")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    runs = Path(runs_dir) if runs_dir else output_path.parent / f"{output_path.stem}-runs-{stamp}"
     conv = convergence(job, runs, loss_target, window, show_progress, address)
     report = {
         "task": job.data.task, "model": job.model.name, "k_shot": job.data.k_shot,
