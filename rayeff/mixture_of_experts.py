@@ -97,10 +97,11 @@ class MoEFeedForward(nn.Module):
         routing, logits = self.route(tokens)
         out = torch.zeros_like(tokens)
         for e, expert in enumerate(self.experts):
+            # An expert that gets no token still runs (on none): its gradient is then zeros rather than missing,
+            # so data-parallel workers all-reduce the same tensors whatever their batches routed where.
             token, choice = torch.nonzero((routing.experts == e) & routing.keep, as_tuple=True)
-            if token.numel():
-                weight = routing.weights[token, choice].to(tokens.dtype)[:, None]
-                out.index_add_(0, token, weight * expert(tokens[token]))
+            weight = routing.weights[token, choice].to(tokens.dtype)[:, None]
+            out.index_add_(0, token, weight * expert(tokens[token]))
         self.aux_loss = load_balancing_loss(routing.probs, routing.experts, self.num_experts)
         self.z_loss = router_z_loss(logits)
         if self.training:   # the load of training batches only; evaluation does not count

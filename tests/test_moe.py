@@ -56,6 +56,17 @@ def test_a_dropped_token_passes_through_as_zero_and_is_counted():
     assert layer.take_counts() == ([0, 0], 0, 0)
 
 
+def test_an_expert_without_tokens_gets_a_zero_gradient_not_none():
+    """Data-parallel workers all-reduce every expert's gradient, whichever experts their own batch used."""
+    layer = MoEFeedForward([torch.nn.Linear(2, 2) for _ in range(2)], width=2, top_k=1, capacity_factor=None)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))   # every token here -> expert 0
+    layer(torch.tensor([[[1.0, 0.5], [2.0, -1.0]]])).sum().backward()
+    unused = layer.experts[1].weight.grad
+    assert unused is not None and torch.equal(unused, torch.zeros(2, 2))
+    assert layer.experts[0].weight.grad.abs().sum() > 0
+
+
 def test_the_load_balancing_loss_is_minimal_for_balanced_routing():
     uniform = torch.full((8, 4), 0.25)
     balanced = torch.arange(8).remainder(4)[:, None]
