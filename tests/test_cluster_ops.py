@@ -263,7 +263,7 @@ def test_submit_follow_status_metrics_and_stop_on_a_real_head(ray_head, s3_serve
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     submission_id = done.stdout.splitlines()[0]
     assert submission_id.startswith("rayeff-run-tiny-")
-    assert f"wrote {out}/result.json" in done.stdout          # the job's own log, streamed
+    assert f"wrote {out}/result.json" in done.stdout and "step 4/4" in done.stdout   # the job's log, streamed
     assert rayeff("jobs", "status", submission_id, "--address", ray_head["dashboard"], env=env).stdout.strip() \
         == "SUCCEEDED"
     listed = rayeff("jobs", "list", "--address", ray_head["dashboard"], env=env).stdout

@@ -138,9 +138,8 @@ def submit(path: str, overrides: list[str], data_dir: str | None, address: str |
         command, metadata = stage(path, list(overrides), data_dir, folder)
         cluster = Cluster(address)
         submission_id = f"rayeff-{metadata['kind']}-{Path(path).stem}-{uuid.uuid4().hex[:6]}"
+        # A run's progress lines go to the job's log (plain lines: the log is no terminal).
         entrypoint = f"python -m rayeff.cli {command} --address auto" + (" --resume" if resume else "")
-        if metadata["kind"] == "run":
-            entrypoint += " --no-progress"
         cluster.call("submit_job", entrypoint=entrypoint, submission_id=submission_id,
                      metadata={f"rayeff_{k}": v for k, v in metadata.items()},
                      runtime_env={"working_dir": str(folder),
