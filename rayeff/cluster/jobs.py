@@ -30,6 +30,7 @@ from rayeff.config import load_job, read_yaml_mapping
 from rayeff.errors import UserError
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 60   # how long a submission waits for a freshly started head's job agent
 
 
 def resolve_address(address: str | None) -> str:
@@ -140,11 +141,19 @@ def submit(path: str, overrides: list[str], data_dir: str | None, address: str |
         submission_id = f"rayeff-{metadata['kind']}-{Path(path).stem}-{uuid.uuid4().hex[:6]}"
         # A run's progress lines go to the job's log (plain lines: the log is no terminal).
         entrypoint = f"python -m rayeff.cli {command} --address auto" + (" --resume" if resume else "")
-        cluster.call("submit_job", entrypoint=entrypoint, submission_id=submission_id,
-                     metadata={f"rayeff_{k}": v for k, v in metadata.items()},
-                     runtime_env={"working_dir": str(folder),
-                                  "py_modules": [str(Path(rayeff.__file__).parent)],
-                                  "excludes": ["__pycache__"]})
+        request = dict(entrypoint=entrypoint, submission_id=submission_id,
+                       metadata={f"rayeff_{k}": v for k, v in metadata.items()},
+                       runtime_env={"working_dir": str(folder), "py_modules": [str(Path(rayeff.__file__).parent)],
+                                    "excludes": ["__pycache__"]})
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                cluster.call("submit_job", **request)
+                break
+            except UserError as err:   # a head that has just started answers before its job agent is up
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return cluster, submission_id, metadata["output_dir"]
