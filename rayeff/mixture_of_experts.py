@@ -14,7 +14,13 @@ contributes zero, so the block's residual carries it through unchanged).
 Auxiliary losses: the load-balancing loss of Switch Transformer, E * sum_e f_e * P_e (f_e the fraction of
 assignments routed to expert e before dropping, P_e its mean router probability), which is 1 for perfectly balanced
 routing and grows as routing concentrates; and ST-MoE's router z-loss, mean(logsumexp(logits)^2), which keeps
-logits small.
+logits small. Padding tokens are not routed: the method hands each layer the batch's attention mask (`token_mask`).
+
+Across data-parallel workers (`distribute`), both losses are those of the global batch (counts and token numbers
+are all-reduced), and with `split_experts` each worker holds E / W of the experts: every worker routes its own
+tokens, an all-to-all sends each assignment to the worker holding its expert, and a second all-to-all brings the
+results back (GShard's expert parallelism). The backward pass sends the gradients back the same way, so an expert's
+gradient sums the contributions of every worker's tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -56,60 +63,95 @@ def within_capacity(experts: torch.Tensor, num_experts: int, capacity: int) -> t
     return (position < capacity).reshape(experts.shape[1], experts.shape[0]).t()
 
 
-def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    fraction = torch.bincount(experts.reshape(-1), minlength=num_experts).float() / experts.numel()
-    return num_experts * (fraction * probs.mean(dim=0)).sum()
+def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts: int,
+                        batch: GlobalBatch | None = None) -> torch.Tensor:
+    """Switch's E * sum_e f_e * P_e. With `batch`, f and P are those of the global batch of which these tokens are
+    one worker's share: averaged over the workers, their loss terms (and gradients) are the global batch's."""
+    if batch is None:
+        batch = GlobalBatch.local(experts, num_experts)
+    fraction = batch.assignments / (batch.tokens * experts.shape[1])
+    return num_experts * batch.workers * (fraction * probs.sum(dim=0) / batch.tokens).sum()
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+def router_z_loss(logits: torch.Tensor, batch: GlobalBatch | None = None) -> torch.Tensor:
+    tokens, workers = (logits.shape[0], 1) if batch is None else (batch.tokens, batch.workers)
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).sum() * workers / max(tokens, 1)
 
 
-class MoEFeedForward(nn.Module):
-    """Experts (modules mapping (n, width) -> (n, width)) behind a top-k router. After each forward it holds the
-    step's auxiliary losses; `take_counts` hands over the load counted since it was last called."""
+@dataclass
+class GlobalBatch:
+    """What the auxiliary losses need from the whole step's batch: assignments per expert and routed tokens."""
+    assignments: torch.Tensor   # (experts,) float
+    tokens: float
+    workers: int
 
-    def __init__(self, experts: list[nn.Module], width: int, top_k: int, capacity_factor: float | None,
-                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0):
+    @staticmethod
+    def local(experts: torch.Tensor, num_experts: int) -> GlobalBatch:
+        counts = torch.bincount(experts.reshape(-1), minlength=num_experts).float()
+        return GlobalBatch(counts, max(experts.shape[0], 1), 1)
+
+    @staticmethod
+    def over(group, experts: torch.Tensor, num_experts: int) -> GlobalBatch:
+        """Summed over the workers of `group` (one all-reduce, outside autograd: counts have no gradient)."""
+        totals = torch.cat([torch.bincount(experts.reshape(-1), minlength=num_experts),
+                            torch.tensor([experts.shape[0]], device=experts.device)]).double()
+        dist.all_reduce(totals, group=group)
+        return GlobalBatch(totals[:-1].float(), max(float(totals[-1]), 1.0), dist.get_world_size(group))
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows of `x` in `send` consecutive blocks, one per worker; returns the blocks every worker sent here. The
+    backward pass sends each row's gradient back to where the row came from."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], receive: list[int], group) -> torch.Tensor:
+        ctx.send, ctx.receive, ctx.group = send, receive, group
+        out = x.new_empty((sum(receive), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), receive, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.receive, group=ctx.group)
+        return back, None, None, None
+
+
+class RouterStatistics(nn.Module):
+    """What the training loop reads from every router, ours or a Hugging Face model's own: the step's auxiliary
+    losses (`loss_term`), and the load counted in training mode (`take_counts`). Subclasses call `observe` with
+    each forward's routing."""
+
+    def __init__(self, num_experts: int, top_k: int, aux_loss_coef: float, z_loss_coef: float):
         super().__init__()
-        if not 1 <= top_k <= len(experts):
-            raise ValueError(f"top_k {top_k} must be between 1 and the number of experts ({len(experts)})")
-        self.experts = nn.ModuleList(experts)
-        self.router = nn.Linear(width, len(experts), bias=False)
-        self.top_k, self.capacity_factor = top_k, capacity_factor
+        self.num_experts, self.top_k = num_experts, top_k
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.aux_loss = self.z_loss = torch.zeros(())
-        self.register_buffer("load", torch.zeros(len(experts), dtype=torch.long), persistent=False)
+        self.distributed, self.group = False, None    # see distribute()
+        self.token_mask: torch.Tensor | None = None   # (batch, tokens), 1 for a real token: set before each forward
+        self.register_buffer("load", torch.zeros(num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("dropped", torch.zeros(2, dtype=torch.long), persistent=False)  # dropped, assigned
 
-    @property
-    def num_experts(self) -> int:
-        return len(self.experts)
+    def distribute(self, group, split_experts: bool = False) -> None:
+        """Compute the auxiliary losses over the data-parallel `group` (None: all workers)."""
+        self.distributed, self.group = True, group
 
-    def route(self, tokens: torch.Tensor) -> tuple[Routing, torch.Tensor]:
-        logits = self.router(tokens)
-        probs, experts, weights = top_k_routing(logits, self.top_k)
-        capacity = expert_capacity(tokens.shape[0], self.num_experts, self.top_k, self.capacity_factor)
-        return Routing(probs, experts, weights, within_capacity(experts, self.num_experts, capacity)), logits
+    def real_rows(self, rows: int, device: torch.device) -> torch.Tensor | None:
+        """Which of `rows` flattened (batch, tokens) positions are not padding; None when every row counts (no
+        mask, or a mask of other positions, as for T5's decoder)."""
+        mask = self.token_mask
+        if mask is None or mask.numel() != rows:
+            return None
+        return torch.nonzero(mask.reshape(-1).to(device), as_tuple=True)[0]
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        tokens = hidden.reshape(-1, hidden.shape[-1])
-        routing, logits = self.route(tokens)
-        out = torch.zeros_like(tokens)
-        for e, expert in enumerate(self.experts):
-            # An expert that gets no token still runs (on none): its gradient is then zeros rather than missing,
-            # so data-parallel workers all-reduce the same tensors whatever their batches routed where.
-            token, choice = torch.nonzero((routing.experts == e) & routing.keep, as_tuple=True)
-            weight = routing.weights[token, choice].to(tokens.dtype)[:, None]
-            out.index_add_(0, token, weight * expert(tokens[token]))
-        self.aux_loss = load_balancing_loss(routing.probs, routing.experts, self.num_experts)
-        self.z_loss = router_z_loss(logits)
+    def observe(self, probs: torch.Tensor, experts: torch.Tensor, keep: torch.Tensor, logits: torch.Tensor) -> None:
+        batch = GlobalBatch.over(self.group, experts, self.num_experts) if self.distributed else None
+        self.aux_loss = load_balancing_loss(probs, experts, self.num_experts, batch)
+        self.z_loss = router_z_loss(logits, batch)
         if self.training:   # the load of training batches only; evaluation does not count
             with torch.no_grad():
-                self.load += torch.bincount(routing.experts.reshape(-1), minlength=self.num_experts)
-                self.dropped += torch.tensor([int((~routing.keep).sum()), routing.keep.numel()],
-                                             device=self.dropped.device)
-        return out.reshape(hidden.shape)
+                self.load += torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+                self.dropped += torch.tensor([int((~keep).sum()), keep.numel()], device=self.dropped.device)
 
     def loss_term(self) -> torch.Tensor:
         return self.aux_loss_coef * self.aux_loss + self.z_loss_coef * self.z_loss
@@ -122,8 +164,146 @@ class MoEFeedForward(nn.Module):
         return load, dropped, assigned
 
 
-def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
-    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+class MoEFeedForward(RouterStatistics):
+    """Experts (modules mapping (n, width) -> (n, width)) behind a top-k router. After each forward it holds the
+    step's auxiliary losses; `take_counts` hands over the load counted since it was last called."""
+
+    def __init__(self, experts: list[nn.Module], width: int, top_k: int, capacity_factor: float | None,
+                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0):
+        if not 1 <= top_k <= len(experts):
+            raise ValueError(f"top_k {top_k} must be between 1 and the number of experts ({len(experts)})")
+        super().__init__(len(experts), top_k, aux_loss_coef, z_loss_coef)
+        self.experts = nn.ModuleList(experts)   # the experts this worker holds: first_expert, first_expert + 1, ...
+        self.first_expert, self.split = 0, False
+        self.router = nn.Linear(width, len(experts), bias=False)
+        self.capacity_factor = capacity_factor
+
+    def distribute(self, group, split_experts: bool = False) -> None:
+        """As RouterStatistics; with `split_experts`, keep only this worker's E / W experts (the others are deleted
+        here) and exchange tokens with the other workers."""
+        super().distribute(group)
+        self.split = split_experts
+        if split_experts:
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+            if self.num_experts % world:
+                raise ValueError(f"{self.num_experts} experts cannot be split evenly over {world} workers")
+            per_worker = self.num_experts // world
+            self.first_expert = rank * per_worker
+            self.experts = nn.ModuleList(list(self.experts)[self.first_expert:self.first_expert + per_worker])
+
+    def expert_size(self) -> int:
+        return sum(p.numel() for p in self.experts[0].parameters())
+
+    def router_size(self) -> int:
+        return self.router.weight.numel()
+
+    def held_experts(self) -> int:
+        return len(self.experts)
+
+    def route(self, tokens: torch.Tensor) -> tuple[Routing, torch.Tensor]:
+        logits = self.router(tokens)
+        probs, experts, weights = top_k_routing(logits, self.top_k)
+        capacity = expert_capacity(tokens.shape[0], self.num_experts, self.top_k, self.capacity_factor)
+        return Routing(probs, experts, weights, within_capacity(experts, self.num_experts, capacity)), logits
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        real = self.real_rows(flat.shape[0], hidden.device)
+        tokens = flat if real is None else flat[real]
+        routing, logits = self.route(tokens)
+        mixed = self._mix_split(tokens, routing) if self.split else self._mix_local(tokens, routing)
+        self.observe(routing.probs, routing.experts, routing.keep, logits)
+        out = mixed if real is None else torch.zeros_like(flat).index_copy(0, real, mixed)
+        return out.reshape(hidden.shape)
+
+    def _mix_local(self, tokens: torch.Tensor, routing: Routing) -> torch.Tensor:
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            # An expert that gets no token still runs (on none): its gradient is then zeros rather than missing,
+            # so data-parallel workers all-reduce the same tensors whatever their batches routed where.
+            token, choice = torch.nonzero((routing.experts == e) & routing.keep, as_tuple=True)
+            weight = routing.weights[token, choice].to(tokens.dtype)[:, None]
+            out.index_add_(0, token, weight * expert(tokens[token]))
+        return out
+
+    def _mix_split(self, tokens: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Experts split over the workers: each kept assignment travels to its expert's worker and back."""
+        world, held = dist.get_world_size(self.group), len(self.experts)
+        token, choice = torch.nonzero(routing.keep, as_tuple=True)
+        expert = routing.experts[token, choice]
+        order = torch.argsort(expert, stable=True)            # grouped by worker, then by expert
+        token, choice, expert = token[order], choice[order], expert[order]
+        sending = torch.bincount(expert, minlength=self.num_experts)
+        receiving = torch.empty_like(sending)                  # (source worker, my expert) counts
+        dist.all_to_all_single(receiving, sending, group=self.group)
+        send = sending.view(world, held).sum(1).tolist()
+        receive = receiving.view(world, held).sum(1).tolist()
+        inbox = _AllToAll.apply(tokens[token], send, receive, self.group)
+        which = torch.arange(held, device=tokens.device).repeat(world).repeat_interleave(receiving)
+        outbox = torch.zeros_like(inbox)
+        for j, expert_module in enumerate(self.experts):      # every held expert runs, on no rows if need be
+            rows = torch.nonzero(which == j, as_tuple=True)[0]
+            outbox.index_add_(0, rows, expert_module(inbox[rows]))
+        returned = _AllToAll.apply(outbox, receive, send, self.group)
+        weight = routing.weights[token, choice].to(tokens.dtype)[:, None]
+        return torch.zeros_like(tokens).index_add_(0, token, weight * returned)
+
+
+class NativeRouter(RouterStatistics):
+    """The router of a Hugging Face MoE block (Mixtral, Qwen2-MoE, OLMoE, Switch Transformers, ...), watched by a
+    forward hook: from the logits the router returns, the same auxiliary losses and load as MoEFeedForward keeps.
+    The block computes as before; only what it routes is observed. Construct with the router module, the block's
+    experts module (all E experts) and the index of the logits in the router's output (Hugging Face's own
+    `_can_record_outputs["router_logits"]` says which)."""
+
+    def __init__(self, router: nn.Module, experts: nn.Module, logits_index: int, aux_loss_coef: float,
+                 z_loss_coef: float):
+        super().__init__(router.num_experts, getattr(router, "top_k", 1), aux_loss_coef, z_loss_coef)
+        self.logits_index = logits_index
+        self.all_expert_params = sum(p.numel() for p in experts.parameters())
+        self.router_params = sum(p.numel() for p in router.parameters())
+        # Switch's router applies expert capacity itself: its first output is the dispatch mask after dropping.
+        self.dispatch_mask = hasattr(router, "expert_capacity")
+        router.register_forward_hook(self._watch)
+        if any(True for child in experts.children() for _ in child.parameters()):   # one module per expert
+            experts.register_forward_hook(_every_expert_runs)
+
+    def _watch(self, _router, _args, output) -> None:
+        logits = output[self.logits_index].reshape(-1, self.num_experts)
+        probs = torch.softmax(logits.float(), dim=-1)
+        experts = probs.topk(self.top_k, dim=-1).indices
+        if self.dispatch_mask:
+            keep = output[0].reshape(-1, self.num_experts).sum(-1, keepdim=True) > 0
+        else:
+            keep = torch.ones_like(experts, dtype=torch.bool)
+        real = self.real_rows(logits.shape[0], logits.device)
+        if real is not None:
+            probs, experts, keep, logits = probs[real], experts[real], keep[real], logits[real]
+        self.observe(probs, experts, keep, logits)
+
+    def expert_size(self) -> int:
+        return self.all_expert_params // self.num_experts
+
+    def router_size(self) -> int:
+        return self.router_params
+
+    def held_experts(self) -> int:
+        return self.num_experts
+
+
+def _every_expert_runs(experts: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's blocks run only the experts some token chose, so a worker whose batch chose none of one expert
+    would hold no gradient for it, and data-parallel workers must reduce the same gradients. Running each expert
+    on no tokens adds nothing to the output and gives the unchosen ones a zero gradient, as in MoEFeedForward."""
+    if not torch.is_grad_enabled():
+        return output
+    nothing = args[0][:0]
+    return output + sum(expert(nothing).sum() for expert in experts.children())
+
+
+def moe_layers(model: nn.Module) -> list[RouterStatistics]:
+    """Every router of the model whose losses train and whose load is reported: upcycled layers or native ones."""
+    return [m for m in model.modules() if isinstance(m, RouterStatistics)]
 
 
 def coefficient_of_variation(counts: list[int]) -> float:
@@ -133,17 +313,20 @@ def coefficient_of_variation(counts: list[int]) -> float:
 
 
 def parameter_figures(model: nn.Module) -> dict:
-    """Total parameters, parameters active per token, and forward FLOPs per token of this model and of the dense
-    model it was upcycled from. FLOPs are an estimate: 2 x the non-embedding parameters a token passes through
-    (a multiply and an add each); attention's sequence-length term is left out of both."""
-    total = sum(p.numel() for p in model.parameters())
+    """Total parameters, parameters active per token, and forward FLOPs per token of this model and of its dense
+    counterpart (one expert per MoE block, no router: the model upcycling started from). FLOPs are an estimate:
+    2 x the non-embedding parameters a token passes through (a multiply and an add each); attention's
+    sequence-length term is left out of both."""
+    layers = moe_layers(model)
+    held_elsewhere = sum((layer.num_experts - layer.held_experts()) * layer.expert_size() for layer in layers)
+    total = sum(p.numel() for p in model.parameters()) + held_elsewhere
     tables = {id(p): p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}   # shared once
     embedding = sum(p.numel() for p in tables.values())
     inactive = dense_extra = 0
-    for layer in moe_layers(model):
-        per_expert = sum(p.numel() for p in layer.experts[0].parameters())
+    for layer in layers:
+        per_expert = layer.expert_size()
         inactive += (layer.num_experts - layer.top_k) * per_expert
-        dense_extra += (layer.num_experts - 1) * per_expert + layer.router.weight.numel()
+        dense_extra += (layer.num_experts - 1) * per_expert + layer.router_size()
     active, dense = total - inactive, total - dense_extra
     return {"total_params": total, "active_params_per_token": active, "dense_params": dense,
             "flops_per_token": 2 * (active - embedding), "dense_flops_per_token": 2 * (dense - embedding),

@@ -5,7 +5,8 @@
     model = build_classifier(source, num_labels=2)
 
 A model name is an alias (`minilm-l6`, or a tiny random-weight config: `tiny-bert`, `tiny-t5`, `tiny-gpt2`,
-`tiny-llama`), a local Hugging Face model folder, or a hub model id. Three backbone kinds are supported: encoders
+`tiny-llama`; the Mixture-of-Experts `tiny-mixtral`, `tiny-qwen2-moe`, `tiny-switch`), a local Hugging Face model
+folder, or a hub model id. Three backbone kinds are supported: encoders
 (BERT family: pooled at the first token), decoder-only models (GPT-2, Llama: pooled at the last real token) and
 encoder-decoders (T5: the decoder reads one start token; its state is pooled); `model.pooling: mean` averages the
 real tokens instead (the pooling sentence-transformers checkpoints such as MiniLM were trained with). The
@@ -36,6 +37,17 @@ TINY_CONFIGS: dict[str, dict] = {
                        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512),
     "tiny-t5": dict(model_type="t5", d_model=32, d_ff=64, d_kv=16, num_layers=2, num_decoder_layers=2,
                     num_heads=2, decoder_start_token_id=0),
+    # Mixture-of-Experts architectures: 4 experts per block
+    "tiny-mixtral": dict(model_type="mixtral", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                         num_local_experts=4, num_experts_per_tok=2),
+    "tiny-qwen2-moe": dict(model_type="qwen2_moe", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=32,
+                           shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=512),
+    "tiny-switch": dict(model_type="switch_transformers", d_model=32, d_ff=64, d_kv=16, num_layers=2,
+                        num_decoder_layers=2, num_heads=2, num_experts=4, expert_capacity=64, encoder_sparse_step=1,
+                        decoder_sparse_step=1, decoder_start_token_id=0),
 }
 
 

@@ -1,10 +1,11 @@
 """Mixture-of-Experts: routing, capacity and auxiliary losses against hand-computed cases; upcycling that leaves
-every architecture's output unchanged at step 0; bad MoE settings; an upcycled run through Ray with its figures."""
+every architecture's output unchanged at step 0; native Hugging Face MoE models (Mixtral, Qwen2-MoE, Switch) with
+their routers watched; bad MoE settings; through Ray, experts split over 2 workers following 1 worker (and resuming),
+and a tiny Mixtral whose loss falls."""
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
@@ -13,12 +14,13 @@ import yaml
 
 from rayeff.config import validate_job
 from rayeff.errors import UserError
-from rayeff.methods.moe import MoEConfig, UpcycleSpec, check, upcycle
+from rayeff.methods.moe import MoEConfig, UpcycleSpec, build, check, upcycle
 from rayeff.mixture_of_experts import (
     MoEFeedForward,
     coefficient_of_variation,
     expert_capacity,
     load_balancing_loss,
+    moe_layers,
     parameter_figures,
     router_z_loss,
     top_k_routing,
@@ -108,6 +110,68 @@ def test_every_and_noise_choose_and_perturb_the_experts():
         check(MoEConfig(upcycle=UpcycleSpec(experts=2, every=3)), backbone_skeleton(resolve_model("tiny-bert")))
 
 
+def _batch_with_padding():
+    return {"input_ids": torch.randint(5, 1000, (3, 7)),
+            "attention_mask": torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])}   # 13 real tokens
+
+
+def test_padding_is_not_routed():
+    torch.manual_seed(0)
+    model = build(build_classifier(resolve_model("tiny-bert"), 2),
+                  MoEConfig(upcycle=UpcycleSpec(experts=4, top_k=2, capacity_factor=None)))
+    layers = moe_layers(model)
+    model.train()(**_batch_with_padding())
+    assert [sum(layer.take_counts()[0]) for layer in layers] == [26, 26]    # 13 real tokens x top-2
+
+
+@pytest.mark.parametrize("model_name, routers, top_k", [("tiny-mixtral", 2, 2), ("tiny-qwen2-moe", 2, 2),
+                                                        ("tiny-switch", 4, 1)])
+def test_native_moe_models_train_their_routers_on_the_auxiliary_losses(model_name, routers, top_k):
+    torch.manual_seed(0)
+    model = build(build_classifier(resolve_model(model_name), 2), MoEConfig(z_loss_coef=0.001))
+    layers = moe_layers(model)
+    assert len(layers) == routers and all(layer.num_experts == 4 and layer.top_k == top_k for layer in layers)
+    model.train()
+    logits = model(**_batch_with_padding())
+    load, dropped, assigned = layers[0].take_counts()
+    assert sum(load) == assigned == 13 * top_k and dropped == 0
+    assert 1.0 <= layers[0].aux_loss.item() < 4.0 and layers[0].z_loss.item() > 0
+    (logits.sum() + sum(layer.loss_term() for layer in layers)).backward()
+    router = next(p for n, p in model.named_parameters() if n.endswith(("gate.weight", "router.classifier.weight")))
+    assert router.grad is not None and router.grad.abs().sum() > 0
+    # every expert has a gradient, zero if no token chose it (data-parallel workers reduce the same tensors)
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".experts." in n)
+    assert logits.shape == (3, 2)
+    figures = parameter_figures(model)
+    assert figures["total_params"] == sum(p.numel() for p in model.parameters())
+    assert figures["flops_ratio_to_dense"] > 1.1 if top_k == 2 else \
+        figures["flops_ratio_to_dense"] == pytest.approx(1.0, rel=0.1)
+
+
+@pytest.mark.parametrize("trainable", ["experts", "lora"])
+def test_native_moe_can_train_only_its_experts_or_lora_on_them(trainable):
+    model = build(build_classifier(resolve_model("tiny-mixtral"), 2),
+                  MoEConfig(trainable=trainable, freeze_router=True, lora={"rank": 4}))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(".gate." in n or "self_attn" in n or "embed" in n for n in names)
+    assert any(n.startswith("head.") for n in names)
+    experts = {n for n in names if ".experts." in n}
+    if trainable == "experts":
+        assert experts == {f"backbone.layers.{i}.mlp.experts.{w}" for i in (0, 1)
+                           for w in ("gate_up_proj", "down_proj")}
+    else:
+        assert experts and all("lora_" in n for n in experts)
+        before = model(**_batch_with_padding())   # LoRA's B starts at zero: the model is unchanged until trained
+        assert torch.isfinite(before).all()
+
+
+def test_a_native_moe_model_is_not_upcycled_and_a_dense_one_must_be():
+    with pytest.raises(UserError, match="method.upcycle: mixtral has Mixture-of-Experts blocks already"):
+        check(MoEConfig(upcycle=UpcycleSpec(experts=2)), backbone_skeleton(resolve_model("tiny-mixtral")))
+    with pytest.raises(UserError, match="method.upcycle: bert has no Mixture-of-Experts blocks"):
+        check(MoEConfig(), backbone_skeleton(resolve_model("tiny-bert")))
+
+
 JOB = {"model": {"name": "tiny-bert"}, "data": {"task": "sst2"},
        "method": {"name": "moe", "upcycle": {"experts": 4, "top_k": 1}}}
 
@@ -116,6 +180,14 @@ JOB = {"model": {"name": "tiny-bert"}, "data": {"task": "sst2"},
     ({"method": {"name": "moe", "upcycle": {"experts": 2, "top_k": 3}}}, "top_k (3) must not exceed experts (2)"),
     ({"method": {"name": "moe", "upcycle": {"experts": 1}}}, "method.upcycle.experts"),
     ({"deepspeed": {"zero_stage": 3}}, "method moe supports ZeRO stages 0, 1 and 2"),
+    ({"method": {"name": "moe", "upcycle": {"experts": 3}, "expert_parallel": True},
+      "scaling": {"num_workers": 2}, "deepspeed": {"zero_stage": 1}}, "3 experts cannot be split evenly over"),
+    ({"method": {"name": "moe", "upcycle": {"experts": 4}, "expert_parallel": True}},
+     "expert_parallel needs ZeRO stage 1 or 2"),
+    ({"method": {"name": "moe", "upcycle": {"experts": 4}, "expert_parallel": True},
+      "deepspeed": {"zero_stage": 1, "precision": "bf16"}}, "expert_parallel trains in fp32 only"),
+    ({"method": {"name": "moe", "expert_parallel": True}, "deepspeed": {"zero_stage": 1}},
+     "experts are split over workers for upcycled layers only"),
 ])
 def test_bad_moe_settings_are_one_line_errors(change, says):
     with pytest.raises(UserError, match=says.replace("(", r"\(").replace(")", r"\)")):
@@ -132,20 +204,59 @@ def test_an_every_that_selects_no_block_stops_the_cli_before_ray(tmp_path, glue_
 
 
 @pytest.mark.slow
-def test_an_upcycled_run_reports_its_moe_figures(tmp_path, glue_dir, local_ray):
+def test_experts_split_over_two_workers_follow_one_worker_resume_and_report_moe_figures(tmp_path, glue_dir,
+                                                                                        local_ray):
+    """Expert parallelism: 2 workers holding 2 of the 4 experts each give the 1-worker loss curve (global batch,
+    no capacity limit), also when stopped after 2 steps and resumed; the result carries the MoE figures."""
+    from safetensors.torch import load_file
+
     from rayeff.train.runner import run_job
 
-    raw = {**JOB, "data": {"task": "sst2", "data_dir": str(glue_dir), "train_subset": 64, "eval_subset": 32},
-           "training": {"max_steps": 8, "batch_size": 8, "lr": 1e-3, "eval_every": 4, "log_every": 4},
-           "output_dir": str(tmp_path / "moe")}
-    result = run_job(validate_job(raw), show_progress=False)
-    moe = result["moe"]
-    assert moe["flops_ratio_to_dense"] == pytest.approx(1.0, rel=0.1) and moe["total_params"] > moe["dense_params"]
-    assert [r["step"] for r in moe["routing"]] == [0, 4, 8]      # step 0, each evaluation, the end
-    first = moe["routing"][0]["layers"][0]
-    assert len(first["load"]) == 4 and sum(first["load"]) > 0 and sum(first["load"]) % 8 == 0   # 8 padded rows
+    def job(name, workers, **changes):
+        return validate_job({
+            "model": {"name": "tiny-bert", "dropout": 0.0},
+            "data": {"task": "sst2", "data_dir": str(glue_dir), "train_subset": 64, "eval_subset": 32},
+            "method": {"name": "moe", "expert_parallel": True, "aux_loss_coef": 0.1, "z_loss_coef": 0.01,
+                       "upcycle": {"experts": 4, "top_k": 2, "noise": 0.05, "capacity_factor": None}},
+            "training": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "eval_every": 4, "log_every": 2,
+                         "max_grad_norm": 1.0},
+            "scaling": {"num_workers": workers}, "deepspeed": {"zero_stage": 1}, "output_dir": str(tmp_path / name),
+            **changes})
+
+    one = run_job(job("ep1", 1), show_progress=False)
+    stopped = run_job(job("ep2", 2, energy={"budget_j": 1e-9}), show_progress=False)
+    assert stopped["status"] == "stopped: energy budget" and stopped["time"]["steps"] == 2
+    two = run_job(job("ep2", 2, resume=True), show_progress=False)
+    assert two["status"] == "finished" and len(two["loss_history"]) == 6
+    for step, (a, b) in enumerate(zip(one["loss_history"], two["loss_history"])):
+        assert abs(a - b) / abs(a) < 1e-4, (step, a, b)
+    assert one["loss_history"][-1] != one["loss_history"][0]
+    moe = two["moe"]
+    assert moe["total_params"] == one["moe"]["total_params"] > moe["dense_params"]
+    assert two["memory"]["param_bytes"] < one["memory"]["param_bytes"]   # each worker holds half the experts
+    assert [r["step"] for r in moe["routing"]] == [0, 2, 4, 6]      # step 0, the stop, the evaluation, the end
+    assert moe["routing"][0]["layers"][0]["load"] == one["moe"]["routing"][0]["layers"][0]["load"]
     assert all(0.0 <= r["dropped_fraction"] < 1.0 and r["load_cv"] >= 0.0 for r in moe["routing"])
-    assert json.loads((tmp_path / "moe" / "result.json").read_text())["moe"]["routing"] == moe["routing"]
+    a, b = (load_file(str(tmp_path / name / "final" / "trainable.safetensors")) for name in ("ep1", "ep2"))
+    assert set(a) == set(b) and any(".experts.3." in k for k in b)    # every expert, under its unsplit name
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+@pytest.mark.slow
+def test_a_tiny_mixtral_fine_tunes_and_its_loss_falls(tmp_path, glue_dir, local_ray):
+    from rayeff.train.runner import run_job
+
+    result = run_job(validate_job({
+        "model": {"name": "tiny-mixtral", "dropout": 0.0},
+        "data": {"task": "sst2", "data_dir": str(glue_dir), "train_subset": 32, "eval_subset": 32},
+        "method": {"name": "moe", "aux_loss_coef": 0.02, "z_loss_coef": 0.001},
+        "training": {"epochs": 6, "batch_size": 8, "lr": 3e-3, "log_every": 4},
+        "output_dir": str(tmp_path / "mixtral")}), show_progress=False)
+    losses = result["loss_history"]
+    assert len(losses) == 24 and sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    assert result["moe"]["total_params"] == result["memory"]["total_params"]
+    assert [r["step"] for r in result["moe"]["routing"]] == [0, 24]
+    assert all(len(layer["load"]) == 4 for layer in result["moe"]["routing"][-1]["layers"])
 
 
 def test_bench_moe_runs_dense_and_each_upcycling_of_the_same_job(tmp_path):

@@ -29,8 +29,8 @@ def moe_jobs(job: JobSpec, experts: list[int], top_ks: list[int], runs_dir: Path
     jobs = {"dense": {**base, "method": {"name": "full"}}}
     for e in experts:
         for k in top_ks:
-            jobs[f"moe-e{e}-k{k}"] = {**base, "method": {**moe, "upcycle": {**moe["upcycle"], "experts": e,
-                                                                            "top_k": k}}}
+            upcycled = {**(moe.get("upcycle") or {}), "experts": e, "top_k": k}
+            jobs[f"moe-e{e}-k{k}"] = {**base, "method": {**moe, "upcycle": upcycled}}
     return {name: validate_job({**raw, "output_dir": str(runs_dir / name), "resume": False}, f"{name} job")
             for name, raw in jobs.items()}
 

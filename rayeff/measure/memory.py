@@ -86,20 +86,26 @@ class TensorAccount:
 
 
 def tensor_account(model: nn.Module, optimizer, activations: SavedActivationCounter, zero_stage: int,
-                   world_size: int) -> TensorAccount:
+                   world_size: int, expert_optimizer=None) -> TensorAccount:
     """Per-worker bytes. Gradients: one per trainable element in the parameter's dtype, partitioned over the workers
-    under ZeRO 2 and 3 (DeepSpeed's layout); optimizer state: every tensor the optimizer holds, counted."""
+    under ZeRO 2 and 3 (DeepSpeed's layout); optimizer state: every tensor the optimizer holds, counted. Split
+    experts (`expert_optimizer`, rayeff/train/expert_optimizer.py) keep whole gradients and their own state."""
     params = list(model.parameters())
+    apart = {id(p) for p in expert_optimizer.params} if expert_optimizer is not None else set()
     trainable = [p for p in params if p.requires_grad]
-    grad_elems = sum(_logical_numel(p) * p.element_size() for p in trainable)
+    grad_elems = sum(_logical_numel(p) * p.element_size() for p in trainable if id(p) not in apart)
     if zero_stage >= 2:
         grad_elems = -(-grad_elems // world_size)
+    grad_elems += sum(p.numel() * p.element_size() for p in trainable if id(p) in apart)
+    optimizer_bytes = optimizer_state_bytes(optimizer) if optimizer is not None else 0
+    if expert_optimizer is not None:
+        optimizer_bytes += optimizer_state_bytes(expert_optimizer.optimizer)
     return TensorAccount(
         trainable_params=sum(_logical_numel(p) for p in trainable),
         total_params=sum(_logical_numel(p) for p in params),
         param_bytes=sum(_local_numel(p) * p.element_size() for p in params),
         grad_bytes=grad_elems,
-        optimizer_state_bytes=optimizer_state_bytes(optimizer) if optimizer is not None else 0,
+        optimizer_state_bytes=optimizer_bytes,
         peak_activation_bytes=activations.peak_bytes,
     )
 

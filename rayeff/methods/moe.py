@@ -1,12 +1,18 @@
-"""Mixture-of-Experts fine-tuning by upcycling: every n-th feed-forward block of a dense backbone becomes E experts,
-each a copy of that block (plus optional noise), behind a learned top-k router (rayeff/mixture_of_experts.py).
+"""Mixture-of-Experts fine-tuning, of a model that has MoE blocks or of a dense one turned into one (upcycling).
 
-    method: {name: moe, upcycle: {experts: 4, top_k: 1, every: 2}, aux_loss_coef: 0.01}
+    method: {name: moe, aux_loss_coef: 0.01}                                        # Mixtral, Qwen2-MoE, Switch, ...
+    method: {name: moe, upcycle: {experts: 4, top_k: 1, every: 2}, expert_parallel: true}    # BERT, GPT-2, Llama, T5
 
-With identical experts (noise 0) and no token dropped, the upcycled model computes exactly what the dense one did,
-so fine-tuning starts from the dense model's quality. Blocks found per architecture: BERT-style encoders
-(intermediate + output projection; the residual LayerNorm stays shared), GPT-2 and Llama blocks (`mlp`), T5
-(`DenseReluDense`, encoder then decoder).
+Upcycling: every n-th feed-forward block becomes E experts, each a copy of that block (plus optional noise), behind a
+learned top-k router (rayeff/mixture_of_experts.py). With identical experts (noise 0) and no token dropped, the
+upcycled model computes exactly what the dense one did, so fine-tuning starts from the dense model's quality. Blocks
+found per architecture: BERT-style encoders (intermediate + output projection; the residual LayerNorm stays shared),
+GPT-2 and Llama blocks (`mlp`), T5 (`DenseReluDense`, encoder then decoder). With `expert_parallel`, each of W
+workers holds E / W of every layer's experts (rayeff/train/expert_optimizer.py steps them).
+
+A native MoE model keeps its own blocks; its routers are watched (NativeRouter), so the same auxiliary losses join
+the task loss and the same load figures are reported. Both kinds can train everything, only the experts and
+routers, or LoRA adapters on the experts, with the routers frozen or not.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from torch import nn
 from rayeff.config import MethodConfig, Spec
 from rayeff.errors import UserError
 from rayeff.methods import MethodDefinition, register_method
-from rayeff.mixture_of_experts import MoEFeedForward
+from rayeff.mixture_of_experts import MoEFeedForward, NativeRouter
 
 
 class UpcycleSpec(Spec):
@@ -40,20 +46,47 @@ class UpcycleSpec(Spec):
         return self
 
 
+class ExpertLoraSpec(Spec):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+
+
 class MoEConfig(MethodConfig):
     name: Literal["moe"] = "moe"
-    upcycle: UpcycleSpec
+    upcycle: UpcycleSpec | None = Field(None, description="turn a dense backbone's feed-forward blocks into experts; "
+                                                          "leave out for a model that has MoE blocks already")
     aux_loss_coef: float = Field(0.01, ge=0.0, description="weight of the load-balancing loss (Switch: 0.01)")
     z_loss_coef: float = Field(0.0, ge=0.0, description="weight of the router z-loss (ST-MoE: 0.001)")
-    trainable: Literal["all", "experts"] = Field(
-        "all", description="all: every weight; experts: the experts, routers and head only")
+    trainable: Literal["all", "experts", "lora"] = Field(
+        "all", description="all: every weight; experts: the experts, routers and head only; lora: LoRA adapters "
+                           "on the experts, with the routers and head")
+    lora: ExpertLoraSpec = Field(default_factory=ExpertLoraSpec, description="the adapters of trainable: lora")
     freeze_router: bool = Field(False, description="keep the routers at their initial weights")
+    expert_parallel: bool = Field(False, description="split each upcycled layer's experts over the workers (E / W "
+                                                     "each, tokens exchanged by all-to-all) instead of replicating")
 
     def check_job(self, job) -> None:
         if job.deepspeed.zero_stage == 3:
-            raise ValueError("deepspeed.zero_stage: method moe supports ZeRO stages 0, 1 and 2 (DeepSpeed-MoE "
-                             "partitions expert weights within expert-parallel groups, which ZeRO-3 does not); "
-                             "set zero_stage to 2 or lower")
+            raise ValueError("deepspeed.zero_stage: method moe supports ZeRO stages 0, 1 and 2 (ZeRO-3 gathers "
+                             "each weight collectively when its module runs, and which experts run depends on each "
+                             "worker's tokens); set zero_stage to 2 or lower")
+        if not self.expert_parallel:
+            return
+        if self.upcycle is None:
+            raise ValueError("method.expert_parallel: experts are split over workers for upcycled layers only "
+                             "(a native MoE model's experts are replicated); set upcycle or drop expert_parallel")
+        if self.trainable == "lora":
+            raise ValueError("method.trainable: lora is not combined with expert_parallel; use all or experts")
+        workers = job.scaling.num_workers
+        if self.upcycle.experts % workers:
+            raise ValueError(f"method.upcycle.experts: {self.upcycle.experts} experts cannot be split evenly over "
+                             f"scaling.num_workers ({workers}) with expert_parallel; use a multiple of {workers}")
+        if job.deepspeed.zero_stage == 0:
+            raise ValueError("deepspeed.zero_stage: expert_parallel needs ZeRO stage 1 or 2 (at stage 0 DeepSpeed "
+                             "all-reduces every gradient, which would mix different workers' experts); set 1 or 2")
+        if job.deepspeed.precision != "fp32":
+            raise ValueError(f"deepspeed.precision: expert_parallel trains in fp32 only (its experts are stepped "
+                             f"outside DeepSpeed's mixed-precision optimizer); set fp32, not {job.deepspeed.precision}")
 
 
 def ffn_sites(backbone: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -119,19 +152,85 @@ def _width(block: nn.Module) -> int:
     return first.in_features if isinstance(first, nn.Linear) else first.weight.shape[0]
 
 
+def native_routers(backbone: nn.Module) -> list[tuple[nn.Module, nn.Module, int]]:
+    """A Hugging Face MoE model's routers: (router, its block's experts, index of the logits in its output), found
+    through the router class the model itself records `router_logits` from."""
+    recorders = {(r.target_class, r.index) for m in backbone.modules()
+                 for r in [(getattr(m, "_can_record_outputs", None) or {}).get("router_logits")] if r is not None}
+    found = []
+    for name, module in backbone.named_modules():
+        for router_class, index in recorders:
+            if isinstance(module, router_class):
+                block = backbone.get_submodule(name.rpartition(".")[0])
+                if not isinstance(getattr(block, "experts", None), nn.Module):
+                    raise UserError(f"model: the router {name} has no `experts` beside it, where rayeff looks for "
+                                    f"the experts of {backbone.config.model_type} blocks; this model is not supported")
+                found.append((module, block.experts, index))
+    return found
+
+
 def build(classifier: nn.Module, config: MoEConfig) -> nn.Module:
-    layers = upcycle(classifier.backbone, config.upcycle, config.aux_loss_coef, config.z_loss_coef)
+    if config.upcycle is not None:
+        layers = upcycle(classifier.backbone, config.upcycle, config.aux_loss_coef, config.z_loss_coef)
+        routers, experts = [layer.router for layer in layers], [layer.experts for layer in layers]
+    else:
+        found = native_routers(classifier.backbone)
+        layers = [NativeRouter(router, block_experts, index, config.aux_loss_coef, config.z_loss_coef)
+                  for router, block_experts, index in found]
+        classifier.routers = nn.ModuleList(layers)   # owned by the classifier: moved, and put in train mode, with it
+        routers, experts = [f[0] for f in found], [f[1] for f in found]
+    share_token_mask(classifier, layers)
     classifier.requires_grad_(config.trainable == "all")
-    for layer in layers:
-        layer.requires_grad_(True)
-        layer.router.requires_grad_(not config.freeze_router)
+    if config.trainable == "lora":
+        _add_expert_lora(classifier, experts, config.lora)
+    else:
+        for module in experts:
+            module.requires_grad_(True)
+    for router in routers:
+        router.requires_grad_(not config.freeze_router)
     classifier.head.requires_grad_(True)
     return classifier
 
 
+def _add_expert_lora(classifier: nn.Module, experts: list[nn.Module], spec: ExpertLoraSpec) -> None:
+    """LoRA adapters (PEFT) on every expert: on their nn.Linear projections, and on fused expert weights (one 3-D
+    tensor for all E experts, as Mixtral keeps them) through PEFT's `target_parameters`."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = {id(m): n for n, m in classifier.backbone.named_modules()}
+    modules, parameters = [], []
+    for block_experts in experts:
+        prefix = names[id(block_experts)]
+        modules += [f"{prefix}.{n}" for n, m in block_experts.named_modules() if isinstance(m, nn.Linear)]
+        parameters += [f"{prefix}.{n}" for n, p in block_experts.named_parameters(recurse=False) if p.dim() == 3]
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=modules or [],
+                        target_parameters=parameters or None)
+    inject_adapter_in_model(config, classifier.backbone)   # adds trainable A/B; the rest is frozen above
+
+
+def share_token_mask(classifier: nn.Module, layers: list[MoEFeedForward]) -> None:
+    """Before each forward, hand the layers the batch's attention mask, so that padding is not routed: it would
+    count in the load and the auxiliary losses, and take expert capacity."""
+    def hand_over(_module, _args, kwargs):
+        for layer in layers:
+            layer.token_mask = kwargs.get("attention_mask")
+
+    classifier.register_forward_pre_hook(hand_over, with_kwargs=True)
+
+
 def check(config: MoEConfig, backbone: nn.Module) -> None:
-    """Before anything runs: the blocks `every` selects exist in this backbone (built without weights)."""
-    chosen_sites(backbone, config.upcycle)
+    """Before anything runs, against the backbone built without weights: a native MoE model is not upcycled again,
+    a dense one is, and the blocks `every` selects exist."""
+    native = native_routers(backbone)
+    kind = backbone.config.model_type
+    if native and config.upcycle is not None:
+        raise UserError(f"method.upcycle: {kind} has Mixture-of-Experts blocks already ({len(native)} routers); "
+                        "leave upcycle out to fine-tune them")
+    if not native and config.upcycle is None:
+        raise UserError(f"method.upcycle: {kind} has no Mixture-of-Experts blocks; set upcycle: {{experts: 4}} to "
+                        "turn its feed-forward blocks into experts")
+    if config.upcycle is not None:
+        chosen_sites(backbone, config.upcycle)
 
 
 register_method(MethodDefinition("moe", MoEConfig, build, check))

@@ -1,6 +1,7 @@
 """The first-order training loop: forward, `engine.backward(loss)`, `engine.step()` on every worker.
 
-Every first-order method (full, lora, read) trains through one DeepSpeed engine, whose ZeRO stage comes from the job.
+Every first-order method (full, lora, read, moe) trains through one DeepSpeed engine, whose ZeRO stage comes from
+the job; experts split over workers (moe with expert_parallel) are stepped beside it by an ExpertOptimizer.
 The batch size in the job is global: each of the N workers takes batch_size / N examples of the same shuffled
 order (DistributedSampler's interleaving), so 1 worker and N workers see the same global batch at every step.
 Checkpoints are DeepSpeed's (weights, optimizer, LR schedule) plus the trained weights alone on rank 0.
@@ -18,6 +19,7 @@ import torch
 
 from rayeff.config import JobSpec
 from rayeff.measure.memory import SavedActivationCounter, tensor_account
+from rayeff.train.expert_optimizer import ExpertOptimizer, expert_parameters
 from rayeff.train.worker import TRAINABLE_FILE, Worker, batches_of, epoch_order, loss_fn, mean_over_workers
 
 CHECKPOINT_TAG = "deepspeed"
@@ -44,10 +46,10 @@ def deepspeed_config(job: JobSpec) -> dict:
     }
 
 
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def optimizer_groups(params, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: biases and norm weights (1-D) are not decayed."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in params:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
@@ -57,16 +59,29 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 class FirstOrderWorker(Worker):
     def setup(self, model: torch.nn.Module) -> None:
         import deepspeed
-        from transformers import get_scheduler
 
-        t = self.job.training
-        optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.lr)
-        scheduler = get_scheduler(t.lr_schedule, optimizer, num_warmup_steps=int(t.warmup_ratio * self.total_steps),
-                                  num_training_steps=self.total_steps)
+        split_experts = getattr(self.job.method, "expert_parallel", False)
+        apart = {id(p) for p in expert_parameters(self.moe)} if split_experts else set()
+        optimizer, scheduler = self._optimizer([p for p in model.parameters() if id(p) not in apart])
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=deepspeed_config(self.job))
         self.module = self.engine
         self.activations = SavedActivationCounter(self.engine.module)
+        if self.moe and self.world > 1:   # after DeepSpeed's initial broadcast, which sends every expert
+            for layer in self.moe:
+                layer.distribute(None, split_experts)
+        self.expert_optimizer = None
+        if split_experts:
+            self.expert_optimizer = ExpertOptimizer(model, self.moe, *self._optimizer(expert_parameters(self.moe)),
+                                                    self.job.training.max_grad_norm or 0.0)
+
+    def _optimizer(self, params: list) -> tuple:
+        from transformers import get_scheduler
+
+        t = self.job.training
+        optimizer = torch.optim.AdamW(optimizer_groups(params, t.weight_decay), lr=t.lr)
+        return optimizer, get_scheduler(t.lr_schedule, optimizer, num_training_steps=self.total_steps,
+                                        num_warmup_steps=int(t.warmup_ratio * self.total_steps))
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         order = epoch_order(len(self.train_set), self.rank, self.world, self.job.training.seed, epoch)
@@ -85,6 +100,8 @@ class FirstOrderWorker(Worker):
                 loss = loss + layer.loss_term()
             self.engine.backward(loss)
             self.engine.step()
+            if self.expert_optimizer is not None:
+                self.expert_optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.train_joules += self.meter.read_joules() - joules_before
@@ -98,21 +115,28 @@ class FirstOrderWorker(Worker):
         named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
         gather = deepspeed.zero.GatheredParameters([p for _, p in named]) if self.job.deepspeed.zero_stage == 3 \
             else contextlib.nullcontext()
+        experts = self.expert_optimizer.gathered_weights() if self.expert_optimizer is not None else {}
+        held = {id(p) for p in expert_parameters(self.moe)} if experts else set()
         with gather:
-            return {n: p.detach().float().cpu().clone() for n, p in named} if self.rank == 0 else {}
+            return {**{n: p.detach().float().cpu().clone() for n, p in named if id(p) not in held},
+                    **experts} if self.rank == 0 else {}
 
     def save(self, folder: Path, saved_state: dict) -> None:
         from safetensors.torch import save_file
 
         self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={"train_state": saved_state})
+        if self.expert_optimizer is not None:
+            self.expert_optimizer.save(folder / f"experts_rank{self.rank}.pt")
         weights = self._trainable_state()
         if self.rank == 0:
             save_file(weights, str(folder / TRAINABLE_FILE))
 
     def load(self, folder: Path) -> dict:
         _, client_state = self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
+        if self.expert_optimizer is not None:   # after DeepSpeed's load, which puts rank 0's experts everywhere
+            self.expert_optimizer.load(folder / f"experts_rank{self.rank}.pt")
         return client_state["train_state"]
 
     def memory_account(self) -> dict:
         return asdict(tensor_account(self.engine.module, self.engine.optimizer, self.activations,
-                                     self.job.deepspeed.zero_stage, self.world))
+                                     self.job.deepspeed.zero_stage, self.world, self.expert_optimizer))

@@ -251,15 +251,17 @@ class Worker:
 
     def record_routing(self) -> None:
         """The MoE layers' training load since the last record, summed over workers: per-expert assignments and
-        their coefficient of variation, the fraction dropped for capacity, and the latest auxiliary losses."""
-        counts = all_gather([layer.take_counts() for layer in self.moe])
+        their coefficient of variation, the fraction dropped for capacity, and the latest auxiliary losses (the
+        mean of the workers' terms: the global batch's loss)."""
+        counts = all_gather([(*layer.take_counts(), float(layer.aux_loss), float(layer.z_loss))
+                             for layer in self.moe])
         layers = []
         for i, layer in enumerate(self.moe):
             load = [sum(worker[i][0][e] for worker in counts) for e in range(layer.num_experts)]
-            dropped, assigned = (sum(worker[i][j] for worker in counts) for j in (1, 2))
+            dropped, assigned, aux, z = (sum(worker[i][j] for worker in counts) for j in (1, 2, 3, 4))
             layers.append({"load": load, "load_cv": coefficient_of_variation(load),
-                           "dropped_fraction": dropped / max(assigned, 1), "aux_loss": float(layer.aux_loss),
-                           "z_loss": float(layer.z_loss)})
+                           "dropped_fraction": dropped / max(assigned, 1), "aux_loss": aux / len(counts),
+                           "z_loss": z / len(counts)})
         if sum(sum(x["load"]) for x in layers):
             self.state.extra.setdefault("moe_routing", []).append(
                 {"step": self.state.step, "load_cv": float(np.mean([x["load_cv"] for x in layers])),
