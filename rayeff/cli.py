@@ -29,12 +29,30 @@ from rayeff.errors import UserError
 _DASHBOARD_HELP = "the head's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)"
 
 
-def _job_options(parser: argparse.ArgumentParser) -> None:
+_ADDRESS_HELP = "join the Ray cluster at this address instead of starting a local Ray"
+_DATA_DIR_HELP = "GLUE data in its download layout (sets data.data_dir)"
+
+
+def _set_option(parser: argparse.ArgumentParser, what: str, example: str = "training.lr=3e-4") -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a job field, e.g. --set training.lr=3e-4 (repeatable)")
-    parser.add_argument("--data-dir", help="GLUE data in its download layout (sets data.data_dir)")
-    parser.add_argument("--address", help="join the Ray cluster at this address instead of starting a local Ray")
+                        help=f"override a field of the {what} file, e.g. --set {example} (repeatable)")
+
+
+def _job_options(parser: argparse.ArgumentParser) -> None:
+    """A benchmark's options for the job it runs."""
+    _set_option(parser, "job")
+    parser.add_argument("--data-dir", help=_DATA_DIR_HELP)
+    parser.add_argument("--address", help=_ADDRESS_HELP)
     parser.add_argument("--no-progress", action="store_true", help="no live progress display")
+
+
+def _file_options(parser: argparse.ArgumentParser, what: str, resume: str, data_dir: str = _DATA_DIR_HELP,
+                  output: str = "output folder (sets output_dir)", example: str = "training.lr=3e-4") -> None:
+    """The options of a command that runs one job or sweep file: overrides, data, output folder, resume."""
+    _set_option(parser, what, example)
+    parser.add_argument("--data-dir", help=data_dir)
+    parser.add_argument("--output", help=output)
+    parser.add_argument("--resume", action="store_true", help=resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,18 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run one fine-tuning job")
     run.add_argument("job", help="job YAML file (see jobs/)")
-    run.add_argument("--output", help="output folder (sets output_dir)")
-    run.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
-    _job_options(run)
+    _file_options(run, "job", "continue from the checkpoint in the output folder")
+    run.add_argument("--address", help=_ADDRESS_HELP)
+    run.add_argument("--no-progress", action="store_true", help="no live progress display")
 
     tune = commands.add_parser("tune", help="run a hyper-parameter sweep (Ray Tune + Optuna)")
     tune.add_argument("sweep", help="sweep YAML file (see jobs/sweep-*.yaml)")
-    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                      help="override a sweep field, e.g. --set num_trials=4 or --set overrides.training.lr=1e-3")
-    tune.add_argument("--data-dir", help="GLUE data in its download layout (sets the base job's data.data_dir)")
-    tune.add_argument("--output", help="output folder (sets output_dir)")
-    tune.add_argument("--resume", action="store_true", help="continue the sweep in the output folder")
-    tune.add_argument("--address", help="join the Ray cluster at this address instead of starting a local Ray")
+    _file_options(tune, "sweep", "continue the sweep in the output folder",
+                  data_dir="GLUE data in its download layout (sets the base job's data.data_dir)",
+                  example="num_trials=4 or --set overrides.training.lr=1e-3")
+    tune.add_argument("--address", help=_ADDRESS_HELP)
 
     priors = commands.add_parser("priors", help="inspect the store of finished sweeps that warm-start new ones")
     views = priors.add_subparsers(dest="view", required=True)
@@ -66,11 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = commands.add_parser("submit", help="submit a job or a sweep to a Ray cluster (Ray's Jobs API)")
     submit.add_argument("file", help="job or sweep YAML file; validated here before anything is submitted")
-    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a field of the job (or sweep) file (repeatable)")
-    submit.add_argument("--data-dir", help="GLUE data folder as the cluster sees it (sets data.data_dir)")
-    submit.add_argument("--output", help="output folder as the cluster sees it: shared storage or s3://, gs://")
-    submit.add_argument("--resume", action="store_true", help="continue the run or sweep in the output folder")
+    _file_options(submit, "job (or sweep)", "continue the run or sweep in the output folder",
+                  data_dir="GLUE data folder as the cluster sees it (sets data.data_dir)",
+                  output="output folder as the cluster sees it: shared storage or s3://, gs://")
     submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     submit.add_argument("--address", help=_DASHBOARD_HELP)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from rayeff.cluster.storage import absolute
 from rayeff.config import load_job, read_yaml_mapping
 from rayeff.errors import UserError
 
@@ -97,7 +98,7 @@ class Cluster:
 
 
 def _absolute(path: str | None) -> str | None:
-    return path if path is None or "://" in path else str(Path(path).expanduser().resolve())
+    return None if path is None else absolute(path)
 
 
 def stage_job(path: str, overrides: list[str], data_dir: str | None, folder: Path) -> tuple[str, dict]:
@@ -162,13 +163,12 @@ def submit(path: str, overrides: list[str], data_dir: str | None, address: str |
 def job_rows(cluster: Cluster) -> list[dict]:
     """One row per submitted job on the cluster, newest first (drivers that joined by hand are not jobs here)."""
     rows = []
-    for info in cluster.call("list_jobs"):
+    for info in sorted(cluster.call("list_jobs"), key=lambda i: i.start_time or 0, reverse=True):
         if not info.submission_id:
             continue
         meta = info.metadata or {}
         rows.append({"id": info.submission_id, "status": str(info.status.value),
                      "kind": meta.get("rayeff_kind", "-"), "file": meta.get("rayeff_file", "-"),
                      "output_dir": meta.get("rayeff_output_dir", "-"),
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((info.start_time or 0) / 1000)),
-                     "start_time": info.start_time or 0})
-    return sorted(rows, key=lambda r: r["start_time"], reverse=True)
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((info.start_time or 0) / 1000))})
+    return rows

@@ -26,6 +26,16 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
+def location_name(location: str) -> str:
+    """The last part of a folder or URI: the name a run or sweep goes by in metrics and logs."""
+    return location.rstrip("/").rsplit("/", 1)[-1]
+
+
+def absolute(location: str) -> str:
+    """A URI as it is; a local path expanded and made absolute."""
+    return location if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary name, then rename: readers see the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -54,7 +64,7 @@ class Storage:
                 raise UserError(f"output_dir {location}: pyarrow cannot open it ({err}); use a local or shared "
                                 "path, or an s3:// or gs:// URI") from None
         else:
-            self.location = str(Path(location).expanduser().resolve())
+            self.location = absolute(location)
             self.fs, self.root = pyarrow.fs.LocalFileSystem(), self.location
 
     @property

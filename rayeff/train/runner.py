@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from rayeff.cluster.storage import Storage, check_shared
+from rayeff.cluster.storage import Storage, check_shared, location_name
 from rayeff.config import JobSpec
 from rayeff.data.glue import check_data_dir, get_task
 from rayeff.errors import UserError
@@ -140,7 +140,7 @@ def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None, callbac
         train_loop_per_worker,
         train_loop_config={"job": job.model_dump(), "model_source": asdict(source),
                            "progress_queue": progress_queue, "sweep_limits": sweep_limits, "trial_key": trial_key,
-                           "labels": {"run": run_name or Path(job.output_dir).name, "trial": trial_key or "",
+                           "labels": {"run": run_name or location_name(job.output_dir), "trial": trial_key or "",
                                       "method": job.method.name}},
         scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),

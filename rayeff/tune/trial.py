@@ -13,6 +13,7 @@ import math
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from rayeff.cluster.storage import Storage, location_name
 from rayeff.config import JobSpec, set_field, validate_job
 from rayeff.tune.spec import ENERGY_METRIC, SweepSpec, metric_name, objective_values
 
@@ -41,7 +42,7 @@ def trial_job(base: dict, params: dict, sweep: SweepSpec, output_dir: str) -> Jo
     if sweep.scheduler is not None:   # ASHA needs an evaluated, reported objective every interval
         every = sweep.scheduler.report_every_steps
         raw["training"]["eval_every"] = raw["training"]["checkpoint_every"] = every
-    return validate_job(raw, f"trial {output_dir.rsplit('/', 1)[-1]}")
+    return validate_job(raw, f"trial {location_name(output_dir)}")
 
 
 class ReportObjectives(TuneReportCallback):
@@ -69,7 +70,6 @@ def run_trial(config: dict, base: dict, sweep: dict, sweep_dir: str, limits) -> 
     and goes on."""
     from ray import tune
 
-    from rayeff.cluster.storage import Storage
     from rayeff.train.runner import finish, make_trainer, prepare
 
     spec = SweepSpec.model_validate(sweep)
@@ -81,7 +81,7 @@ def run_trial(config: dict, base: dict, sweep: dict, sweep_dir: str, limits) -> 
         Storage(job.output_dir).make()
         trainer = make_trainer(job, source, callbacks=[ReportObjectives(sweep, job.model_dump(mode="json"))],
                                sweep_limits=limits, trial_key=trial_id,
-                               run_name=sweep_storage.location.rsplit("/", 1)[-1])
+                               run_name=location_name(sweep_storage.location))
         summary = finish(job, trainer.fit())
     except Exception as err:  # noqa: BLE001  (recorded, not raised: one bad trial must not end the sweep)
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
