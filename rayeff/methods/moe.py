@@ -27,7 +27,7 @@ from torch import nn
 from rayeff.config import MethodConfig, Spec
 from rayeff.errors import UserError
 from rayeff.methods import MethodDefinition, register_method
-from rayeff.mixture_of_experts import MoEFeedForward, NativeRouter
+from rayeff.mixture_of_experts import MoEFeedForward, NativeRouter, RouterStatistics
 
 
 class UpcycleSpec(Spec):
@@ -208,7 +208,7 @@ def _add_expert_lora(classifier: nn.Module, experts: list[nn.Module], spec: Expe
     inject_adapter_in_model(config, classifier.backbone)   # adds trainable A/B; the rest is frozen above
 
 
-def share_token_mask(classifier: nn.Module, layers: list[MoEFeedForward]) -> None:
+def share_token_mask(classifier: nn.Module, layers: list[RouterStatistics]) -> None:
     """Before each forward, hand the layers the batch's attention mask, so that padding is not routed: it would
     count in the load and the auxiliary losses, and take expert capacity."""
     def hand_over(_module, _args, kwargs):
