@@ -21,6 +21,9 @@ are all-reduced), and with `split_experts` each worker holds E / W of the expert
 tokens, an all-to-all sends each assignment to the worker holding its expert, and a second all-to-all brings the
 results back (GShard's expert parallelism). The backward pass sends the gradients back the same way, so an expert's
 gradient sums the contributions of every worker's tokens.
+
+A Hugging Face MoE model's own routers (Mixtral, Qwen2-MoE, Switch, ...) are watched by `NativeRouter`, which keeps
+the same losses and load figures; the training loop reads both kinds through `RouterStatistics`.
 """
 
 from __future__ import annotations
