@@ -147,14 +147,17 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _overrides(args: argparse.Namespace, output: str | None = None) -> list[str]:
+    """The --set overrides, and output_dir when an output folder is given."""
+    return list(args.overrides) + ([f"output_dir={output}"] if output else [])
+
+
 def job_from_args(path: str, args: argparse.Namespace, output: str | None = None):
     from rayeff.config import load_job
 
-    overrides = list(args.overrides)
+    overrides = _overrides(args, output)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
-    if output:
-        overrides.append(f"output_dir={output}")
     if getattr(args, "resume", False):
         overrides.append("resume=true")
     return load_job(path, overrides)
@@ -172,10 +175,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from rayeff.tune.sweep import run_sweep
 
-    overrides = list(args.overrides)
-    if args.output:
-        overrides.append(f"output_dir={args.output}")
-    report = run_sweep(args.sweep, overrides, data_dir=args.data_dir, address=args.address, resume=args.resume)
+    report = run_sweep(args.sweep, _overrides(args, args.output), data_dir=args.data_dir, address=args.address,
+                       resume=args.resume)
     best, energy = report["best"], report["energy"]
     for t in report["trials"]:
         print(f"  trial {t['number']}: {t['status']}, objectives {t['objectives']}, "
@@ -205,8 +206,8 @@ def cmd_priors(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from rayeff.cluster.jobs import submit
 
-    overrides = list(args.overrides) + ([f"output_dir={args.output}"] if args.output else [])
-    cluster, submission_id, output = submit(args.file, overrides, args.data_dir, args.address, args.resume)
+    cluster, submission_id, output = submit(args.file, _overrides(args, args.output), args.data_dir, args.address,
+                                            args.resume)
     print(submission_id, flush=True)
     print(f"rayeff: submitted to {cluster.address}; output: {output}", file=sys.stderr)
     if not args.follow:
@@ -312,19 +313,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "tune":
-            return cmd_tune(args)
-        if args.command == "priors":
-            return cmd_priors(args)
-        if args.command == "submit":
-            return cmd_submit(args)
-        if args.command == "jobs":
-            return cmd_jobs(args)
-        if args.command == "status":
-            return cmd_status(args)
-        return cmd_bench(args)
+        commands = {"run": cmd_run, "tune": cmd_tune, "priors": cmd_priors, "submit": cmd_submit, "jobs": cmd_jobs,
+                    "status": cmd_status, "bench": cmd_bench}
+        return commands[args.command](args)
     except UserError as err:
         print(f"rayeff: error: {err}", file=sys.stderr)
         return 2

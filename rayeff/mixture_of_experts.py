@@ -71,9 +71,14 @@ def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts:
     """Switch's E * sum_e f_e * P_e. With `batch`, f and P are those of the global batch of which these tokens are
     one worker's share: averaged over the workers, their loss terms (and gradients) are the global batch's."""
     if batch is None:
-        batch = GlobalBatch.local(experts, num_experts)
+        batch = GlobalBatch.local(assignment_counts(experts, num_experts), experts.shape[0])
     fraction = batch.assignments / (batch.tokens * experts.shape[1])
     return num_experts * batch.workers * (fraction * probs.sum(dim=0) / batch.tokens).sum()
+
+
+def assignment_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert of a (tokens, k) choice."""
+    return torch.bincount(experts.reshape(-1), minlength=num_experts)
 
 
 def router_z_loss(logits: torch.Tensor, batch: GlobalBatch | None = None) -> torch.Tensor:
@@ -89,15 +94,13 @@ class GlobalBatch:
     workers: int
 
     @staticmethod
-    def local(experts: torch.Tensor, num_experts: int) -> GlobalBatch:
-        counts = torch.bincount(experts.reshape(-1), minlength=num_experts).float()
-        return GlobalBatch(counts, max(experts.shape[0], 1), 1)
+    def local(counts: torch.Tensor, tokens: int) -> GlobalBatch:
+        return GlobalBatch(counts.float(), max(tokens, 1), 1)
 
     @staticmethod
-    def over(group, experts: torch.Tensor, num_experts: int) -> GlobalBatch:
+    def over(group, counts: torch.Tensor, tokens: int) -> GlobalBatch:
         """Summed over the workers of `group` (one all-reduce, outside autograd: counts have no gradient)."""
-        totals = torch.cat([torch.bincount(experts.reshape(-1), minlength=num_experts),
-                            torch.tensor([experts.shape[0]], device=experts.device)]).double()
+        totals = torch.cat([counts, torch.tensor([tokens], device=counts.device)]).double()
         dist.all_reduce(totals, group=group)
         return GlobalBatch(totals[:-1].float(), max(float(totals[-1]), 1.0), dist.get_world_size(group))
 
@@ -148,12 +151,14 @@ class RouterStatistics(nn.Module):
         return torch.nonzero(mask.reshape(-1).to(device), as_tuple=True)[0]
 
     def observe(self, probs: torch.Tensor, experts: torch.Tensor, keep: torch.Tensor, logits: torch.Tensor) -> None:
-        batch = GlobalBatch.over(self.group, experts, self.num_experts) if self.distributed else None
+        counts = assignment_counts(experts, self.num_experts)
+        batch = GlobalBatch.over(self.group, counts, experts.shape[0]) if self.distributed else \
+            GlobalBatch.local(counts, experts.shape[0])
         self.aux_loss = load_balancing_loss(probs, experts, self.num_experts, batch)
         self.z_loss = router_z_loss(logits, batch)
         if self.training:   # the load of training batches only; evaluation does not count
             with torch.no_grad():
-                self.load += torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+                self.load += counts
                 self.dropped += torch.tensor([int((~keep).sum()), keep.numel()], device=self.dropped.device)
 
     def loss_term(self) -> torch.Tensor:

@@ -43,8 +43,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def json_text(data: dict) -> str:
+    """How rayeff writes its JSON files: indented, numpy scalars and the like as floats."""
+    return json.dumps(data, indent=2, default=float)
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=float))
+    write_text_atomic(path, json_text(data))
 
 
 class Storage:
@@ -115,6 +120,9 @@ class Storage:
             return
         with self.fs.open_output_stream(self._path(name)) as out:
             out.write(text.encode())
+
+    def write_json(self, name: str, data: dict) -> None:
+        self.write_text(name, json_text(data))
 
     def upload(self, local_file: Path, name: str) -> None:
         """Copy a local file to `name` (a path inside this location), as atomically as `write_text`."""

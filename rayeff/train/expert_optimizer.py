@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rayeff.mixture_of_experts import MoEFeedForward
+from rayeff.train.worker import all_gather
 
 
 def expert_parameters(layers: list[MoEFeedForward]) -> list[nn.Parameter]:
@@ -60,12 +61,7 @@ class ExpertOptimizer:
 
     def gathered_weights(self) -> dict[str, torch.Tensor]:
         """Every worker's experts (a collective: every worker calls it; all of them get the whole set)."""
-        parts = [None] * self.world
-        if self.world > 1:
-            dist.all_gather_object(parts, self.global_weights())
-        else:
-            parts = [self.global_weights()]
-        return {k: v for part in parts for k, v in part.items()}
+        return {k: v for part in all_gather(self.global_weights()) for k, v in part.items()}
 
     def save(self, path: Path) -> None:
         torch.save({"weights": self.global_weights(), "optimizer": self.optimizer.state_dict(),

@@ -116,7 +116,7 @@ class FirstOrderWorker(Worker):
         gather = deepspeed.zero.GatheredParameters([p for _, p in named]) if self.job.deepspeed.zero_stage == 3 \
             else contextlib.nullcontext()
         experts = self.expert_optimizer.gathered_weights() if self.expert_optimizer is not None else {}
-        held = {id(p) for p in expert_parameters(self.moe)} if experts else set()
+        held = {id(p) for p in self.expert_optimizer.params} if experts else set()
         with gather:
             return {**{n: p.detach().float().cpu().clone() for n, p in named if id(p) not in held},
                     **experts} if self.rank == 0 else {}

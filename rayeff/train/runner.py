@@ -11,7 +11,6 @@ behind.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -166,7 +165,7 @@ def finish(job: JobSpec, result) -> dict:
         with result.checkpoint.as_directory() as folder:
             output.upload(Path(folder) / TRAINABLE_FILE, f"final/{TRAINABLE_FILE}")
         summary["weights"] = output.child("final", TRAINABLE_FILE)
-    output.write_text(RESULT_FILE, json.dumps(summary, indent=2, default=float))
+    output.write_json(RESULT_FILE, summary)
     return summary
 
 

@@ -129,7 +129,7 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
         started = {"sweep": sweep.model_dump(mode="json"), "space": space.model_dump(mode="json"),
                    "descriptors": descriptors, "priors": priors}
         output.make()
-        output.write_text(STARTED_FILE, json.dumps(started, indent=2))
+        output.write_json(STARTED_FILE, started)
     else:
         space, first = SearchSpace.model_validate(started["space"]), []
 
@@ -207,7 +207,7 @@ def write_results(sweep: SweepSpec, job, output: Storage, started: dict, study, 
                   for o in sweep.objectives]
         front = pareto_front(trials, [o.mode for o in sweep.objectives])
         report["pareto_front"] = [t["number"] for t in front]
-        output.write_text("pareto.json", json.dumps({"objectives": labels, "front": front}, indent=2, default=float))
+        output.write_json("pareto.json", {"objectives": labels, "front": front})
         with tempfile.TemporaryDirectory() as tmp:
             plot_pareto(trials, front, labels, Path(tmp) / "pareto.png")
             output.upload(Path(tmp) / "pareto.png", "pareto.png")
@@ -215,5 +215,5 @@ def write_results(sweep: SweepSpec, job, output: Storage, started: dict, study, 
         best_job = validate_job(job_with_params(job.model_dump(mode="json"), best["params"], output.child("best")))
         output.write_text("best_job.yaml", yaml.safe_dump(best_job.model_dump(mode="json"), sort_keys=False))
         report["best_job"] = output.child("best_job.yaml")
-    output.write_text("sweep.json", json.dumps(report, indent=2, default=float))
+    output.write_json("sweep.json", report)
     return report
