@@ -5,10 +5,15 @@ router's auxiliary losses.
     y = layer(x)                      # (batch, tokens, width) -> same shape
     loss = task_loss + layer.loss_term()
 
-Routing (Mixtral's normalisation): softmax over the router logits, the k largest probabilities renormalised to sum
-to 1, so k identical experts give exactly the dense output. Capacity (Switch/GShard): each expert takes at most
+Routing: softmax over the router logits. With k >= 2 (Mixtral's normalisation) the k largest probabilities are
+renormalised to sum to 1, so k identical experts give exactly the dense output. With k = 1 renormalising would make
+the gate always 1 and give the router no gradient from the task loss, so the top-1 gate is either the raw
+probability p (`top1_gate: probability`, Switch Transformer's: the output is p E(x)) or p / stop_grad(p)
+(`straight_through`: the value is 1, so identical experts still give the dense output, and the gradient is p's,
+divided by p). Capacity (Switch/GShard): each expert takes at most
 ceil(capacity_factor * tokens * k / experts) assignments, first choices of every token before second choices, in
-token order; an assignment past capacity is dropped (the token's other choices still count; a token with none left
+token order; across data-parallel workers, of the global batch's tokens in its global order, so that N workers drop
+what one would (`within_global_capacity`); an assignment past capacity is dropped (the token's other choices still count; a token with none left
 contributes zero, so the block's residual carries it through unchanged).
 
 Auxiliary losses: the load-balancing loss of Switch Transformer, E * sum_e f_e * P_e (f_e the fraction of
@@ -40,14 +45,25 @@ from torch import nn
 class Routing:
     probs: torch.Tensor      # (tokens, experts): softmax of the router logits
     experts: torch.Tensor    # (tokens, k): chosen experts, best first
-    weights: torch.Tensor    # (tokens, k): their probabilities renormalised to sum to 1
+    weights: torch.Tensor    # (tokens, k): the gates (see top_k_routing)
     keep: torch.Tensor       # (tokens, k): False where the expert was full
 
 
-def top_k_routing(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+TOP1_GATES = ("probability", "straight_through")
+
+
+def top_k_routing(logits: torch.Tensor, k: int, top1_gate: str = "probability"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probabilities, chosen experts best first, their gates). Gates: for k >= 2 the chosen probabilities
+    renormalised to sum to 1; for k = 1 the probability itself, or with `straight_through` p / stop_grad(p),
+    whose value is 1 and whose gradient is p's (either way the router learns from the task loss)."""
     probs = torch.softmax(logits.float(), dim=-1)
     top, experts = probs.topk(k, dim=-1)
-    return probs, experts, top / top.sum(dim=-1, keepdim=True)
+    if k > 1:
+        return probs, experts, top / top.sum(dim=-1, keepdim=True)
+    if top1_gate == "straight_through":
+        return probs, experts, top / top.detach()
+    return probs, experts, top
 
 
 def expert_capacity(tokens: int, num_experts: int, k: int, capacity_factor: float | None) -> int:
@@ -64,6 +80,38 @@ def within_capacity(experts: torch.Tensor, num_experts: int, capacity: int) -> t
     one_hot = nn.functional.one_hot(order, num_experts)
     position = (one_hot.cumsum(dim=0) - 1).gather(1, order[:, None]).squeeze(1)
     return (position < capacity).reshape(experts.shape[1], experts.shape[0]).t()
+
+
+def within_global_capacity(experts: torch.Tensor, rows: torch.Tensor, batch_rows: int, num_experts: int,
+                           capacity_factor: float, group) -> torch.Tensor:
+    """within_capacity over the global batch of which these tokens are one worker's share, so that W workers drop
+    exactly the assignments one worker would drop: capacity from the global token count, and each expert's queue in
+    the global order, choice 0 of every token first, then by global row, then token. Worker r's row j is global row
+    j * W + r (DistributedSampler's interleaving, as the loops read the data). `rows`: each token's row in this
+    worker's batch of `batch_rows` rows. One all-gather of a (k, rows, experts) count table."""
+    tokens, k = experts.shape
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    size = torch.tensor([batch_rows], device=experts.device)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
+    rows_max = int(size)
+    counts = torch.zeros(k, rows_max, num_experts, dtype=torch.long, device=experts.device)
+    choice = torch.arange(k, device=experts.device).repeat(tokens)
+    counts.index_put_((choice, rows.repeat_interleave(k), experts.reshape(-1)),
+                      torch.ones(tokens * k, dtype=torch.long, device=experts.device), accumulate=True)
+    gathered = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(gathered, counts, group=group)
+    everyone = torch.stack(gathered, dim=2).reshape(k, rows_max * world, num_experts)   # global row j * W + r
+    per_choice = everyone.sum(1)                                                         # (k, experts)
+    capacity = expert_capacity(int(per_choice.sum()) // k, num_experts, k, capacity_factor)
+    earlier_choices = per_choice.cumsum(0) - per_choice
+    earlier_rows = everyone.cumsum(1) - everyone
+    my_earlier_rows = counts.cumsum(1) - counts
+    chosen = experts.t()                                                                 # (k, tokens)
+    mine_so_far = (nn.functional.one_hot(chosen, num_experts).cumsum(1) - 1).gather(2, chosen[..., None])[..., 0]
+    c, j = torch.arange(k, device=experts.device)[:, None], rows[None, :]
+    position = earlier_choices[c, chosen] + earlier_rows[c, j * world + rank, chosen] + \
+        mine_so_far - my_earlier_rows[c, j, chosen]
+    return (position < capacity).t()
 
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts: int,
@@ -177,14 +225,17 @@ class MoEFeedForward(RouterStatistics):
     step's auxiliary losses; `take_counts` hands over the load counted since it was last called."""
 
     def __init__(self, experts: list[nn.Module], width: int, top_k: int, capacity_factor: float | None,
-                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0):
+                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, top1_gate: str = "probability"):
         if not 1 <= top_k <= len(experts):
             raise ValueError(f"top_k {top_k} must be between 1 and the number of experts ({len(experts)})")
+        if top1_gate not in TOP1_GATES:
+            raise ValueError(f"top1_gate {top1_gate!r} must be one of {TOP1_GATES}")
         super().__init__(len(experts), top_k, aux_loss_coef, z_loss_coef)
         self.experts = nn.ModuleList(experts)   # the experts this worker holds: first_expert, first_expert + 1, ...
         self.first_expert, self.split = 0, False
         self.router = nn.Linear(width, len(experts), bias=False)
         self.capacity_factor = capacity_factor
+        self.top1_gate = top1_gate
 
     def distribute(self, group, split_experts: bool = False) -> None:
         """As RouterStatistics; with `split_experts`, keep only this worker's E / W experts (the others are deleted
@@ -208,17 +259,25 @@ class MoEFeedForward(RouterStatistics):
     def held_experts(self) -> int:
         return len(self.experts)
 
-    def route(self, tokens: torch.Tensor) -> tuple[Routing, torch.Tensor]:
+    def route(self, tokens: torch.Tensor, rows: torch.Tensor, batch_rows: int) -> tuple[Routing, torch.Tensor]:
+        """Route `tokens` (rows of the batch `rows`). Across workers, capacity is the global batch's."""
         logits = self.router(tokens)
-        probs, experts, weights = top_k_routing(logits, self.top_k)
-        capacity = expert_capacity(tokens.shape[0], self.num_experts, self.top_k, self.capacity_factor)
-        return Routing(probs, experts, weights, within_capacity(experts, self.num_experts, capacity)), logits
+        probs, experts, weights = top_k_routing(logits, self.top_k, self.top1_gate)
+        if self.distributed and self.capacity_factor is not None:
+            keep = within_global_capacity(experts, rows, batch_rows, self.num_experts, self.capacity_factor,
+                                          self.group)
+        else:
+            capacity = expert_capacity(tokens.shape[0], self.num_experts, self.top_k, self.capacity_factor)
+            keep = within_capacity(experts, self.num_experts, capacity)
+        return Routing(probs, experts, weights, keep), logits
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
         real = self.real_rows(flat.shape[0], hidden.device)
         tokens = flat if real is None else flat[real]
-        routing, logits = self.route(tokens)
+        positions = torch.arange(flat.shape[0], device=hidden.device) if real is None else real
+        per_row = hidden.shape[1] if hidden.dim() == 3 else flat.shape[0]
+        routing, logits = self.route(tokens, positions // per_row, flat.shape[0] // per_row)
         mixed = self._mix_split(tokens, routing) if self.split else self._mix_local(tokens, routing)
         self.observe(routing.probs, routing.experts, routing.keep, logits)
         out = mixed if real is None else torch.zeros_like(flat).index_copy(0, real, mixed)

@@ -36,6 +36,24 @@ def test_top_k_weights_are_the_chosen_probabilities_renormalised():
     assert torch.allclose(weights, torch.tensor([[3 / 5, 2 / 5]]))
 
 
+@pytest.mark.parametrize("top_k, top1_gate", [(1, "probability"), (1, "straight_through"), (2, "probability")])
+def test_the_router_learns_from_the_task_loss_alone(top_k, top1_gate):
+    """No auxiliary loss: the router's gradient comes from the task loss through the gates only."""
+    torch.manual_seed(0)
+    layer = MoEFeedForward([torch.nn.Linear(4, 4) for _ in range(3)], width=4, top_k=top_k, capacity_factor=None,
+                           aux_loss_coef=0.0, top1_gate=top1_gate)
+    x = torch.randn(2, 5, 4)
+    (layer(x) ** 2).sum().backward()
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().min() > 0
+    flat = x.reshape(-1, 4)
+    probs = torch.softmax(layer.router(flat), dim=-1)
+    top, chosen = probs.topk(top_k, dim=-1)
+    if top_k == 1:   # Switch: the expert's output times its probability; straight-through: times 1
+        gate = top[:, 0] if top1_gate == "probability" else torch.ones(10)
+        expected = torch.stack([gate[i] * layer.experts[int(chosen[i, 0])](flat[i]) for i in range(10)])
+        assert torch.allclose(layer(x).reshape(-1, 4), expected, atol=1e-6)
+
+
 def test_capacity_drops_the_assignments_past_it_first_choices_first():
     assert expert_capacity(4, 2, 1, 1.0) == 2 and expert_capacity(3, 3, 2, 1.0) == 2
     assert expert_capacity(10, 4, 1, None) == 10
@@ -46,8 +64,67 @@ def test_capacity_drops_the_assignments_past_it_first_choices_first():
     assert within_capacity(chosen, 3, 2).tolist() == [[True, True], [True, True], [False, True]]
 
 
+def _two_workers_route(rank: int, port: int, folder: str) -> None:
+    """Worker `rank` of 2 (gloo): the layer with the shipped job's capacity (1.25), E4, on its rows of the global
+    batch (rows rank, rank + 2: the loops' interleaving), padding masked."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    hidden, mask, layers = _capacity_case()
+    out = {}
+    for top_k, layer in layers.items():
+        layer.distribute(None)
+        layer.token_mask = mask[rank::2]
+        out[top_k] = layer(hidden[rank::2]).detach()
+        out[f"counts{top_k}"] = torch.tensor(layer.take_counts()[1:])
+    torch.save(out, f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _capacity_case():
+    torch.manual_seed(3)
+    hidden = torch.randn(4, 9, 6) + torch.tensor([1.0, 0, 0, 0, 0, 0])
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 7 + [0] * 2, [1] * 3 + [0] * 6])
+    layers = {}
+    for top_k in (1, 2):
+        torch.manual_seed(4)
+        layers[top_k] = MoEFeedForward([torch.nn.Linear(6, 6) for _ in range(4)], width=6, top_k=top_k,
+                                       capacity_factor=1.25)
+        with torch.no_grad():   # a router that favours expert 0, so that capacity bites
+            layers[top_k].router.weight[0, 0] += 2.0
+    return hidden, mask, layers
+
+
+def test_two_workers_drop_exactly_what_one_worker_drops(tmp_path):
+    """Capacity is the global batch's: with the shipped capacity factor, each token's output on 2 workers equals
+    its output on 1, and the dropped counts add up (per-worker capacity dropped different tokens)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_two_workers_route, args=(port, str(tmp_path)), nprocs=2)
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    hidden, mask, layers = _capacity_case()
+    for top_k, layer in layers.items():
+        layer.token_mask = mask
+        whole = layer(hidden).detach()
+        dropped, assigned = layer.take_counts()[1:]
+        assert dropped > 0   # the case exercises capacity
+        for rank, part in enumerate(parts):
+            assert torch.allclose(part[top_k], whole[rank::2], atol=1e-6)
+        assert sum(int(p[f"counts{top_k}"][0]) for p in parts) == dropped
+        assert sum(int(p[f"counts{top_k}"][1]) for p in parts) == assigned
+
+
 def test_a_dropped_token_passes_through_as_zero_and_is_counted():
-    layer = MoEFeedForward([torch.nn.Linear(2, 2) for _ in range(2)], width=2, top_k=1, capacity_factor=0.5)
+    layer = MoEFeedForward([torch.nn.Linear(2, 2) for _ in range(2)], width=2, top_k=1, capacity_factor=0.5,
+                           top1_gate="straight_through")
     with torch.no_grad():
         layer.router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))   # positive first feature -> expert 0
     x = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [-1.0, 0.0], [-2.0, 0.0]]])  # capacity ceil(0.5*4/2) = 1
@@ -87,7 +164,8 @@ def test_upcycling_with_identical_experts_keeps_the_dense_output(model, top_k):
     torch.manual_seed(0)
     dense = build_classifier(resolve_model(model), num_labels=2).eval()
     moe = copy.deepcopy(dense)
-    layers = upcycle(moe.backbone, UpcycleSpec(experts=4, top_k=top_k, capacity_factor=None))
+    layers = upcycle(moe.backbone, UpcycleSpec(experts=4, top_k=top_k, capacity_factor=None,
+                                               top1_gate="straight_through"))
     assert len(layers) == (4 if model == "tiny-t5" else 2)   # T5: encoder and decoder blocks
     moe.eval()
     batch = {"input_ids": torch.randint(5, 1000, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
@@ -217,7 +295,7 @@ def test_experts_split_over_two_workers_follow_one_worker_resume_and_report_moe_
             "model": {"name": "tiny-bert", "dropout": 0.0},
             "data": {"task": "sst2", "data_dir": str(glue_dir), "train_subset": 64, "eval_subset": 32},
             "method": {"name": "moe", "expert_parallel": True, "aux_loss_coef": 0.1, "z_loss_coef": 0.01,
-                       "upcycle": {"experts": 4, "top_k": 2, "noise": 0.05, "capacity_factor": None}},
+                       "upcycle": {"experts": 4, "top_k": 2, "noise": 0.05, "capacity_factor": 1.25}},
             "training": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "eval_every": 4, "log_every": 2,
                          "max_grad_norm": 1.0},
             "scaling": {"num_workers": workers}, "deepspeed": {"zero_stage": 1}, "output_dir": str(tmp_path / name),

@@ -4,8 +4,10 @@
     method: {name: moe, upcycle: {experts: 4, top_k: 1, every: 2}, expert_parallel: true}    # BERT, GPT-2, Llama, T5
 
 Upcycling: every n-th feed-forward block becomes E experts, each a copy of that block (plus optional noise), behind a
-learned top-k router (rayeff/mixture_of_experts.py). With identical experts (noise 0) and no token dropped, the
-upcycled model computes exactly what the dense one did, so fine-tuning starts from the dense model's quality. Blocks
+learned top-k router (rayeff/mixture_of_experts.py). With identical experts (noise 0), no token dropped and top-k
+of 2 or more (or top-1 with `top1_gate: straight_through`), the upcycled model computes exactly what the dense one
+did, so fine-tuning starts from the dense model's quality; Switch's top-1 gate (`probability`, the default) scales
+each expert's output by its router probability. Blocks
 found per architecture: BERT-style encoders (intermediate + output projection; the residual LayerNorm stays shared),
 GPT-2 and Llama blocks (`mlp`), T5 (`DenseReluDense`, encoder then decoder). With `expert_parallel`, each of W
 workers holds E / W of every layer's experts (rayeff/train/expert_optimizer.py steps them).
@@ -38,6 +40,10 @@ class UpcycleSpec(Spec):
                                                   "the std of the weight it perturbs")
     capacity_factor: float | None = Field(1.25, gt=0, description="expert capacity, in multiples of an even share "
                                                                   "of a batch's assignments; null: no token dropped")
+    top1_gate: Literal["probability", "straight_through"] = Field(
+        "probability", description="top_k 1 only: gate the expert by its router probability p (Switch Transformer), "
+                                   "or by p / stop_grad(p), which is 1 (the upcycled model starts as the dense one) "
+                                   "with p's gradient")
 
     @model_validator(mode="after")
     def _k_of_e(self) -> UpcycleSpec:
@@ -127,7 +133,7 @@ def upcycle(backbone: nn.Module, spec: UpcycleSpec, aux_loss_coef: float = 0.01,
     """Replace every `spec.every`-th feed-forward block with an MoE layer of copies of it; returns the new layers."""
     def moe_of(block: nn.Module, width: int) -> MoEFeedForward:
         layer = MoEFeedForward(_expert_copies(block, spec.experts, spec.noise), width, spec.top_k,
-                               spec.capacity_factor, aux_loss_coef, z_loss_coef)
+                               spec.capacity_factor, aux_loss_coef, z_loss_coef, spec.top1_gate)
         return layer.to(next(block.parameters()).dtype)
 
     layers = []
