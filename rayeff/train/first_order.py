@@ -18,16 +18,24 @@ from pathlib import Path
 import torch
 
 from rayeff.config import JobSpec
-from rayeff.measure.memory import SavedActivationCounter, tensor_account
+from rayeff.measure.memory import SavedActivationCounter, TensorAccount, tensor_account
 from rayeff.train.expert_optimizer import ExpertOptimizer, expert_parameters
 from rayeff.train.worker import TRAINABLE_FILE, Worker, batches_of, epoch_order, loss_fn, mean_over_workers
 
 CHECKPOINT_TAG = "deepspeed"
 
 
-def deepspeed_config(job: JobSpec) -> dict:
+BUCKET_ELEMENTS = 500_000_000   # DeepSpeed's default reduction / all-gather bucket (elements)
+
+
+def deepspeed_config(job: JobSpec, trainable_elements: int = BUCKET_ELEMENTS) -> dict:
+    """DeepSpeed's config for the job. Its buckets are no larger than what they carry: at its default size ZeRO-3
+    allocates a 5e8-element reduction bucket (2 GB in float32) whatever the model, which the tensor account counts."""
     ds = job.deepspeed
-    zero: dict = {"stage": ds.zero_stage}
+    bucket = max(1, min(BUCKET_ELEMENTS, trainable_elements))
+    zero: dict = {"stage": ds.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if ds.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = min(bucket, BUCKET_ELEMENTS // 10)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if ds.offload_params:
@@ -63,10 +71,12 @@ class FirstOrderWorker(Worker):
         split_experts = getattr(self.job.method, "expert_parallel", False)
         apart = {id(p) for p in expert_parameters(self.moe)} if split_experts else set()
         optimizer, scheduler = self._optimizer([p for p in model.parameters() if id(p) not in apart])
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=deepspeed_config(self.job))
+                                                    config=deepspeed_config(self.job, trainable))
         self.module = self.engine
         self.activations = SavedActivationCounter(self.engine.module)
+        self.account, self.accounted_steps = None, 0
         if self.moe and self.world > 1:   # after DeepSpeed's initial broadcast, which sends every expert
             for layer in self.moe:
                 layer.distribute(None, split_experts)
@@ -99,6 +109,9 @@ class FirstOrderWorker(Worker):
             for layer in self.moe:   # the routers' auxiliary losses join the task loss in what is minimised
                 loss = loss + layer.loss_term()
             self.engine.backward(loss)
+            if self.accounted_steps < 2:   # gradients, and from the second step optimizer state, all held at once
+                self.account = self._account().largest(self.account)
+                self.accounted_steps += 1
             self.engine.step()
             if self.expert_optimizer is not None:
                 self.expert_optimizer.step()
@@ -137,6 +150,10 @@ class FirstOrderWorker(Worker):
             self.expert_optimizer.load(folder / f"experts_rank{self.rank}.pt")
         return client_state["train_state"]
 
+    def _account(self) -> TensorAccount:
+        return tensor_account(self.engine.module, self.engine.optimizer, self.activations, self.expert_optimizer)
+
     def memory_account(self) -> dict:
-        return asdict(tensor_account(self.engine.module, self.engine.optimizer, self.activations,
-                                     self.job.deepspeed.zero_stage, self.world, self.expert_optimizer))
+        """The largest of the accounts taken between backward and step (the first two steps of this segment: by
+        the second, Adam's state exists) and of the one now (a one-step run has state only after its step)."""
+        return asdict(self._account().largest(self.account))
