@@ -182,10 +182,11 @@ class ClassificationHead(nn.Module):
         self.out = nn.Linear(width, num_labels)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(pooled.to(self.out.weight.dtype))
-        if self.dense is not None:
-            x = self.dropout(torch.tanh(self.dense(x)))
-        return self.out(x)
+        with torch.autocast(pooled.device.type, enabled=False):   # a float32 head computes in float32
+            x = self.dropout(pooled.to(self.out.weight.dtype))
+            if self.dense is not None:
+                x = self.dropout(torch.tanh(self.dense(x)))
+            return self.out(x)
 
 
 class SequenceClassifier(nn.Module):

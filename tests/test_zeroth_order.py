@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from rayeff.config import validate_job
@@ -17,7 +19,7 @@ from rayeff.methods.mezo import MezoConfig
 from rayeff.models import build_classifier, resolve_model
 from rayeff.tensor_train import TTLinear, dense_flops, factorize
 from rayeff.train.spsa import MAX_QUERIES, Perturber, QuerySchedule, derived_beta, queries_at, query_seed
-from rayeff.train.zeroth_order import cast_frozen
+from rayeff.train.zeroth_order import AutocastForward, cast_frozen
 
 # -- tensor-train layer ------------------------------------------------------------------------------------------
 
@@ -95,10 +97,40 @@ def test_adapters_and_head_stay_float32_when_the_backbone_is_bf16():
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert all(d == torch.float32 for n, d in dtypes.items() if n.startswith(("adapters.", "classifier.head.")))
     assert dtypes["classifier.backbone.encoder.layer.0.attention.self.query.weight"] == torch.bfloat16
+    assert dtypes["classifier.backbone.encoder.layer.0.output.LayerNorm.weight"] == torch.float32
     batch = {"input_ids": torch.randint(5, 100, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     with torch.no_grad():
-        logits = model(**batch)
+        logits = AutocastForward(model, torch.bfloat16)(**batch)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_the_spsa_difference_survives_a_bf16_backbone(seed):
+    """Adapters perturbed by eps = 1e-3 (head left alone): on a bf16 backbone L(+) - L(-) is what the float32
+    model gives, within the bf16 matrix products' error (measured: at most 5% over these seeds)."""
+    def projected_gradient(model: nn.Module) -> float:
+        perturber = Perturber([p for n, p in model.named_parameters() if ".adapters." in f".{n}"])
+        perturber.begin_step()
+        losses = []
+        for sign in (+1, -1):
+            perturber.set(seed, sign, 1e-3)
+            with torch.no_grad():
+                losses.append(F.cross_entropy(model(**batch).float(), labels).item())
+        perturber.restore()
+        return (losses[0] - losses[1]) / 2e-3
+
+    def adazeta(dtype: torch.dtype) -> nn.Module:
+        torch.manual_seed(0)
+        model = get_method("adazeta").build(build_classifier(resolve_model("tiny-bert"), 2, head="linear"),
+                                            AdaZetaConfig()).eval()
+        cast_frozen(model, dtype)
+        return model if dtype == torch.float32 else AutocastForward(model, dtype)
+
+    torch.manual_seed(1)
+    batch = {"input_ids": torch.randint(5, 1000, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    labels = torch.tensor([0, 1, 0, 1])
+    full, half = projected_gradient(adazeta(torch.float32)), projected_gradient(adazeta(torch.bfloat16))
+    assert half != 0.0 and half == pytest.approx(full, rel=0.15)
 
 
 # -- SPSA --------------------------------------------------------------------------------------------------------
@@ -231,6 +263,27 @@ def test_query_schedule_follows_the_formula():
                              total_steps=100)
     assert [by_steps.queries(0, s) for s in (0, 1, 2, 9)] == [1, 1, 2, 5]
     assert QuerySchedule(MezoConfig(), 3, 30).queries(2, 29) == 1
+
+
+def test_a_one_epoch_run_schedules_q_target_over_steps_and_says_so():
+    """Over epochs, a run of one epoch would stay at Q = 1 whatever q_target: it counts steps instead."""
+    schedule = QuerySchedule(AdaZetaConfig(q_target=8, q_max=16), total_epochs=1, total_steps=50)
+    assert schedule.over == "steps" and "q_target 8" in schedule.note
+    assert schedule.queries(epoch=0, step=0) == 1 and schedule.queries(epoch=0, step=49) == 8
+    assert QuerySchedule(AdaZetaConfig(q_target=8, q_max=16), total_epochs=3, total_steps=50).note is None
+    with pytest.raises(ValueError, match="method.q_target: 8 queries cannot be reached in a run of 1 step"):
+        QuerySchedule(AdaZetaConfig(q_target=8, q_max=16), total_epochs=1, total_steps=1)
+
+
+def test_an_unreachable_q_target_stops_the_cli_before_ray(tmp_path, glue_dir):
+    from rayeff.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"model": {"name": "tiny-bert"}, "data": {"task": "sst2", "train_subset": 16},
+                                   "method": {"name": "adazeta", "q_target": 8},
+                                   "training": {"batch_size": 16, "max_steps": 1}}))
+    assert main(["run", str(job), "--data-dir", str(glue_dir), "--output", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
 
 
 # -- method configs ----------------------------------------------------------------------------------------------

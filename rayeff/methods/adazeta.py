@@ -6,7 +6,7 @@ with a number of queries per step that grows over training (rayeff/train/zeroth_
 Placement (Houlsby): after the attention-output and the FFN-output projections of every layer for encoders and
 encoder-decoders; decoder-only models get one on the MLP output. The adapters attach as forward hooks on those
 projections, so the backbone's own modules are untouched. They and the head train in float32 whatever precision
-the backbone runs in. Because the last core of each up-projection starts at zero, the adapted model computes exactly
+the backbone runs in, and the residual stream they add to stays float32. Because the last core of each up-projection starts at zero, the adapted model computes exactly
 what the backbone does until the first update.
 
     rayeff run jobs/sst2-adazeta.yaml --data-dir ../shared/data/glue
@@ -58,8 +58,11 @@ class TTAdapter(nn.Module):
         self.up = TTLinear(config.bottleneck, width, config.tt_rank, zero_last_core=True)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        delta = self.up(self.act(self.down(h.float())))   # float32, whatever the backbone's dtype
-        return h + delta.to(h.dtype)
+        """h + up(act(down(h))) in float32, the sum too, whatever the backbone's dtype (a bf16/fp16 backbone runs
+        under autocast, rayeff/train/zeroth_order.py): rounded to bf16, an adapter change of 1e-3 against
+        activations near 1 would vanish (bf16 keeps 8 bits), and with it the SPSA difference."""
+        with torch.autocast(h.device.type, enabled=False):
+            return h.float() + self.up(self.act(self.down(h.float())))
 
 
 def _out_width(module: nn.Module) -> int | None:

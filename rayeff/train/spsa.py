@@ -80,15 +80,28 @@ def queries_at(k: int, alpha: float, beta: float, q_max: int) -> int:
 
 
 class QuerySchedule:
+    """Q at each step. A `q_target` is reached at the last epoch (or step). A run of one epoch or less has no second
+    epoch for Q to grow in: there the schedule counts steps instead, and `note` says so (result.json carries it).
+    A target that even the steps cannot reach (a one-step run) is a ValueError naming q_target."""
+
     def __init__(self, config: ZerothOrderConfig, total_epochs: int, total_steps: int):
-        self.config = config
-        self.k_last = total_epochs if config.schedule_over == "epochs" else total_steps
+        self.config, self.over, self.note = config, config.schedule_over, None
+        self.k_last = total_epochs if self.over == "epochs" else total_steps
+        if config.q_target is not None and self.k_last <= 1 and self.over == "epochs":
+            self.over, self.k_last = "steps", total_steps
+            self.note = (f"schedule_over: epochs, but the run spans {total_epochs} epoch, where Q could not grow to "
+                         f"q_target {config.q_target}; the schedule counts steps instead")
         self.beta = config.beta if config.beta is not None else derived_beta(config.alpha, config.q_target,
                                                                               self.k_last)
+        wanted = min(config.q_target or 0, config.q_max)
+        if queries_at(self.k_last, config.alpha, self.beta, config.q_max) < wanted:
+            raise ValueError(f"method.q_target: {config.q_target} queries cannot be reached in a run of "
+                             f"{total_steps} step(s) (Q starts at {queries_at(1, config.alpha, 0.0, config.q_max)}); "
+                             "train for more steps, or set beta instead of q_target")
 
     def queries(self, epoch: int, step: int) -> int:
         """Queries at this 0-based epoch and step."""
-        k = (epoch if self.config.schedule_over == "epochs" else step) + 1
+        k = (epoch if self.over == "epochs" else step) + 1
         return queries_at(k, self.config.alpha, self.beta, self.config.q_max)
 
 

@@ -11,9 +11,10 @@ When Q < N the spare workers idle for that step (they still join the exchange). 
 the estimate depend on how many workers there are, and lose the 1-worker = N-worker equality; with AdaZeta's growing
 schedule Q soon reaches N.
 
-ZO forwards run without autograd and with dropout off: L+ and L- must differ only by the perturbation. Parameters
-that train stay float32 when `deepspeed.precision` puts the frozen backbone in bf16/fp16 (perturbations of 1e-3
-would vanish in bf16's 8-bit mantissa). A non-finite loss, or an update that overflows, stops the run as `diverged`
+ZO forwards run without autograd and with dropout off: L+ and L- must differ only by the perturbation. When
+`deepspeed.precision` puts the frozen backbone in bf16/fp16, its weight matrices are stored in that dtype and its
+matrix products run under autocast, while the parameters that train, the norms and the residual stream stay float32
+(perturbations of 1e-3 would vanish in bf16's 8-bit mantissa). A non-finite loss, or an update that overflows, stops the run as `diverged`
 with the weights the step started from; its last checkpoint stays its final one.
 """
 
@@ -27,9 +28,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rayeff.config import JobSpec
 from rayeff.measure.memory import SavedActivationCounter
 from rayeff.train.spsa import Perturber, QuerySchedule, query_seed
-from rayeff.train.worker import STATE_FILE, TRAINABLE_FILE, Worker, batches_of, epoch_order, loss_fn
+from rayeff.train.worker import (
+    STATE_FILE,
+    TRAINABLE_FILE,
+    Worker,
+    batches_of,
+    epoch_order,
+    loss_fn,
+    total_steps,
+)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXCHANGE_BYTES_PER_QUERY = 3 * 8   # int64 seed, float64 g_q, float64 loss
@@ -48,10 +58,32 @@ def scheduled_lr(step: int, total: int, base: float, warmup_ratio: float, kind: 
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def query_schedule(job: JobSpec, steps_per_epoch: int) -> QuerySchedule:
+    """The run's query schedule; every worker reads the whole global batch, so an epoch is ceil(n / batch) steps.
+    The driver builds it too, before Ray starts, so that a target it cannot reach is a one-line error."""
+    steps = total_steps(job, steps_per_epoch)
+    return QuerySchedule(job.method, total_epochs=math.ceil(steps / steps_per_epoch), total_steps=steps)
+
+
+class AutocastForward(torch.nn.Module):
+    """A model whose frozen matrices are bf16/fp16 (cast_frozen) run under autocast: matrix products in that dtype,
+    while what trains (adapters, LoRA, head), norms and the residual stream the adapters add to stay float32."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, **batch) -> torch.Tensor:
+        device = next(self.model.parameters()).device.type
+        with torch.autocast(device, dtype=self.dtype):
+            return self.model(**batch)
+
+
 def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """The frozen parameters to `dtype`; those that train stay float32."""
+    """The frozen weight matrices (and embedding tables) to `dtype`, where the memory is; those that train, and
+    1-D norm weights and biases, stay float32 (a float32 residual stream meets float32 norms)."""
     for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point():
+        if not p.requires_grad and p.is_floating_point() and p.ndim >= 2:
             p.data = p.data.to(dtype)
 
 
@@ -62,14 +94,14 @@ def float_bits(x: float) -> int:
 class ZerothOrderWorker(Worker):
     def setup(self, model: torch.nn.Module) -> None:
         model.to(self.device)
-        cast_frozen(model, PRECISIONS[self.job.deepspeed.precision])
+        dtype = PRECISIONS[self.job.deepspeed.precision]
+        cast_frozen(model, dtype)
         model.eval()  # dropout off, for training too
-        self.module = model
+        self.module = model if dtype == torch.float32 else AutocastForward(model, dtype)
         self.named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         cfg = self.job.method
         self.perturber = Perturber([p for _, p in self.named_trainable], cfg.sparsity)
-        self.schedule = QuerySchedule(cfg, total_epochs=math.ceil(self.total_steps / self.steps_per_epoch),
-                                      total_steps=self.total_steps)
+        self.schedule = query_schedule(self.job, self.steps_per_epoch)
         self.activations = SavedActivationCounter(model)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -152,6 +184,7 @@ class ZerothOrderWorker(Worker):
         return {"trainable_params": sum(p.numel() for _, p in self.named_trainable),
                 "total_params": sum(p.numel() for p in params),
                 "param_bytes": sum(p.numel() * p.element_size() for p in params),
+                "buffer_bytes": sum(b.numel() * b.element_size() for b in self.module.buffers()),
                 "grad_bytes": 0, "optimizer_state_bytes": 0,                    # none exist
                 "peak_activation_bytes": self.activations.peak_bytes,          # measured: 0 without autograd
                 "perturbation_snapshot_bytes": self.perturber.snapshot_bytes}  # theta0, for the exact restore
@@ -176,6 +209,7 @@ class ZerothOrderWorker(Worker):
         return {"zeroth_order": {
             **self._zo_figures(),
             "schedule": {"alpha": cfg.alpha, "beta": self.schedule.beta, "q_max": cfg.q_max,
-                         "over": cfg.schedule_over, "k_last": self.schedule.k_last},
+                         "over": self.schedule.over, "k_last": self.schedule.k_last,
+                         **({"note": self.schedule.note} if self.schedule.note else {})},
             "eps": cfg.eps, "queries_split": f"round-robin over {self.world} workers; spare workers idle when Q < N",
         }}
