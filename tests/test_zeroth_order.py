@@ -92,24 +92,33 @@ def test_adapter_placement_and_sizes_follow_the_config():
 def test_adapters_and_head_stay_float32_when_the_backbone_is_bf16():
     torch.manual_seed(0)
     model = get_method("adazeta").build(build_classifier(resolve_model("tiny-bert"), 2, head="linear"),
-                                        AdaZetaConfig())
+                                        AdaZetaConfig()).eval()
+    batch = {"input_ids": torch.randint(5, 100, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    with torch.no_grad():
+        float32_logits = model(**batch)
     cast_frozen(model, torch.bfloat16)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert all(d == torch.float32 for n, d in dtypes.items() if n.startswith(("adapters.", "classifier.head.")))
     assert dtypes["classifier.backbone.encoder.layer.0.attention.self.query.weight"] == torch.bfloat16
     assert dtypes["classifier.backbone.encoder.layer.0.output.LayerNorm.weight"] == torch.float32
-    batch = {"input_ids": torch.randint(5, 100, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     with torch.no_grad():
         logits = AutocastForward(model, torch.bfloat16)(**batch)
-    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    # the same function as the float32 model, within bf16 matrix products' error (not merely finite)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, float32_logits, rtol=0, atol=0.05)
+    assert not torch.equal(logits, float32_logits)   # the products did run in bf16
 
 
+@pytest.mark.parametrize("method", ["adazeta", "mezo-lora"])
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
-def test_the_spsa_difference_survives_a_bf16_backbone(seed):
-    """Adapters perturbed by eps = 1e-3 (head left alone): on a bf16 backbone L(+) - L(-) is what the float32
-    model gives, within the bf16 matrix products' error (measured: at most 5% over these seeds)."""
+def test_the_spsa_difference_survives_a_bf16_backbone(method, seed):
+    """The trained parameters (TT adapters, or LoRA factors) perturbed by eps = 1e-3, the head left alone: on a bf16
+    backbone L(+) - L(-) is what the float32 model gives, within the bf16 matrix products' error (measured over
+    these seeds: at most 5% for adazeta, 14% for MeZO-LoRA; before, bf16 rounding gave other signs)."""
+    trained = ".adapters." if method == "adazeta" else "lora_"
+
     def projected_gradient(model: nn.Module) -> float:
-        perturber = Perturber([p for n, p in model.named_parameters() if ".adapters." in f".{n}"])
+        perturber = Perturber([p for n, p in model.named_parameters() if trained in f".{n}"])
         perturber.begin_step()
         losses = []
         for sign in (+1, -1):
@@ -119,18 +128,19 @@ def test_the_spsa_difference_survives_a_bf16_backbone(seed):
         perturber.restore()
         return (losses[0] - losses[1]) / 2e-3
 
-    def adazeta(dtype: torch.dtype) -> nn.Module:
+    def build(dtype: torch.dtype) -> nn.Module:
         torch.manual_seed(0)
-        model = get_method("adazeta").build(build_classifier(resolve_model("tiny-bert"), 2, head="linear"),
-                                            AdaZetaConfig()).eval()
+        config = AdaZetaConfig() if method == "adazeta" else MezoConfig(target="lora")
+        model = get_method(config.name).build(build_classifier(resolve_model("tiny-bert"), 2, head="linear"),
+                                              config).eval()
         cast_frozen(model, dtype)
         return model if dtype == torch.float32 else AutocastForward(model, dtype)
 
     torch.manual_seed(1)
     batch = {"input_ids": torch.randint(5, 1000, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
     labels = torch.tensor([0, 1, 0, 1])
-    full, half = projected_gradient(adazeta(torch.float32)), projected_gradient(adazeta(torch.bfloat16))
-    assert half != 0.0 and half == pytest.approx(full, rel=0.15)
+    full, half = projected_gradient(build(torch.float32)), projected_gradient(build(torch.bfloat16))
+    assert half != 0.0 and half == pytest.approx(full, rel=0.2)
 
 
 # -- SPSA --------------------------------------------------------------------------------------------------------

@@ -67,16 +67,27 @@ def query_schedule(job: JobSpec, steps_per_epoch: int) -> QuerySchedule:
 
 class AutocastForward(torch.nn.Module):
     """A model whose frozen matrices are bf16/fp16 (cast_frozen) run under autocast: matrix products in that dtype,
-    while what trains (adapters, LoRA, head), norms and the residual stream the adapters add to stay float32."""
+    their outputs back in float32, so that what trains (adapters, LoRA, head), norms and the residual stream stay
+    float32. PEFT's LoRA layer, for one, casts its sum back to its base layer's output dtype: a bf16 output would
+    round the perturbed LoRA term away."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
         super().__init__()
         self.model, self.dtype = model, dtype
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dtype == dtype and weight.ndim == 2 and \
+                    not isinstance(module, torch.nn.Embedding):
+                module.register_forward_hook(_float32_output)
 
     def forward(self, **batch) -> torch.Tensor:
         device = next(self.model.parameters()).device.type
         with torch.autocast(device, dtype=self.dtype):
             return self.model(**batch)
+
+
+def _float32_output(_module, _inputs, output):
+    return output.float() if isinstance(output, torch.Tensor) else output
 
 
 def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
