@@ -23,6 +23,13 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def no_nul(value: str | None) -> str | None:
+    """A path (or name) that the OS can take: no NUL character, not empty."""
+    if value is not None and ("\x00" in value or not value.strip()):
+        raise ValueError("must be a non-empty path without NUL characters")
+    return value
+
+
 class ModelSpec(Spec):
     name: str = Field("minilm-l6", description="alias (minilm-l6, tiny-bert, tiny-t5, tiny-gpt2, tiny-llama), "
                                                "a local model folder, or a hub model id")
@@ -34,6 +41,8 @@ class ModelSpec(Spec):
         "mlp", description="mlp: dense -> tanh -> out (RoBERTa's head); linear: one projection to the labels "
                            "(few parameters, which zeroth-order training estimates far better)")
 
+    _paths = field_validator("name")(no_nul)
+
 
 class DataSpec(Spec):
     task: str = Field(description="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli")
@@ -41,8 +50,11 @@ class DataSpec(Spec):
     train_subset: int | None = Field(None, gt=0, description="train on this many examples, drawn with `seed`")
     k_shot: int | None = Field(None, gt=0, description="train on k examples per class, drawn with `seed`")
     eval_subset: int | None = Field(None, gt=0, description="evaluate on the first n dev examples only")
-    seed: int = Field(0, description="seed of the subset and k-shot draws (fixed apart from training.seed)")
+    seed: int = Field(0, ge=0, lt=2**32, description="seed of the subset and k-shot draws (fixed apart from "
+                                                     "training.seed)")
     cache_dir: str | None = Field(None, description="tokenised-dataset cache; default ~/.cache/rayeff")
+
+    _paths = field_validator("data_dir", "cache_dir")(no_nul)
 
     @field_validator("task")
     @classmethod
@@ -78,7 +90,8 @@ class TrainingSpec(Spec):
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32, description="seed of weights, data order and dropout (zeroth-order "
+                                                      "methods: below 2**23, see rayeff/train/spsa.py)")
     max_seq_length: int = Field(128, gt=0)
     padding: Literal["longest", "max_length"] = Field(
         "longest", description="pad each batch to its longest example, or always to max_seq_length")
@@ -134,6 +147,8 @@ class JobSpec(Spec):
     output_dir: str = Field("runs/job", description="where result.json, checkpoints and final weights go")
     resume: bool = Field(False, description="continue from the checkpoint in output_dir")
 
+    _paths = field_validator("output_dir")(no_nul)
+
     @field_validator("method", mode="before")
     @classmethod
     def _method_config(cls, value: Any) -> MethodConfig:
@@ -148,6 +163,17 @@ class JobSpec(Spec):
     @model_validator(mode="after")
     def _fits_the_training_loop(self) -> JobSpec:
         if self.method.training_loop == "zeroth_order":
+            from rayeff.train.spsa import MAX_RUN_SEED, MAX_STEPS
+
+            # SPSA packs (run seed, step, query) into one 63-bit seed: each field has its bits, checked here rather
+            # than at the step that would overflow them.
+            if self.training.seed >= MAX_RUN_SEED:
+                raise ValueError(f"training.seed: {self.training.seed} is too large for method {self.method.name}, "
+                                 f"whose query seeds hold the run seed in 23 bits; use a seed below {MAX_RUN_SEED}")
+            if self.training.max_steps is not None and self.training.max_steps >= MAX_STEPS:
+                raise ValueError(f"training.max_steps: {self.training.max_steps} is too many for method "
+                                 f"{self.method.name}, whose query seeds hold the step in 28 bits; use fewer than "
+                                 f"{MAX_STEPS}")
             # Every worker evaluates its own queries on the whole batch, and there is no gradient or optimizer
             # state for ZeRO to partition.
             ds = self.deepspeed
@@ -206,11 +232,12 @@ def validate_job(raw: dict, source: str = "job") -> JobSpec:
 def read_yaml_mapping(path: str | Path, kind: str, shape: str) -> dict:
     """A YAML file that must hold a mapping; `kind` names the file in errors (`job`, `sweep`...), `shape` says
     what the mapping holds. Every failure is a one-line `UserError`."""
+    from rayeff.checks import read_text_file
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such {kind} file")
+    text = read_text_file(path, f"{kind} file")   # exists, a file, readable, UTF-8 (a byte-order mark is fine)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -23,7 +23,11 @@ def test_shared_glue_files_load_with_official_row_counts(glue_dir):
         assert len(data["label"]) == rows, (task, split)
         assert len(data["text_a"]) == rows
     rte = load_split("rte", "dev", glue_dir)
-    assert set(rte["label"]) == {0, 1} and rte["text_b"] is not None
+    assert set(rte["label"]) == {0, 1} and len(rte["text_b"]) == 277
+    # the first two rows of RTE's dev.tsv: sentence2 is text_b, not_entailment is 1 and entailment 0
+    assert rte["text_b"][:2] == ["Christopher Reeve had an accident.",
+                                 "Bacteria is winning the war against antibiotics."]
+    assert rte["label"][:2] == [1, 0] and rte["text_a"][0].startswith("Dana Reeve, the widow of the actor")
     assert isinstance(load_split("stsb", "dev", glue_dir)["label"][0], float)
     assert load_split("sst2", "dev", glue_dir)["text_b"] is None
 
@@ -118,3 +122,28 @@ def test_metrics_match_hand_computed_values():
         pytest.approx(2 / math.sqrt(12))
     s = compute_metrics("stsb", [1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 9.0])
     assert s["spearmanr"] == pytest.approx(1.0) and 0.98 < s["pearson"] < 1.0
+
+
+def test_a_utf8_byte_order_mark_is_accepted(synthetic_glue):
+    """GLUE's own MRPC download starts with a UTF-8 byte-order mark; read naively it glues itself to the first header
+    name ("\\ufeffQuality") and the label column goes missing."""
+    for name in ("train.tsv", "dev.tsv"):
+        path = synthetic_glue / "MRPC" / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    mrpc = load_split("mrpc", "train", synthetic_glue)
+    assert mrpc["label"] == [1, 0] and mrpc["text_a"][0] == "A cat sat."
+    cola = synthetic_glue / "CoLA" / "train.tsv"   # headerless: the mark must not end up in the first cell either
+    cola.write_bytes(b"\xef\xbb\xbf" + cola.read_bytes())
+    assert load_split("cola", "train", synthetic_glue)["label"] == [1, 0]
+
+
+@pytest.mark.parametrize("encoding,says", [("utf-16", "is UTF-16 text"), ("utf-16-le", "holds NUL bytes"),
+                                           ("latin-1", "is not UTF-8 text (byte 0xe9 on line 2)")])
+def test_a_file_in_another_encoding_is_one_line_naming_it(synthetic_glue, encoding, says):
+    path = synthetic_glue / "MRPC" / "train.tsv"
+    path.write_bytes(SYNTHETIC["MRPC/train.tsv"].replace("A cat sat.", "Un caf\xe9.").encode(encoding))
+    with pytest.raises(UserError) as err:
+        load_split("mrpc", "train", synthetic_glue)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and says in message and "UTF-8" in message
+    assert len(message.splitlines()) == 1

@@ -21,9 +21,10 @@ import shutil
 import statistics
 from pathlib import Path
 
+from rayeff.checks import check_output_file, check_output_location
 from rayeff.cluster.storage import write_json_atomic
 from rayeff.errors import UserError
-from rayeff.tune.spec import load_sweep
+from rayeff.tune.spec import MAX_SEARCHER_SEED, load_sweep
 from rayeff.tune.sweep import run_sweep
 
 SOURCE_SEED = 1000
@@ -47,8 +48,18 @@ def medians(runs: list[dict], counts: list[int | None]) -> dict:
 
 def bench_priors(sweep_file: str, sources: list[str], targets: list[str], seeds: list[int], output: str,
                  runs_dir: str | None = None, data_dir: str | None = None, address: str | None = None,
-                 target_fraction: float = 0.99) -> dict:
-    runs = Path(runs_dir) if runs_dir else Path(output).with_suffix("")
+                 target_fraction: float = 0.99, overwrite: bool = False) -> dict:
+    for flag, values in (("--sources", sources), ("--targets", targets), ("--seeds", seeds)):
+        if not values:
+            raise UserError(f"{flag}: give at least one value (comma-separated)")
+    bad = [s for s in seeds if not 0 <= s < MAX_SEARCHER_SEED]
+    if bad:
+        raise UserError(f"--seeds: {bad[0]} is not a sampler seed; use integers from 0 to {MAX_SEARCHER_SEED - 1}")
+    if not 0 < target_fraction <= 1:
+        raise UserError(f"--target-fraction: {target_fraction} is not in (0, 1]; e.g. 0.99 of the best dev metric")
+    output_path = check_output_file(output, "--output", overwrite)
+    runs = Path(runs_dir) if runs_dir else output_path.with_suffix("")
+    check_output_location(str(runs), "--runs-dir")
     store = runs / "priors.db"
     if set(sources) & set(targets):
         raise UserError(f"--targets: {sorted(set(sources) & set(targets))} are also sources; priors must come from "
@@ -94,5 +105,5 @@ def bench_priors(sweep_file: str, sources: list[str], targets: list[str], seeds:
         measured += task_runs
     report.update(medians(measured, [r["trials_to_target"] for r in measured]))
     report["note"] = "a run that never reached the target counts as num_trials + 1"
-    write_json_atomic(Path(output), report)
+    write_json_atomic(output_path, report)
     return report

@@ -10,6 +10,8 @@ An example set is a plain dict of columns: `text_a`, `text_b` (None for single-s
 from __future__ import annotations
 
 import csv
+import io
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,24 +83,41 @@ def get_task(name: str) -> GlueTask:
 
 
 def _read_tsv(path: Path, task: GlueTask) -> dict:
+    """One GLUE TSV file. It must be UTF-8 text; a leading byte-order mark (GLUE's own MRPC download has one) is
+    dropped, and any other encoding is a one-line error naming the file."""
+    from rayeff.checks import read_text_file
+
     csv.field_size_limit(sys.maxsize)
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    text = read_text_file(path, f"GLUE {task.folder} file")
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+    del text
+    if not rows:
+        raise UserError(f"{path}: the file is empty; is this GLUE's {task.folder} file?")
     if task.headerless_columns is not None:
         columns, body = task.headerless_columns, rows
         width = max(columns.values()) + 1
     else:
-        header, body = rows[0], rows[1:]
+        header, body = [c.strip() for c in rows[0]], rows[1:]
         columns = {name: i for i, name in enumerate(header)}
         width = len(header)
         missing = [c for c in (*task.text_columns, task.label_column) if c not in columns]
         if missing:
             raise UserError(f"{path}: missing column(s) {missing}; is this GLUE's {task.folder} file?")
     body = [r for r in body if len(r) >= width]  # GLUE's QQP/MNLI files hold a few broken lines; GLUE drops them
+    if not body:
+        raise UserError(f"{path}: no examples (no line with all {width} columns); is this GLUE's {task.folder} file?")
     texts = [[r[columns[c]] for r in body] for c in task.text_columns]
     raw_labels = [r[columns[task.label_column]] for r in body]
     if task.is_regression:
-        labels = [float(x) for x in raw_labels]
+        try:
+            labels = [float(x) for x in raw_labels]
+        except ValueError:
+            bad = next(x for x in raw_labels if not _is_float(x))
+            raise UserError(f"{path}: {task.label_column} {bad!r} is not a number ({task.name} scores are "
+                            "floats)") from None
+        if not all(math.isfinite(x) for x in labels):
+            raise UserError(f"{path}: a {task.label_column} is not finite (nan or inf); {task.name} scores are "
+                            "finite floats")
     else:
         index = {name: i for i, name in enumerate(task.labels)}
         try:
@@ -106,6 +125,14 @@ def _read_tsv(path: Path, task: GlueTask) -> dict:
         except KeyError as err:
             raise UserError(f"{path}: unexpected label {err.args[0]!r} for {task.name}") from None
     return {"text_a": texts[0], "text_b": texts[1] if len(texts) > 1 else None, "label": labels}
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _load_from_hub(task: GlueTask, split: str) -> dict:
@@ -143,6 +170,9 @@ def check_data_dir(task_name: str, data_dir: str | Path | None, splits: tuple[st
                         "layout (e.g. ../shared/data/glue)")
     for split in splits:
         path = split_file(task, split, data_dir)
+        if path.is_dir():
+            raise UserError(f"data.data_dir: {path} is a folder, not a file; {task.name} needs {task.folder}/"
+                            f"train.tsv and {task.folder}/{task.dev_file} files")
         if not path.is_file():
             raise UserError(f"data.data_dir: {path} not found; {task.name} needs {task.folder}/train.tsv and "
                             f"{task.folder}/{task.dev_file}")

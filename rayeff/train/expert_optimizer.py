@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rayeff.mixture_of_experts import MoEFeedForward
+from rayeff.train.checkpoint_safety import safe_load
 from rayeff.train.worker import all_gather
 
 
@@ -71,7 +72,7 @@ class ExpertOptimizer:
         if not path.is_file():
             raise RuntimeError(f"{path.name} is missing from the checkpoint: it was written by a run with another "
                                "number of workers; resume expert-parallel runs with the same scaling.num_workers")
-        saved = torch.load(path, weights_only=False)
+        saved = safe_load(path)   # weights-only: tensors and plain data (rayeff/train/checkpoint_safety.py)
         if set(saved["weights"]) != set(self._named()):
             raise RuntimeError(f"{path.name} holds other experts than this worker's; resume with the same "
                                f"scaling.num_workers as the checkpointed run ({saved['workers']})")

@@ -76,6 +76,9 @@ class PriorStore:
         self.path = Path(path)
 
     def _connect(self, create: bool) -> sqlite3.Connection:
+        if not create and self.path.is_dir():
+            raise UserError(f"priors.store: {self.path} is a folder; point priors.store (or --store) at the store's "
+                            "SQLite file, e.g. runs/priors.db")
         if not create and not self.path.is_file():
             raise UserError(f"priors.store: {self.path} does not exist; finish a sweep first (every finished sweep "
                             "is added to its store) or point priors.store at an existing store")

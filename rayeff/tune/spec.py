@@ -36,9 +36,13 @@ class ObjectiveSpec(Spec):
     mode: Literal["max", "min"] = "max"
 
 
+# Optuna's samplers seed numpy's RandomState (below 2**32) with this seed plus the trials already done.
+MAX_SEARCHER_SEED = 2**31
+
+
 class SearcherSpec(Spec):
     kind: Literal["tpe", "nsga2", "cmaes"] = "tpe"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=MAX_SEARCHER_SEED)
 
 
 class SchedulerSpec(Spec):

@@ -1,0 +1,153 @@
+"""Checks of a job's and a sweep's inputs before Ray starts: the cache folder, the model folder, the sequence length
+against the model's positions, local GPUs, a checkpoint to resume from, the prior store. Each failure is a one-line
+`UserError` naming the input and the fix (rayeff/checks.py has the file and folder checks they build on).
+
+    check_job_inputs(job, source)                    # all of a job's paths and the sizes that only fail later
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rayeff.checks import check_output_file, check_output_location, path_exists
+from rayeff.errors import UserError
+
+TRAIN_DIR = "train"   # Ray Train's storage inside a run's output folder: its checkpoints
+
+
+def check_cache_dir(cache_dir: str | None) -> None:
+    from rayeff.data.tokenized import default_cache_dir
+
+    location = str(cache_dir) if cache_dir else str(default_cache_dir())
+    check_output_location(location, "data.cache_dir" if cache_dir else "the tokenised-data cache (RAYEFF_CACHE)")
+
+
+# -- sizes that only fail later ---------------------------------------------------------------------------------------
+
+# Models whose position table keeps its first (padding index + 1) rows for padding: usable positions are fewer.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod", "ibert")
+
+
+def max_positions(source) -> int | None:
+    """The most tokens the backbone can take (its learned position table), or None (relative positions: T5)."""
+    from rayeff.models import TINY_CONFIGS
+
+    if source.tiny_config is not None:
+        spec = TINY_CONFIGS[source.tiny_config]
+        return spec.get("max_position_embeddings") or spec.get("n_positions")
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source.weights)
+    except Exception as err:  # noqa: BLE001  (a folder with a broken config.json, say)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"model.name: {source.name}: its config cannot be read ({first}); fix or replace the model "
+                        "folder") from None
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "relative_attention_num_buckets", None):
+        return None
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            if config.model_type in _OFFSET_POSITIONS:
+                value -= (getattr(config, "pad_token_id", 1) or 1) + 1
+            return value
+    return None
+
+
+def check_sequence_length(job, source) -> None:
+    """max_seq_length within the model's positions (longer sequences fail at the first batch that has one), and at
+    least the tokenizer's special tokens plus one token per text (below that the tokenizer silently does not
+    truncate at all)."""
+    from rayeff.data.glue import get_task
+    from rayeff.models import load_tokenizer
+
+    length = job.training.max_seq_length
+    limit = max_positions(source)
+    if limit is not None and length > limit:
+        raise UserError(f"training.max_seq_length: {length} exceeds the {limit} positions of model "
+                        f"{job.model.name}; set it to at most {limit}")
+    texts = len(get_task(job.data.task).text_columns)
+    try:
+        tokenizer = load_tokenizer(source)
+    except Exception as err:  # noqa: BLE001  (a folder whose tokenizer files are broken, say)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"model.name: {source.name}: its tokenizer cannot be loaded ({first}); fix or replace the "
+                        "model folder") from None
+    least = tokenizer.num_special_tokens_to_add(pair=texts > 1) + texts
+    if length < least:
+        raise UserError(f"training.max_seq_length: {length} leaves no room for text ({job.data.task} examples take "
+                        f"{least - texts} special tokens and {texts} text); set it to at least {least}")
+
+
+def check_local_gpus(job, address: str | None) -> None:
+    """A local Ray (no --address) has this machine's GPUs only: a job asking for more fails once Ray has started."""
+    need = job.scaling.gpus_per_worker * job.scaling.num_workers
+    if address or need <= 0:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if need > have:
+        raise UserError(f"scaling.gpus_per_worker: {job.scaling.num_workers} workers x {job.scaling.gpus_per_worker:g} "
+                        f"GPUs need {need:g} GPUs but this machine has {have}; set scaling.gpus_per_worker=0 to train "
+                        "on CPUs, or pass --address to run on a cluster with GPUs")
+
+
+# A model folder needs its weights and its tokenizer: without weights the workers fail as they build the model, and
+# without tokenizer files transformers quietly builds an empty tokenizer that reads every word as [UNK].
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
+def check_model_folder(source) -> None:
+    for folder, files, what in ((source.weights, WEIGHT_FILES, "weights"),
+                                (source.tokenizer, TOKENIZER_FILES, "tokenizer")):
+        if folder and Path(folder).is_dir() and not any((Path(folder) / f).is_file() for f in files):
+            raise UserError(f"model.name: {source.name} has no {what} file ({', '.join(files)}); point it at a "
+                            "complete Hugging Face model folder")
+
+
+def check_job_inputs(job, source) -> None:
+    """A job's paths and sizes beyond what its spec validates: output folder creatable and writable, tokenised-data
+    cache writable, max_seq_length within the model's positions, and on --resume every checkpoint file safe to
+    load (see rayeff/train/checkpoint_safety.py)."""
+    from rayeff.cluster.storage import is_uri
+
+    check_output_location(job.output_dir)
+    check_cache_dir(job.data.cache_dir)
+    check_model_folder(source)
+    check_sequence_length(job, source)
+    if job.resume and not is_uri(job.output_dir):
+        from rayeff.train.checkpoint_safety import check_checkpoint_files
+
+        train = Path(job.output_dir).expanduser() / TRAIN_DIR
+        if train.is_dir():
+            check_checkpoint_files(train)
+
+
+def check_prior_store(path: str) -> None:
+    """A sweep's prior store: an existing rayeff store, or a file that can be created (it is written when the sweep
+    finishes, so a bad path must not wait until then)."""
+    from rayeff.tune.priors import PriorStore
+
+    store = Path(path).expanduser()
+    if path_exists(store) and not store.is_dir():
+        PriorStore(store).entries()   # a UserError naming priors.store when it is not a rayeff store
+        return
+    check_output_file(store, "priors.store", overwrite=True, parent_created=True)
+
+
+def check_sweep_inputs(sweep, job, address: str | None) -> None:
+    """What `check_job_inputs` checks of a job, for a sweep's base job, plus the sweep's own output folder and prior
+    store; before the sweep writes anything or starts Ray."""
+    from rayeff.models import resolve_model
+
+    check_output_location(sweep.output_dir)
+    check_prior_store(sweep.priors.store)
+    check_cache_dir(job.data.cache_dir)
+    source = resolve_model(job.model.name)
+    check_model_folder(source)
+    check_sequence_length(job, source)
+    check_local_gpus(job, address)
