@@ -1,7 +1,7 @@
 """The `rayeff` command.
 
     rayeff run JOB.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--resume] [--address ADDR]
-    rayeff bench compare --job JOB.yaml --methods full,lora,read --output OUT.json [--data-dir DIR]
+    rayeff bench compare --job JOB.yaml --methods full,lora,read --output OUT.json [--overwrite] [--data-dir DIR]
                          [--per-method METHOD:FIELD=VALUE ...]
     rayeff tune SWEEP.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--resume] [--address ADDR]
     rayeff priors list [--store FILE]
@@ -14,6 +14,7 @@
     rayeff status [--address ADDR]
 
 Bad input (a job file, a field, a path, an address) ends with one line on stderr naming it, and exit code 2.
+A benchmark refuses to replace an existing --output file unless given --overwrite.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import time
 
 from rayeff.errors import UserError
+from rayeff.measure.energy import energy_label
 
 _DASHBOARD_HELP = "the head's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)"
 
@@ -53,6 +55,11 @@ def _file_options(parser: argparse.ArgumentParser, what: str, resume: str, data_
     parser.add_argument("--data-dir", help=data_dir)
     parser.add_argument("--output", help=output)
     parser.add_argument("--resume", action="store_true", help=resume)
+
+
+def _bench_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True, help="JSON file to write (an existing one is refused)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --output file if it exists")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,14 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare = kinds.add_parser("compare", help="run one job once per method and compare cost and quality")
     compare.add_argument("--job", required=True, help="job YAML file; its method section is replaced per method")
     compare.add_argument("--methods", default="full,lora,read", help="comma-separated method names")
-    compare.add_argument("--output", required=True, help="JSON file to write")
+    _bench_output(compare)
     compare.add_argument("--runs-dir", help="folder for the per-method runs (default: next to --output)")
     compare.add_argument("--per-method", action="append", default=[], metavar="METHOD:FIELD=VALUE",
                          help="override a field for one method only, e.g. read:training.lr=1e-3 (repeatable)")
     _job_options(compare)
     zo = kinds.add_parser("zo", help="AdaZeta against MeZO-LoRA, on 1 and 2 workers, against inference and full")
     zo.add_argument("--job", required=True, help="an adazeta (or mezo) job YAML file, e.g. jobs/bench-zo.yaml")
-    zo.add_argument("--output", required=True, help="JSON file to write")
+    _bench_output(zo)
     zo.add_argument("--runs-dir", help="folder for the runs (default: next to --output)")
     zo.add_argument("--loss-target", type=float, default=0.6, help="training loss to reach (default 0.6)")
     zo.add_argument("--window", type=int, default=5, help="steps the training loss is averaged over (default 5)")
@@ -124,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _job_options(zo)
     moe = kinds.add_parser("moe", help="dense fine-tuning against upcycled MoE (E experts, top-k) on the same data")
     moe.add_argument("--job", required=True, help="a dense or moe job YAML file, e.g. jobs/bench-moe.yaml")
-    moe.add_argument("--output", required=True, help="JSON file to write")
+    _bench_output(moe)
     moe.add_argument("--experts", default="4,8", help="comma-separated expert counts (default 4,8)")
     moe.add_argument("--top-k", default="1,2", help="comma-separated top-k values (default 1,2)")
     moe.add_argument("--runs-dir", help="folder for the runs (default: next to --output)")
@@ -136,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     pri.add_argument("--seeds", default="0,1,2", help="comma-separated sampler seeds (at least 3 for a median)")
     pri.add_argument("--target-fraction", type=float, default=0.99,
                      help="target: this fraction of the best dev metric seen on the task (default 0.99)")
-    pri.add_argument("--output", required=True, help="JSON file to write")
+    _bench_output(pri)
     pri.add_argument("--runs-dir", help="folder for the sweeps and stores (default: next to --output)")
     pri.add_argument("--data-dir", help="GLUE data in its download layout")
     pri.add_argument("--address", help="join the Ray cluster at this address instead of starting a local Ray")
@@ -179,10 +186,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
                        resume=args.resume)
     best, energy = report["best"], report["energy"]
     for t in report["trials"]:
-        print(f"  trial {t['number']}: {t['status']}, objectives {t['objectives']}, "
-              f"{(t.get('energy') or {}).get('joules', 0):.0f} J, {t['params']}")
+        spent = energy_label(t["energy"]) if t.get("energy") else "no energy reported"
+        print(f"  trial {t['number']}: {t['status']}, objectives {t['objectives']}, {spent}, {t['params']}")
     print(f"rayeff: best: {best['params']} -> {best['objectives']}" if best else "rayeff: no feasible trial")
-    print(f"rayeff: {len(report['trials'])} trials, {energy['total_j']:.0f} J ({', '.join(energy['sources'])})"
+    print(f"rayeff: {len(report['trials'])} trials, "
+          f"{energy_label({'joules': energy['total_j'], 'source': '+'.join(energy['sources'])})}"
           + (f"; stopped by the {energy['stopped_by']}" if energy["stopped_by"] else ""))
     print(f"rayeff: wrote {report['output_dir']}/sweep.json")
     return 0
@@ -243,7 +251,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import ray
 
-    from rayeff.cluster.live import BOARD_NAME, BOARD_NAMESPACE
+    from rayeff.cluster.live import BOARD_NAME, BOARD_NAMESPACE, status_text
     from rayeff.train.runner import init_ray
 
     init_ray(args.address, 0)
@@ -254,12 +262,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     lines = ray.get(board.snapshot.remote())
     for line in sorted(lines, key=lambda x: x["state"] != "running"):   # live ones first
-        trial = f" trial {line['trial']}" if line["trial"] else ""
-        power = "" if line["power_watts"] is None else f"  {line['power_watts']:.1f} W"
-        dev = "" if line["dev"] is None else f"  dev {line['dev']:.4f}"
-        print(f"{line['run']}{trial}  {line['method']}  {line['state']}  step {line['step']}/{line['total_steps']}  "
-              f"{line['energy_joules']:.1f} J ({line['energy_source']}){power}{dev}  "
-              f"updated {time.time() - line['updated']:.0f} s ago")
+        print(status_text(line, time.time()))
     return 0
 
 
@@ -273,7 +276,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
         report = bench_priors(args.sweep, _names(args.sources), _names(args.targets), seeds, args.output,
                               runs_dir=args.runs_dir, data_dir=args.data_dir, address=args.address,
-                              target_fraction=args.target_fraction)
+                              target_fraction=args.target_fraction, overwrite=args.overwrite)
         print(f"rayeff: median trials to target {report['median_with_priors']} with priors, "
               f"{report['median_without_priors']} without (ratio {report['ratio']:.2f}); wrote {args.output}")
         return 0
@@ -286,20 +289,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ValueError:
             raise UserError("--experts, --top-k: expected comma-separated integers, e.g. 4,8") from None
         bench_moe(job, args.output, experts, top_ks, runs_dir=args.runs_dir, address=args.address,
-                  show_progress=not args.no_progress)
+                  show_progress=not args.no_progress, overwrite=args.overwrite)
         return 0
     if args.bench == "zo":
         from rayeff.bench.zo import bench_zo
 
         bench_zo(job, args.output, runs_dir=args.runs_dir, loss_target=args.loss_target, window=args.window,
                  queries=args.queries, timing_steps=args.timing_steps, address=args.address,
-                 show_progress=not args.no_progress)
+                 show_progress=not args.no_progress, overwrite=args.overwrite)
         return 0
     from rayeff.bench.compare import compare_methods
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     compare_methods(job, methods, args.output, runs_dir=args.runs_dir, address=args.address,
-                    show_progress=not args.no_progress, per_method=args.per_method)
+                    show_progress=not args.no_progress, per_method=args.per_method, overwrite=args.overwrite)
     return 0
 
 

@@ -21,7 +21,8 @@ from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, parse_overrides, set_field, validate_job
 from rayeff.data.metrics import primary_metric
 from rayeff.errors import UserError
-from rayeff.train.runner import run_job
+from rayeff.measure.energy import energy_label, estimate_note
+from rayeff.train.runner import prepare, run_job
 
 RATIO_FIGURES = {
     "tensor_account_bytes": lambda r: r["memory"]["tensor_account_bytes"],
@@ -65,11 +66,14 @@ def ratios(results: dict[str, dict], metric: str) -> dict[str, dict]:
 
 
 def compare_methods(job: JobSpec, methods: list[str], output: str, runs_dir: str | None = None,
-                    address: str | None = None, show_progress: bool = True, per_method: list[str] = ()) -> dict:
+                    address: str | None = None, show_progress: bool = True, per_method: list[str] = (),
+                    overwrite: bool = False) -> dict:
     if not methods:
         raise UserError("--methods: name at least one method, e.g. full,lora,read")
-    output_path, runs = output_and_runs_dir(output, runs_dir)
+    output_path, runs = output_and_runs_dir(output, runs_dir, overwrite)
     jobs = method_jobs(job, methods, list(per_method), runs)
+    for j in jobs.values():   # every run's checks before the first one starts (and before Ray does)
+        prepare(j)
     results = {m: run_job(j, address=address, show_progress=show_progress) for m, j in jobs.items()}
     metric = primary_metric(job.data.task)
     report = {"task": job.data.task, "model": job.model.name, "primary_metric": metric,
@@ -89,19 +93,21 @@ def comparison_table(report: dict) -> Table:
     metric = report["primary_metric"]
     table = Table(title=f"rayeff bench compare: {report['task']} ({report['model']}), ratios to full")
     for col in ("method", f"dev {metric}", "trainable", "tensor account", "x full", "device peak", "x full",
-                "energy J (source)", "x full", "in steps J", "x full", "s/sample", "x full"):
+                "energy (source)", "x full", "in steps", "x full", "s/sample", "x full"):
         table.add_column(col, justify="right")
     for method, r in report["results"].items():
         q = report["ratios_to_full"].get(method, {})
 
-        def x(key):
-            return f"{q[key]:.3f}" if q.get(key) is not None else "-"
+        def x(key, note=""):
+            return f"{q[key]:.3f}{note}" if q.get(key) is not None else "-"
 
         mem, en = r["memory"], r["energy"]
+        full = report["results"].get("full", r)["energy"]
+        energy_note = estimate_note(en.get("source"), full.get("source"))   # a ratio of estimates is one too
         table.add_row(method, f"{r['metrics'][metric]:.4f}", f"{mem['trainable_params']:,}",
                       f"{mem['tensor_account_bytes'] / 2**20:.1f} MiB", x("tensor_account_bytes"),
                       f"{mem['peak_device_bytes'] / 2**20:.1f} MiB", x("peak_device_bytes"),
-                      f"{en['joules']:.1f} ({en['source']})", x("energy_joules"),
-                      f"{en['train_joules']:.1f}", x("train_energy_joules"),
+                      energy_label(en), x("energy_joules", energy_note),
+                      energy_label({**en, "joules": en["train_joules"]}), x("train_energy_joules", energy_note),
                       f"{r['time']['seconds_per_sample'] * 1000:.2f} ms", x("seconds_per_sample"))
     return table

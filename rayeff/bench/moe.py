@@ -19,7 +19,8 @@ from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, validate_job
 from rayeff.data.metrics import primary_metric
 from rayeff.errors import UserError
-from rayeff.train.runner import run_job
+from rayeff.measure.energy import estimate_note
+from rayeff.train.runner import prepare, run_job
 
 
 def moe_jobs(job: JobSpec, experts: list[int], top_ks: list[int], runs_dir: Path) -> dict[str, JobSpec]:
@@ -53,11 +54,13 @@ def summarise(result: dict, metric: str, dense_flops: float) -> dict:
 
 
 def bench_moe(job: JobSpec, output: str, experts: list[int], top_ks: list[int], runs_dir: str | None = None,
-              address: str | None = None, show_progress: bool = True) -> dict:
+              address: str | None = None, show_progress: bool = True, overwrite: bool = False) -> dict:
     if not experts or not top_ks:
         raise UserError("--experts and --top-k: give at least one value each, e.g. --experts 4,8 --top-k 1,2")
-    output_path, runs = output_and_runs_dir(output, runs_dir)
+    output_path, runs = output_and_runs_dir(output, runs_dir, overwrite)
     jobs = moe_jobs(job, experts, top_ks, runs)
+    for j in jobs.values():   # every run's checks before the first one starts (and before Ray does)
+        prepare(j)
     results = {name: run_job(j, address=address, show_progress=show_progress) for name, j in jobs.items()}
     metric = primary_metric(job.data.task)
     dense_flops = next(r["moe"]["dense_flops_per_token"] for r in results.values() if "moe" in r)
@@ -74,10 +77,21 @@ def bench_moe(job: JobSpec, output: str, experts: list[int], top_ks: list[int], 
               "flops_formula": next(r["moe"]["flops_formula"] for r in results.values() if "moe" in r),
               "runs": rows, "results": results}
     write_json_atomic(output_path, report)
-    for name, row in rows.items():
-        cv = f"  load CV {row['load_cv_step0']:.3f} -> {row['load_cv_end']:.3f}" if "load_cv_end" in row else ""
-        print(f"{name:<10} dev {row['dev']:.4f}  FLOPs/token x{row['flops_ratio_to_dense']:.3f}  "
-              f"energy x{row['energy_joules_ratio_to_dense']:.3f}  "
-              f"s/sample x{row['seconds_per_sample_ratio_to_dense']:.3f}{cv}")
+    for line in summary_lines(rows):
+        print(line)
     print(f"rayeff: wrote {output_path}")
     return report
+
+
+def summary_lines(rows: dict[str, dict]) -> list[str]:
+    """One printed line per run, its figures as ratios to the dense run (energy says "estimate" when either
+    side's energy is estimated)."""
+    lines, dense = [], rows["dense"]
+    for name, row in rows.items():
+        cv = f"  load CV {row['load_cv_step0']:.3f} -> {row['load_cv_end']:.3f}" if "load_cv_end" in row else ""
+        energy = row["energy_joules_ratio_to_dense"]
+        energy = "-" if energy is None else f"x{energy:.3f}"
+        lines.append(f"{name:<10} dev {row['dev']:.4f}  FLOPs/token x{row['flops_ratio_to_dense']:.3f}  "
+                     f"energy {energy}{estimate_note(row['energy_source'], dense['energy_source'])}  "
+                     f"s/sample x{row['seconds_per_sample_ratio_to_dense']:.3f}{cv}")
+    return lines

@@ -13,6 +13,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from rayeff.measure.energy import energy_label
+
 
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -25,9 +27,9 @@ def _fmt_bytes(n: float) -> str:
 def progress_line(p: dict) -> str:
     loss = "-" if p.get("loss") is None else f"{p['loss']:.4f}"
     evals = " ".join(f"{k} {v:.4f}" for k, v in (p.get("eval") or {}).items())
+    energy = energy_label({"joules": p["energy_joules"], "source": p.get("energy_source")})
     return (f"step {p['step']}/{p['total_steps']}  epoch {p['epoch']}  loss {loss}  "
-            f"{p['samples_per_second']:.1f} samples/s  energy {p['energy_joules']:.1f} J" + (f"  dev {evals}" if evals
-                                                                                               else ""))
+            f"{p['samples_per_second']:.1f} samples/s  energy {energy}" + (f"  dev {evals}" if evals else ""))
 
 
 class ProgressDisplay:
@@ -70,12 +72,16 @@ def summary_table(result: dict) -> Table:
     table.add_row("train loss (mean)", f"{result['train_loss']:.4f}")
     mem = result["memory"]
     table.add_row("trainable / total params", f"{mem['trainable_params']:,} / {mem['total_params']:,}")
-    for key in ("param_bytes", "grad_bytes", "optimizer_state_bytes", "peak_activation_bytes",
+    for key in ("param_bytes", "buffer_bytes", "grad_bytes", "optimizer_state_bytes", "peak_activation_bytes",
                 "tensor_account_bytes", "peak_device_bytes"):
         table.add_row(key.replace("_", " "), _fmt_bytes(mem[key]))
     energy = result["energy"]
-    table.add_row("energy (in training steps)", f"{energy['joules']:.1f} J ({energy['train_joules']:.1f} J), "
-                                                f"{energy['source']}")
+    table.add_row("energy", energy_label(energy))
+    table.add_row("  in training steps", energy_label({**energy, "joules": energy["train_joules"]}))
+    if energy.get("scope"):
+        table.add_row("  what it covers", energy["scope"])
+    if energy.get("fallback"):
+        table.add_row("  meter fallback", energy["fallback"])
     t = result["time"]
     table.add_row("train time", f"{t['train_seconds']:.1f} s, {t['steps']} steps, {t['samples_per_second']:.1f} "
                                 "samples/s")

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,13 @@ from rayeff.methods import get_method
 from rayeff.mixture_of_experts import coefficient_of_variation, moe_layers, parameter_figures
 from rayeff.models import ModelSource, build_classifier, load_tokenizer
 from rayeff.quiet import quiet_libraries
+from rayeff.train.checkpoint_safety import (
+    check_checkpoint_files,
+    rng_state,
+    safe_load,
+    set_rng_state,
+    weights_only_loads,
+)
 
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "train_state.json"
@@ -53,10 +59,18 @@ class TrainState:
     train_seconds: float = 0.0
     energy_joules: float = 0.0        # energy of earlier segments of this run (before a resume)
     train_energy_joules: float = 0.0  # ... of which drawn inside training steps
+    energy_labels: dict = field(default_factory=dict)  # source, formula, fallback of the run so far (any segment)
     loss_sum: float = 0.0
     losses: list = field(default_factory=list)
     last_eval: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # the loop's own counters (e.g. ZO queries so far)
+
+
+def total_steps(job: JobSpec, steps_per_epoch: int) -> int:
+    """The run's length: training.max_steps, else its epochs (1 by default) of `steps_per_epoch`."""
+    if job.training.max_steps is not None:
+        return job.training.max_steps
+    return max(1, math.ceil((job.training.epochs or 1.0) * steps_per_epoch))
 
 
 def epoch_order(n: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
@@ -135,8 +149,10 @@ class Worker:
         self.moe = moe_layers(model)   # Mixture-of-Experts layers, whose routing is reported (rayeff/methods/moe.py)
         self.total_steps = self._total_steps()
         self.setup(model)
-        self.meter = make_meter(self.job.energy.meter, self.device, self.job.energy.watts_per_cpu)
-        self.train_joules = 0.0  # this segment's energy inside training steps, on this worker's counter
+        self.meter = make_meter(self.job.energy.meter, self.device, self.job.energy.watts_per_cpu,
+                                where=lambda: f"step {self.state.step}" + (f" on worker {self.rank}"
+                                                                           if self.world > 1 else ""))
+        self.train_joules_by_key: dict[str, float] = {}  # this segment's energy inside training steps, per counter
         self.live = None
         if self.rank == 0:   # the cluster's view of this run: Prometheus metrics and the status board
             from rayeff.cluster.live import LiveRun
@@ -184,9 +200,7 @@ class Worker:
 
     def _total_steps(self) -> int:
         self.steps_per_epoch = len(self.epoch_batches(0))
-        if self.job.training.max_steps is not None:
-            return self.job.training.max_steps
-        return max(1, math.ceil((self.job.training.epochs or 1.0) * self.steps_per_epoch))
+        return total_steps(self.job, self.steps_per_epoch)
 
     def batch(self, idx: list[int]) -> dict:
         return to_device(self.collate([dict(self.train_set[i], index=i) for i in idx]), self.device)
@@ -198,15 +212,15 @@ class Worker:
         if checkpoint is None:
             return
         with checkpoint.as_directory() as folder:
-            self.state = TrainState(**self.load(Path(folder)))
+            # A checkpoint may sit in a shared bucket: every .pt file in it (ours and DeepSpeed's) must load as
+            # tensors and plain data, and the loads themselves are held to weights-only (rayeff/train/
+            # checkpoint_safety.py), so that a tampered checkpoint is refused instead of run.
+            check_checkpoint_files(folder)
+            with weights_only_loads():
+                self.state = TrainState(**self.load(Path(folder)))
             rng_file = Path(folder) / f"rng_rank{self.rank}.pt"
             if rng_file.is_file():
-                rng = torch.load(rng_file, weights_only=False)
-                torch.set_rng_state(rng["torch"])
-                np.random.set_state(rng["numpy"])
-                random.setstate(rng["python"])
-                if rng.get("cuda") is not None and self.device.type == "cuda":
-                    torch.cuda.set_rng_state(rng["cuda"], self.device)
+                set_rng_state(safe_load(rng_file), self.device)
 
     def checkpoint_and_report(self, metrics: dict, name: str, energy: dict) -> None:
         """Save a checkpoint on every worker and report it. The saved state carries the energy used so far, so a
@@ -217,9 +231,7 @@ class Worker:
         saved_state = {**asdict(self.state), "energy_joules": energy["joules"],
                        "train_energy_joules": energy["train_joules"]}
         self.save(folder, saved_state)
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        torch.save(rng, folder / f"rng_rank{self.rank}.pt")
+        torch.save(rng_state(self.device), folder / f"rng_rank{self.rank}.pt")   # tensors and ints: weights-only
         if self.rank == 0:
             (folder / STATE_FILE).write_text(json.dumps(saved_state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
@@ -275,16 +287,29 @@ class Worker:
             self.module(**self.batch(self.epoch_batches(0)[0]))
         self.record_routing()
 
+    @property
+    def train_joules(self) -> float:
+        """This segment's energy inside training steps on this worker. The training loops add to it; each addition
+        is kept under the counter read at the time, so that a counter shared by workers is counted once even after
+        a meter has fallen back to the next one."""
+        return sum(self.train_joules_by_key.values())
+
+    @train_joules.setter
+    def train_joules(self, value: float) -> None:
+        key = self.meter.key
+        self.train_joules_by_key[key] = self.train_joules_by_key.get(key, 0.0) + value - self.train_joules
+
     def energy(self) -> dict:
         """Energy of the whole run (`joules`) and of its training steps alone (`train_joules`: no start-up,
-        evaluation or checkpointing), over all workers."""
-        reading = {"key": self.meter.key, "joules": self.meter.read_joules(), "source": self.meter.source,
-                   "formula": self.meter.formula, "train_joules": self.train_joules}
-        readings = all_gather(reading)
-        total = combine(readings)
-        total["joules"] += self.state.energy_joules
-        total["train_joules"] = combine([{**r, "joules": r["train_joules"]} for r in readings])["joules"] + \
-            self.state.train_energy_joules
+        evaluation or checkpointing), over all workers, with its source, scope, formula and any meter fallback
+        (see rayeff.measure.energy). Earlier segments of a resumed run count as one more reading."""
+        gathered = all_gather({"readings": self.meter.readings(), "train": self.train_joules_by_key})
+        earlier = {"key": "earlier segments", "joules": self.state.energy_joules, **self.state.energy_labels}
+        total = combine([r for g in gathered for r in g["readings"]] + [earlier])
+        self.state.energy_labels = {k: total[k] for k in ("source", "formula", "fallback") if k in total}
+        train = [{"key": k, "joules": j} for g in gathered for k, j in g["train"].items()]
+        total["train_joules"] = combine(train + [{"key": "earlier segments",
+                                                  "joules": self.state.train_energy_joules}])["joules"]
         return total
 
     def progress(self, energy: dict) -> dict:

@@ -104,6 +104,7 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
     import optuna
     import ray
 
+    from rayeff.train.preflight import check_sweep_inputs
     from rayeff.cluster.storage import check_shared
     from rayeff.train.runner import init_ray
     from rayeff.tune.limits import SweepLimits
@@ -115,6 +116,7 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
     sweep, job, space = load_sweep(sweep_file, overrides, data_dir)
     output = Storage(sweep.output_dir)
     started = _started(output, sweep, resume)
+    check_sweep_inputs(sweep, job, address)   # before anything is written or Ray starts
     if job.data.data_dir is not None:
         job.data.data_dir = str(Path(job.data.data_dir).resolve())
     if started is None:
@@ -182,6 +184,16 @@ def _run_trials(sweep: SweepSpec, job, space, output: Storage, study_file: Path,
                run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=output.location, verbose=0)).fit()
 
 
+def objective_labels(sweep: SweepSpec, job, trials: list[dict]) -> list[str]:
+    """Each objective's name for pareto.json and the Pareto plot's axes; energy says how its trials measured it
+    ("energy (J, estimate: CPU-s x 10 W), min")."""
+    from rayeff.measure.energy import energy_axis_label
+
+    energy = energy_axis_label([(t.get("energy") or {}).get("source") for t in trials], job.energy.watts_per_cpu)
+    return [f"{energy if o.metric == ENERGY_METRIC else 'dev ' + metric_name(o, job)}, {o.mode}"
+            for o in sweep.objectives]
+
+
 def write_results(sweep: SweepSpec, job, output: Storage, started: dict, study, stopped_by: str | None,
                   requeued: list[int]) -> dict:
     from rayeff.config import validate_job
@@ -203,8 +215,7 @@ def write_results(sweep: SweepSpec, job, output: Storage, started: dict, study, 
               "dashboard": f"optuna-dashboard sqlite:///{output.child(STUDY_FILE)}" if output.local else
               f"copy {output.child(STUDY_FILE)} here, then: optuna-dashboard sqlite:///{STUDY_FILE}"}
     if len(sweep.objectives) > 1:
-        labels = [f"{'energy (J)' if o.metric == ENERGY_METRIC else 'dev ' + metric_name(o, job)}, {o.mode}"
-                  for o in sweep.objectives]
+        labels = objective_labels(sweep, job, trials)
         front = pareto_front(trials, [o.mode for o in sweep.objectives])
         report["pareto_front"] = [t["number"] for t in front]
         output.write_json("pareto.json", {"objectives": labels, "front": front})
