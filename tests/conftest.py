@@ -39,7 +39,7 @@ def local_ray():
     """One local Ray for a test module's in-process runs (started once: each start costs seconds)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 

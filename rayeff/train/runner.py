@@ -26,9 +26,9 @@ from rayeff.data.glue import check_data_dir, get_task
 from rayeff.errors import UserError
 from rayeff.methods import get_method
 from rayeff.models import ModelSource, backbone_skeleton, load_tokenizer, resolve_model
+from rayeff.train.preflight import TRAIN_DIR, check_job_inputs, check_local_gpus
 from rayeff.train.worker import TRAINABLE_FILE, train_loop_per_worker
 
-TRAIN_DIR = "train"
 RESULT_FILE = "result.json"
 
 
@@ -54,11 +54,19 @@ def prepare(job: JobSpec) -> ModelSource:
     method = get_method(job.method.name)
     if method.check is not None:
         method.check(job.method, backbone_skeleton(source))
+    check_job_inputs(job, source)   # output and cache folders writable, model files, sizes, checkpoints safe
     check_output_dir(Storage(job.output_dir), job.resume)
     try:
-        load_train_and_dev(job.data, load_tokenizer(source), job.training.max_seq_length)
+        train, _ = load_train_and_dev(job.data, load_tokenizer(source), job.training.max_seq_length)
     except ValueError as err:
         raise UserError(f"data: {err}") from None
+    if job.method.training_loop == "zeroth_order":
+        from rayeff.train.zeroth_order import query_schedule
+
+        try:
+            query_schedule(job, math.ceil(len(train) / job.training.batch_size))
+        except ValueError as err:
+            raise UserError(str(err)) from None
     return source
 
 
@@ -79,15 +87,24 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                         "with `ray start --head` or leave --address out to run on a local Ray") from None
 
 
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def keep_local_ray_on_loopback() -> None:
-    """A local Ray serves this machine alone, so all of it (GCS, raylet, workers) binds to 127.0.0.1 rather than the
-    machine's network address. Ray's switch for that is named for Windows and macOS, where it is the default, and
-    is read when ray is first imported: call this before."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    """A local Ray serves this machine alone, so all of it (GCS, raylet, dashboard and its agent, runtime-env agent,
+    Ray Client, workers) binds to 127.0.0.1 rather than the machine's network address. Ray's switch for that is named
+    for Windows and macOS, where it is the default: with it off, Ray takes 127.0.0.1 as the node's address, and every
+    component binds to the node's address. Ray reads it when first imported (and its processes read it from the
+    environment they inherit): call this before; `init_ray` also applies it to a ray imported earlier."""
+    os.environ.setdefault(LOOPBACK_SWITCH, "0")
 
 
 def init_ray(address: str | None, cpus_needed: float) -> None:
-    """Join the cluster at `address`, or start a local Ray with at least `cpus_needed` logical CPUs."""
+    """Join the cluster at `address`, or start a local Ray of this run's own, on loopback, with at least
+    `cpus_needed` logical CPUs. Joining is only ever what `address` asks for: neither RAY_ADDRESS nor the cluster
+    file an earlier `ray start` left (TEMP/ray/ray_current_cluster, kept even after its head died) is followed."""
+    if not address:
+        keep_local_ray_on_loopback()
     import ray
     from ray.exceptions import AuthenticationError
 
@@ -98,9 +115,19 @@ def init_ray(address: str | None, cpus_needed: float) -> None:
             check_reachable(address)
             ray.init(address=address, logging_level="WARNING", log_to_driver=True)
             return
-        # Logical CPUs: enough for the workers even where they outnumber the cores (they then share them).
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), logging_level="WARNING",
-                 dashboard_host="127.0.0.1")
+        from ray._private import ray_constants
+
+        # ray imported before keep_local_ray_on_loopback (a library caller) read the switch already: apply it.
+        ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(LOOPBACK_SWITCH, True)
+        # This Ray's processes inherit the environment, and Ray's State API (which Train and Tune call) follows
+        # RAY_ADDRESS / RAY_API_SERVER_ADDRESS: neither may lead to another cluster.
+        for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            os.environ.pop(name, None)
+        # address="local": a new local Ray whatever this machine holds (ray.init without it joins RAY_ADDRESS or the
+        # cluster file's address, and then fails on num_cpus). Logical CPUs: enough for the workers even where they
+        # outnumber the cores (they then share them).
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)),
+                 logging_level="WARNING", dashboard_host="127.0.0.1")
     except ConnectionError as err:
         token = "" if os.environ.get("RAY_AUTH_MODE") == "token" else \
             "; if the cluster uses token authentication, set RAY_AUTH_MODE=token"
@@ -180,6 +207,7 @@ def run_job(job: JobSpec, address: str | None = None, show_progress: bool = True
     if job.data.data_dir is not None:
         job.data.data_dir = str(Path(job.data.data_dir).resolve())
     source = prepare(job)
+    check_local_gpus(job, address)
     init_ray(address, job.scaling.num_workers * job.scaling.cpus_per_worker)
     check_resources(job)
     check_shared(job.output_dir)
