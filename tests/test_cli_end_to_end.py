@@ -10,11 +10,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from rayeff.config import load_job
+from rayeff.data.glue import get_task
+from rayeff.data.metrics import compute_metrics
+from rayeff.data.tokenized import Collator, load_train_and_dev
+from rayeff.models import build_classifier, load_tokenizer, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -25,14 +32,39 @@ def rayeff(*args, **kwargs):
                           text=True, timeout=900, **kwargs)
 
 
-def test_read_job_on_minilm_with_two_workers(tmp_path, glue_dir):
-    out = tmp_path / "read"
-    done = rayeff("run", "jobs/sst2-read.yaml", "--data-dir", glue_dir, "--output", out, "--no-progress",
-                  "--set", "data.train_subset=96", "--set", "data.eval_subset=64", "--set", "training.epochs=1")
-    assert done.returncode == 0, done.stderr[-3000:]
+def untrained_and_majority_accuracy(job_file: Path, overrides: list[str]) -> tuple[float, float]:
+    """On the job's dev set: the accuracy of its model before any update (READ's W_o starts at zero, so that is the
+    backbone with the head the workers initialise, seeded alike) and of always answering the majority class."""
+    job = load_job(job_file, overrides)
+    source, task = resolve_model(job.model.name), get_task(job.data.task)
+    torch.manual_seed(job.training.seed)   # as each worker does before it builds the model
+    tokenizer = load_tokenizer(source)
+    _, dev = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
+    classifier = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling,
+                                  job.model.head).eval()
+    collate = Collator(tokenizer.pad_token_id, job.training.max_seq_length, False, classifier.uses_token_types,
+                       task.is_regression)
+    with torch.no_grad():
+        predictions = classifier(**collate([dict(dev[i], index=i) for i in range(len(dev))])).argmax(-1).tolist()
+    labels = list(dev["label"])
+    untrained = compute_metrics(task.name, predictions, labels)["accuracy"]
+    return untrained, max(Counter(labels).values()) / len(labels)
+
+
+def test_read_job_on_minilm_with_two_workers_beats_the_untrained_model(tmp_path, glue_dir):
+    out, job_file = tmp_path / "read", ROOT / "jobs" / "sst2-read.yaml"
+    overrides = ["data.train_subset=96", "data.eval_subset=64", "training.epochs=1"]
+    run = subprocess.Popen([sys.executable, "-m", "rayeff.cli", "run", job_file, "--data-dir", glue_dir, "--output",
+                            out, "--no-progress", *(a for o in overrides for a in ("--set", o))],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the baselines while the run starts up
+    untrained, majority = untrained_and_majority_accuracy(job_file, [f"data.data_dir={glue_dir}", *overrides])
+    _, stderr = run.communicate(timeout=900)
+    assert run.returncode == 0, stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert result["workers"] == 2 and result["method"] == "read" and result["model"] == "minilm-l6"
-    assert result["time"]["steps"] == 3 and 0.0 <= result["metrics"]["accuracy"] <= 1.0
+    assert result["time"]["steps"] == 3
+    assert result["metrics"]["accuracy"] > max(untrained, majority), (result["metrics"], untrained, majority)
     assert result["memory"]["total_params"] > 22_000_000
     assert result["memory"]["trainable_params"] < 0.05 * result["memory"]["total_params"]
 

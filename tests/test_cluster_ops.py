@@ -1,9 +1,11 @@
 """Cluster operations: storage locations, job submission through Ray's Jobs API to a real Ray head on 127.0.0.1
-(token authentication on) with a run written to an S3 server on loopback (moto), live metrics scraped from the
-head's Prometheus endpoint, `rayeff status`, and node-local storage refused on a multi-node cluster."""
+(token authentication on, every socket of it on loopback) with a run written to an S3 server on loopback (moto),
+live metrics scraped from the head's Prometheus endpoint, `rayeff status`, and node-local storage refused on a
+multi-node cluster."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -154,13 +156,24 @@ def test_grafana_dashboard_plots_every_exported_metric():
 
 # -- a real Ray head on loopback ------------------------------------------------------------------------------------
 
+def _ray_processes_of(temp_dir: str, starters: list[subprocess.Popen]) -> list[psutil.Process]:
+    """What this test started: its `ray start --block` processes and every Ray process whose command line names its
+    temp folder, with their children (raylet -> workers, job supervisors -> job drivers)."""
+    roots = [s.pid for s in starters if s.poll() is None]
+    roots += [p.pid for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in p.info["cmdline"] or [])]
+    found = {}
+    for pid in roots:
+        try:
+            root = psutil.Process(pid)
+            found.update({q.pid: q for q in (root, *root.children(recursive=True))})
+        except psutil.NoSuchProcess:
+            pass
+    return list(found.values())
+
+
 def _stop_ray_processes_of(temp_dir: str, starters: list[subprocess.Popen]) -> None:
-    """Stop only what this test started: its `ray start --block` processes, then any Ray process whose command
-    line names its temp folder, with their children."""
-    doomed = [psutil.Process(p.pid) for p in starters if p.poll() is None]
-    for p in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in part for part in p.info["cmdline"] or []):
-            doomed += [p, *p.children(recursive=True)]
+    """Stop only what this test started (`_ray_processes_of`)."""
+    doomed = _ray_processes_of(temp_dir, starters)
     for p in doomed:
         try:
             p.kill()
@@ -170,16 +183,77 @@ def _stop_ray_processes_of(temp_dir: str, starters: list[subprocess.Popen]) -> N
         p.wait(timeout=30)
 
 
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)   # ::ffff:127.0.0.1, an IPv6 socket bound to IPv4 loopback
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def listening_sockets(processes: list[psutil.Process]) -> list[tuple[str, int, int, str]]:
+    """(address, port, pid, process) for every listening TCP socket of these processes."""
+    names = {}
+    for p in processes:
+        try:
+            names[p.pid] = " ".join(p.cmdline())[:80]
+        except psutil.NoSuchProcess:
+            pass
+    return sorted((c.laddr.ip, c.laddr.port, c.pid, names[c.pid]) for c in psutil.net_connections(kind="tcp")
+                  if c.status == psutil.CONN_LISTEN and c.pid in names)
+
+
+def assert_on_loopback_only(head: dict) -> list[tuple[str, int, int, str]]:
+    """Every socket the test head's processes listen on, and every address they were told to advertise, is
+    loopback. With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 every Ray component (GCS, raylet's node and object managers,
+    dashboard and its metrics, dashboard agent with the metrics export and its gRPC port, runtime-env agent, Ray
+    Client server, autoscaler monitor, workers, job supervisors and drivers) binds 127.0.0.1.
+
+    One socket is left that Ray cannot move: torch.distributed's rendezvous store (TCPStore), which the rank-0 Train
+    worker of each running job serves. torch binds its server to all interfaces ("::" or "0.0.0.0", in
+    TCPStoreLibUvBackend's UvTcpServer::makeWithPort and likewise the legacy backend) and has no setting for the
+    address; only a pre-bound socket (`master_listen_fd`) would do, and Ray Train's process-group setup creates the
+    store without one. So: at most one all-interfaces socket per RayTrainWorker process, and nothing else."""
+    expected = {head["ports"][name] for name in ("gcs", "dashboard", "metrics", "client")}
+    address_file = Path(head["temp_dir"]) / "ray_current_cluster"
+    deadline = time.time() + 60                # the agents (metrics export) may start after the dashboard answers
+    while True:
+        processes = _ray_processes_of(head["temp_dir"], head["starters"])
+        sockets = listening_sockets(processes)
+        if (expected <= {s[1] for s in sockets} and address_file.is_file()) or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert expected <= {s[1] for s in sockets}, sockets
+    beyond = [s for s in sockets if not is_loopback(s[0])]
+    torch_stores = [s for s in beyond if s[0] in ("::", "0.0.0.0") and "RayTrainWorker" in s[3]]
+    assert len({s[2] for s in torch_stores}) == len(torch_stores), torch_stores   # one per worker at most
+    assert not [s for s in beyond if s not in torch_stores], f"Ray listens beyond loopback: {beyond}"
+    advertised = set()
+    for p in processes:
+        try:
+            advertised |= {re.split("[= ]", arg, maxsplit=1)[-1] for arg in p.cmdline()
+                           if re.match(r"--node[-_]ip[-_]address=", arg)}
+        except psutil.NoSuchProcess:
+            pass
+    assert advertised == {"127.0.0.1"}, advertised
+    assert address_file.read_text().strip() == head["gcs"]      # what `ray start` tells later clients
+    return sockets
+
+
 @pytest.fixture(scope="module")
 def ray_head(s3_server):
     """`ray start --head` on 127.0.0.1 with token authentication, the dashboard and the metrics export on free
-    ports. Clients get the token the documented way: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH."""
+    ports. Clients get the token the documented way: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH.
+
+    Loopback: `--node-ip-address=127.0.0.1` alone is not enough. Ray turns a loopback node address into the
+    machine's own (services.resolve_ip_for_localhost) unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and then its
+    components bind that address or all interfaces (0.0.0.0 / ::). With the switch off (it also makes `ray start`
+    refuse to add worker nodes, which a one-machine head never needs) every one of them binds 127.0.0.1; set here
+    rather than inherited from conftest, so that the head does not depend on how the suite was started."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")   # short: Ray's socket paths must stay under 108 bytes
     token = Path(temp_dir) / "token"
     token.write_text(secrets.token_hex(32))
     ports = {name: free_port() for name in ("gcs", "dashboard", "metrics", "client")}
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [BIN / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={ports['gcs']}",
@@ -189,7 +263,7 @@ def ray_head(s3_server):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     info = {"dashboard": f"http://127.0.0.1:{ports['dashboard']}", "gcs": f"127.0.0.1:{ports['gcs']}",
             "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics", "env": env, "temp_dir": temp_dir,
-            "starters": [head]}
+            "starters": [head], "ports": ports}
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -224,6 +298,11 @@ def scrape(url: str) -> dict[str, float]:
             assert 'method="full"' in line and 'trial=""' in line
             values[run] = values.get(run, 0.0) + float(line.rsplit(" ", 1)[1])
     return values
+
+
+@pytest.mark.slow
+def test_the_test_head_listens_and_advertises_on_loopback_only(ray_head):
+    assert_on_loopback_only(ray_head)
 
 
 @pytest.mark.slow
@@ -284,10 +363,17 @@ def test_submit_follow_status_metrics_and_stop_on_a_real_head(ray_head, s3_serve
             readings.append(energy)
         time.sleep(1)
     assert len(readings) == 3 and readings == sorted(readings) and readings[0] > 0, readings
+    # With jobs running: their supervisors, drivers and Train workers stay on loopback too.
+    sockets = assert_on_loopback_only(ray_head)
+    assert any("RayTrainWorker" in s[3] for s in sockets), sockets
     status = rayeff("status", "--address", ray_head["gcs"], env=env)
     assert status.returncode == 0, status.stderr[-2000:]
     line = next(x for x in status.stdout.splitlines() if x.startswith("long "))
-    assert "full  running  step " in line and "J (estimate)" in line
+    # status_text's format: energy and power (known from the second update on) share one source label
+    shown = re.fullmatch(r"long  full  running  step (\d+)/100000  ([\d,]+\.\d) J, -?[\d,]+\.\d W \(estimate\)"
+                         r"(  dev \d\.\d{4})?  updated \d+ s ago", line)
+    assert shown, line
+    assert int(shown[1]) >= 5 and float(shown[2].replace(",", "")) >= readings[-1] - 0.05, (line, readings)
     stopped = rayeff("jobs", "stop", long_id, "--address", ray_head["dashboard"], env=env)
     assert stopped.returncode == 0 and "stopping" in stopped.stdout
     deadline = time.time() + 60

@@ -78,14 +78,48 @@ def test_read_parameter_count_is_the_formula_and_independent_of_depth(name, rnn)
     assert trainable_parameter_count(read) == side_parameter_formula(d, 16, rnn) + head
 
 
-def test_read_encoder_decoder_has_a_side_network_per_stack_and_a_joiner():
+def test_read_encoder_decoder_has_a_side_network_per_stack_and_a_joiner_that_shapes_the_output_after_one_step():
     clf = _classifier("tiny-t5")
-    read = ReadModel(clf, ReadConfig(hidden_size=8))
+    read = ReadModel(clf, ReadConfig(hidden_size=8)).eval()   # eval: no dropout, so outputs compare exactly
     assert read.encoder_side is not None and read.encoder_side.out is None and read.joiner is not None
-    logits = read(**_batch("tiny-t5"))
-    logits.sum().backward()
-    # W_o starts at zero, so only it (and the head) gets a gradient at step 0; one step later the joiner does too
-    assert read.side.out.weight.grad.abs().sum() > 0
+    batch, labels = _batch("tiny-t5"), torch.tensor([0, 2])
+    optimizer = torch.optim.SGD([p for p in read.parameters() if p.requires_grad], lr=0.5)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(read(**batch), labels).backward()
+        optimizer.step()
+
+    def grad_sum(p: torch.Tensor) -> float:
+        return 0.0 if p.grad is None else p.grad.abs().sum().item()
+
+    def joiner_effect() -> float:
+        """How far the logits move when the joiner's output is zeroed: what the joiner contributes."""
+        with torch.no_grad():
+            logits = read(**batch)
+            handle = read.joiner.register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
+            without = read(**batch)
+            handle.remove()
+        return (logits - without).abs().max().item()
+
+    # W_o starts at zero: at step 0 the joiner cannot reach the output and gets no gradient; W_o does
+    assert joiner_effect() == 0
+    step()
+    assert grad_sum(read.side.out.weight) > 0 and grad_sum(read.joiner.weight) == 0
+    # one step later the joiner shapes the output, gets a gradient, and its own update changes the logits
+    assert joiner_effect() > 1e-4
+    with torch.no_grad():
+        before = read(**batch)
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(read(**batch), labels).backward()
+    assert grad_sum(read.joiner.weight) > 0
+    joiner = {id(p) for p in read.joiner.parameters()}
+    for p in read.parameters():
+        if id(p) not in joiner:
+            p.grad = None   # the joiner's update alone
+    optimizer.step()
+    with torch.no_grad():
+        assert (read(**batch) - before).abs().max().item() > 1e-6
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -20,12 +20,14 @@ from rayeff.cli import main
 from rayeff.cluster.storage import Storage
 from rayeff.config import load_job
 from rayeff.errors import UserError
+from rayeff.methods.read import side_parameter_formula
 from rayeff.tune.limits import ENERGY, TIME, SweepLimits
 from rayeff.tune.priors import PriorStore
 from rayeff.tune.results import dominates, pareto_front
 from rayeff.tune.spec import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_BERT_HEAD = (32 * 32 + 32) + (32 * 2 + 2)   # the mlp head on tiny-bert's width 32, two labels
 
 
 def write_sweep(tmp_path, glue_dir, name="sweep", steps=2, **changes) -> Path:
@@ -76,7 +78,9 @@ def test_an_asha_sweep_records_every_trial_and_a_later_sweep_starts_from_it(tmp_
         assert trial["energy"]["joules"] > 0 and trial["energy"]["source"] in ("nvml", "rapl", "estimate")
         if trial["status"] == "finished":   # ran all 3 steps: its objective is its final dev accuracy
             assert trial["feasible"] and trial["objectives"] == [trial["metrics"]["accuracy"]]
-            assert trial["memory"]["trainable_params"] > 0 and trial["time"]["steps"] == 3
+            # the trial's sampled hidden size reached its model: READ's side network of that size and the head
+            side = side_parameter_formula(32, trial["params"]["method.hidden_size"], "gru")
+            assert trial["memory"]["trainable_params"] == side + TINY_BERT_HEAD and trial["time"]["steps"] == 3
             assert states[trial["number"]] == optuna.trial.TrialState.COMPLETE
         else:                               # ASHA stopped it after a report: pruned, ranked by that report
             assert trial["status"] == "stopped: asha" and trial["time"]["steps"] < 3 and not trial["feasible"]

@@ -9,6 +9,10 @@ import pytest
 
 from rayeff.bench.compare import compare_methods
 from rayeff.config import validate_job
+from rayeff.measure.energy import SCOPES
+from rayeff.methods import get_method
+from rayeff.methods.read import ReadConfig
+from rayeff.models import build_classifier, resolve_model
 from rayeff.train.runner import run_job
 
 pytestmark = pytest.mark.slow
@@ -51,13 +55,26 @@ def test_result_json_is_complete(tmp_path, glue_dir, local_ray):
     assert on_disk["energy"]["source"] in ("nvml", "rapl", "estimate") and on_disk["energy"]["joules"] > 0
     if on_disk["energy"]["source"] == "estimate":
         assert "CPU seconds" in on_disk["energy"]["formula"]
+    assert on_disk["energy"]["scope"] == SCOPES[on_disk["energy"]["source"]] and "fallback" not in on_disk["energy"]
+    assert 0 < on_disk["energy"]["train_joules"] < on_disk["energy"]["joules"]
+    # The memory figures, against the same READ model built here: float32 weights, one gradient per trainable
+    # element, AdamW's two moments and one float32 `step` per trainable tensor, the side network's saved
+    # activations (the backbone saves none), and a device peak that held at least all of it.
     memory = on_disk["memory"]
-    for key in ("trainable_params", "total_params", "param_bytes", "grad_bytes", "optimizer_state_bytes",
-                "peak_activation_bytes", "peak_device_bytes"):
-        assert isinstance(memory[key], int) and memory[key] >= 0, key
-    assert memory["trainable_params"] < memory["total_params"]
+    model = get_method("read").build(build_classifier(resolve_model("tiny-bert"), 2, 0.0), ReadConfig(hidden_size=8))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert memory["trainable_params"] == sum(p.numel() for p in trainable) < memory["total_params"]
+    assert memory["total_params"] == sum(p.numel() for p in model.parameters())
+    assert memory["param_bytes"] == memory["total_params"] * 4
     assert memory["grad_bytes"] == memory["trainable_params"] * 4
-    assert on_disk["time"]["steps"] == 5 and on_disk["time"]["samples_per_second"] > 0
+    assert memory["optimizer_state_bytes"] == 2 * memory["trainable_params"] * 4 + 4 * len(trainable)
+    assert memory["peak_activation_bytes"] > 0
+    assert memory["tensor_account_bytes"] == sum(memory[k] for k in ("param_bytes", "buffer_bytes", "grad_bytes",
+                                                                     "optimizer_state_bytes", "peak_activation_bytes"))
+    assert memory["peak_device_bytes"] >= memory["tensor_account_bytes"]
+    timing = on_disk["time"]
+    assert timing["steps"] == 5 and timing["samples"] == 5 * 8
+    assert timing["samples_per_second"] == pytest.approx(timing["samples"] / timing["train_seconds"], rel=1e-9)
     assert (tmp_path / "read" / "final" / "trainable.safetensors").is_file()
 
 
@@ -107,10 +124,15 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_with_the_sam
     deadline = time.monotonic() + 120
     while killed is None and time.monotonic() < deadline and run.is_alive():
         if any(train_dir.glob("step_*")):   # a checkpoint exists: kill the worker mid-run
-            for proc in psutil.process_iter(["cmdline"]):
-                if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
-                    proc.kill()
-                    killed = proc.pid
+            # Only this test's own: local_ray started Ray in this process, so its workers descend from it (raylet ->
+            # worker). Train workers of any other Ray on the machine are left alone.
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    if any("RayTrainWorker" in part for part in proc.cmdline()):
+                        proc.kill()
+                        killed = proc.pid
+                except psutil.NoSuchProcess:
+                    pass
         time.sleep(0.02)
     assert killed is not None and not (tmp_path / "killed" / "result.json").exists()
     run.join(timeout=300)

@@ -7,9 +7,13 @@
     the queries spent until then (adazeta spends more per step), and their final dev metrics;
 (b) query parallelism: wall time per step at a fixed Q with 1 and with 2 workers, each worker on one CPU thread in
     both runs (median over steps), and the parallel efficiency t1 / (2 t2);
-(c) memory: adazeta's exact tensor account against an inference-only forward pass of the same model (parameters
-    only: no gradient, optimizer state or saved activation exists) and against full fine-tuning (a short run of the
-    same job with method full, ZeRO 0);
+(c) memory: adazeta's exact tensor account and device peak against an inference-only pass of the same model
+    without adapters, measured as the run measures itself: in a worker process of its own on the resources of one
+    of the run's workers (same threads, device and precision), the same device-peak measure (DevicePeak, taken from
+    the same point) and saved-tensor counter, forwards without autograd over the batches the run trained on and the
+    dev set in the run's evaluation batches; and against full fine-tuning (a short run of the same job with method
+    full, ZeRO 0). AdaZeta's account exceeds the inference pass's by exactly its adapters and its perturbation
+    snapshot;
 (d) the TT adapters' forward time as a fraction of the backbone's, timed in this process on one training batch.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,13 +33,16 @@ from rayeff.bench import output_and_runs_dir
 from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, validate_job
 from rayeff.data.glue import get_task
-from rayeff.data.metrics import primary_metric
+from rayeff.data.metrics import compute_metrics, primary_metric
 from rayeff.data.tokenized import Collator, load_train_and_dev
 from rayeff.errors import UserError
-from rayeff.measure.memory import SavedActivationCounter
+from rayeff.measure.energy import energy_label
+from rayeff.measure.memory import DevicePeak, SavedActivationCounter
 from rayeff.methods import get_method, method_config_from_dict
-from rayeff.models import build_classifier, load_tokenizer, resolve_model
-from rayeff.train.runner import run_job
+from rayeff.models import ModelSource, build_classifier, load_tokenizer, resolve_model
+from rayeff.train.runner import init_ray, run_job
+from rayeff.train.worker import batches_of, epoch_order, to_device
+from rayeff.train.zeroth_order import PRECISIONS, AutocastForward, cast_frozen
 
 
 def variant(job: JobSpec, runs: Path, name: str, method: dict | None = None, **sections) -> JobSpec:
@@ -116,33 +124,106 @@ def classifier_and_batch(job: JobSpec, device: torch.device) -> tuple[torch.nn.M
     return classifier, {k: v.to(device) for k, v in collate(examples).items()}
 
 
-def inference_account(job: JobSpec) -> dict:
-    """The same model without adapters, run forward without autograd: its tensors are its parameters."""
-    model, batch = classifier_and_batch(job, torch.device("cpu"))
+def inference_pass(job_dump: dict, source: dict, steps: int) -> dict:
+    """The inference-only pass, in a fresh worker process set up as a training worker is (rayeff/train/worker.py,
+    rayeff/train/zeroth_order.py): the same model without adapters (backbone frozen and cast to the job's precision,
+    head float32, as adazeta leaves them), forwards without autograd over the first `steps` training batches of the
+    run and over the dev set in the run's evaluation batches, with the run's device-peak measure and saved-tensor
+    counter. Returns its tensor account (the zeroth-order worker's formula), device peak and dev metrics."""
+    import os
+
+    job = JobSpec.model_validate(job_dump)
+    if job.scaling.gpus_per_worker == 0:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if job.scaling.threads_per_worker:
+        torch.set_num_threads(job.scaling.threads_per_worker)
+    import deepspeed  # noqa: F401  (imported before the memory baseline is taken, as a training worker does)
+
+    device = torch.device("cuda", 0) if job.scaling.gpus_per_worker > 0 else torch.device("cpu")
+    peak = DevicePeak(device)
+    task = get_task(job.data.task)
+    torch.manual_seed(job.training.seed)
+    src = ModelSource(**source)
+    tokenizer = load_tokenizer(src)
+    train, dev = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
+    model = build_classifier(src, task.num_labels, job.model.dropout, job.model.pooling, job.model.head)
+    collate = Collator(tokenizer.pad_token_id, job.training.max_seq_length, job.training.padding == "max_length",
+                       model.uses_token_types, task.is_regression)
+    model.freeze_backbone()
+    model.to(device)
+    dtype = PRECISIONS[job.deepspeed.precision]
+    cast_frozen(model, dtype)
     model.eval()
+    module = model if dtype == torch.float32 else AutocastForward(model, dtype)
     counter = SavedActivationCounter(model)
-    with torch.no_grad(), counter:
-        model(**batch)
-    params = list(model.parameters())
+    forwards, epoch, predictions, labels = 0, 0, [], dev["label"]
+    with torch.no_grad():
+        while forwards < steps:
+            for idx in batches_of(epoch_order(len(train), 0, 1, job.training.seed, epoch), job.training.batch_size):
+                batch = to_device(collate([dict(train[i], index=i) for i in idx]), device)
+                with counter:
+                    module(**batch)
+                forwards += 1
+                if forwards == steps:
+                    break
+            epoch += 1
+        order = epoch_order(len(dev), 0, 1, 0, 0, shuffle=False)
+        for idx in batches_of(order, job.micro_batch_size()):
+            batch = to_device(collate([dict(dev[i], index=i) for i in idx]), device)
+            with counter:
+                logits = module(**batch).float()
+            predictions += (logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).cpu().tolist()
+    params = list(module.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    return {"total_params": sum(p.numel() for p in params), "param_bytes": param_bytes, "grad_bytes": 0,
-            "optimizer_state_bytes": 0, "peak_activation_bytes": counter.peak_bytes,
-            "tensor_account_bytes": param_bytes + counter.peak_bytes}
+    buffer_bytes = sum(b.numel() * b.element_size() for b in module.buffers())
+    return {"total_params": sum(p.numel() for p in params), "param_bytes": param_bytes, "buffer_bytes": buffer_bytes,
+            "grad_bytes": 0, "optimizer_state_bytes": 0, "peak_activation_bytes": counter.peak_bytes,
+            "tensor_account_bytes": param_bytes + buffer_bytes + counter.peak_bytes,
+            "peak_device_bytes": peak.peak_bytes(), "peak_device_kind": peak.kind,
+            "precision": job.deepspeed.precision, "training_batches": forwards,
+            "dev_metrics": compute_metrics(task.name, predictions, [labels[i] for i in order])}
+
+
+def start_inference_pass(job: JobSpec, steps: int, address: str | None = None):
+    """`inference_pass` started in a worker process of its own on the resources of one of the job's workers; returns
+    its object ref. A new process, so that its peak is its own: its runtime environment differs from every other
+    worker's (no idle worker can take it) and it exits after the one call."""
+    import ray
+
+    raw = job.model_dump(mode="json")
+    if raw["data"]["data_dir"] is not None:
+        raw["data"]["data_dir"] = str(Path(raw["data"]["data_dir"]).resolve())
+    init_ray(address, job.scaling.cpus_per_worker)   # (joined already by the runs before it)
+    task = ray.remote(max_calls=1)(inference_pass).options(
+        num_cpus=job.scaling.cpus_per_worker, num_gpus=job.scaling.gpus_per_worker,
+        runtime_env={"env_vars": {"RAYEFF_INFERENCE_PASS": "1"}})
+    return task.remote(raw, asdict(resolve_model(job.model.name)), steps)
 
 
 def memory(job: JobSpec, runs: Path, adazeta: dict, steps: int, show: bool, address: str | None) -> dict:
+    import ray
+
+    # The inference pass runs beside the full fine-tuning run where resources allow: both report memory only,
+    # each of its own process.
+    inference_ref = start_inference_pass(job, adazeta["time"]["steps"], address)
     full = run_job(variant(job, runs, "full", {"name": "full"}, training={"max_steps": steps, "epochs": None,
                                                                           "eval_every": None,
                                                                           "checkpoint_every": None},
                            deepspeed={"zero_stage": 0}), address, show)
-    inference = inference_account(job)
-    keys = ("trainable_params", "param_bytes", "grad_bytes", "optimizer_state_bytes", "peak_activation_bytes",
-            "perturbation_snapshot_bytes", "tensor_account_bytes", "peak_device_bytes")
+    inference = ray.get(inference_ref)
+    keys = ("trainable_params", "total_params", "param_bytes", "buffer_bytes", "grad_bytes", "optimizer_state_bytes",
+            "peak_activation_bytes", "perturbation_snapshot_bytes", "tensor_account_bytes", "peak_device_bytes")
     a = {k: adazeta["memory"].get(k, 0) for k in keys}
     f = {k: full["memory"].get(k, 0) for k in keys}
+    difference = {k: a[k] - inference.get(k, 0) for k in ("total_params", "param_bytes", "buffer_bytes",
+                                                          "peak_activation_bytes", "perturbation_snapshot_bytes",
+                                                          "tensor_account_bytes", "peak_device_bytes")}
     return {"adazeta": a, "inference_only": inference, "full_fine_tuning": f,
+            "adazeta_minus_inference": difference,
             "peak_device_kind": adazeta["memory"]["peak_device_kind"],
             "adazeta_over_inference": a["tensor_account_bytes"] / inference["tensor_account_bytes"],
+            "peak_device_adazeta_over_inference": (a["peak_device_bytes"] / inference["peak_device_bytes"]
+                                                   if inference["peak_device_bytes"] else None),
             "adazeta_over_full": a["tensor_account_bytes"] / f["tensor_account_bytes"],
             "full_over_adazeta": f["tensor_account_bytes"] / a["tensor_account_bytes"],
             "peak_device_adazeta_over_full": (a["peak_device_bytes"] / f["peak_device_bytes"]
@@ -194,11 +275,15 @@ def adapter_time(job: JobSpec, repeats: int = 20) -> dict:
 
 def bench_zo(job: JobSpec, output: str, runs_dir: str | None = None, loss_target: float = 0.6, window: int = 5,
              queries: int = 8, timing_steps: int = 6, full_steps: int = 3, address: str | None = None,
-             show_progress: bool = True) -> dict:
-    output_path, runs = output_and_runs_dir(output, runs_dir)
+             show_progress: bool = True, overwrite: bool = False) -> dict:
+    output_path, runs = output_and_runs_dir(output, runs_dir, overwrite)
     for flag, value in (("--queries", queries), ("--window", window), ("--timing-steps", timing_steps)):
         if value < 1:
             raise UserError(f"{flag}: must be at least 1, not {value}")
+    from rayeff.train.spsa import MAX_QUERIES
+
+    if queries > MAX_QUERIES:
+        raise UserError(f"--queries: {queries} is more than the {MAX_QUERIES} queries a step can take; use fewer")
     if job.method.training_loop != "zeroth_order":
         raise UserError(f"{job.method.name}: bench zo needs a job whose method is adazeta or mezo")
     conv = convergence(job, runs, loss_target, window, show_progress, address)
@@ -227,10 +312,13 @@ def summary_table(report: dict) -> Table:
         table.add_row(f"(a) {name}: step (queries) reaching loss {report['loss_target']}",
                       f"{a[name]['step_reaching_target']} ({a[name]['queries_to_target']})")
         table.add_row(f"(a) {name}: dev", ", ".join(f"{k} {v:.4f}" for k, v in a[name]["final_dev_metrics"].items()))
+        table.add_row(f"(a) {name}: energy", energy_label(a[name]["energy"]))
     table.add_row(f"(b) s/step at Q={b['queries_per_step']}: 1 worker / 2 workers",
                   f"{b['workers_1']['median_seconds_per_step']:.3f} / {b['workers_2']['median_seconds_per_step']:.3f}")
     table.add_row("(b) parallel efficiency t1 / (2 t2)", f"{b['parallel_efficiency']:.3f}")
     table.add_row("(c) tensor account: adazeta / inference-only", f"{c['adazeta_over_inference']:.4f}")
+    peak = c.get("peak_device_adazeta_over_inference")
+    table.add_row("(c) device peak: adazeta / inference-only", "n/a" if peak is None else f"{peak:.4f}")
     table.add_row("(c) tensor account: full fine-tuning / adazeta", f"{c['full_over_adazeta']:.2f}")
     table.add_row("(d) adapter forward / backbone forward", f"{d['adapter_fraction_of_backbone']:.4f}")
     return table
