@@ -9,25 +9,14 @@ Every way a file can be wrong ends in `UserError` with the file and the field na
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from rayeff.errors import UserError
-
-
-class Spec(BaseModel):
-    """Base of every spec: unknown fields are errors, not silently ignored typos."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def no_nul(value: str | None) -> str | None:
-    """A path (or name) that the OS can take: no NUL character, not empty."""
-    if value is not None and ("\x00" in value or not value.strip()):
-        raise ValueError("must be a non-empty path without NUL characters")
-    return value
+from rayeff.methods import MethodConfig, get_method, method_config_from_dict
+from rayeff.spec_base import Spec, no_nul
 
 
 class ModelSpec(Spec):
@@ -68,17 +57,6 @@ class DataSpec(Spec):
         if self.train_subset is not None and self.k_shot is not None:
             raise ValueError("set either train_subset or k_shot, not both")
         return self
-
-
-class MethodConfig(Spec):
-    """Base of each method's own config (see rayeff/methods); `name` picks the method."""
-
-    training_loop: ClassVar[str] = "first_order"  # rayeff/train/<training_loop>.py steps the method
-
-    name: str
-
-    def check_job(self, job: JobSpec) -> None:
-        """Raise ValueError when the rest of the job does not suit this method (a method's own cross-field rules)."""
 
 
 class TrainingSpec(Spec):
@@ -152,8 +130,6 @@ class JobSpec(Spec):
     @field_validator("method", mode="before")
     @classmethod
     def _method_config(cls, value: Any) -> MethodConfig:
-        from rayeff.methods import method_config_from_dict
-
         if isinstance(value, MethodConfig):
             return value
         if not isinstance(value, dict):
@@ -161,29 +137,13 @@ class JobSpec(Spec):
         return method_config_from_dict(value)
 
     @model_validator(mode="after")
-    def _fits_the_training_loop(self) -> JobSpec:
-        if self.method.training_loop == "zeroth_order":
-            from rayeff.train.spsa import MAX_RUN_SEED, MAX_STEPS
-
-            # SPSA packs (run seed, step, query) into one 63-bit seed: each field has its bits, checked here rather
-            # than at the step that would overflow them.
-            if self.training.seed >= MAX_RUN_SEED:
-                raise ValueError(f"training.seed: {self.training.seed} is too large for method {self.method.name}, "
-                                 f"whose query seeds hold the run seed in 23 bits; use a seed below {MAX_RUN_SEED}")
-            if self.training.max_steps is not None and self.training.max_steps >= MAX_STEPS:
-                raise ValueError(f"training.max_steps: {self.training.max_steps} is too many for method "
-                                 f"{self.method.name}, whose query seeds hold the step in 28 bits; use fewer than "
-                                 f"{MAX_STEPS}")
-            # Every worker evaluates its own queries on the whole batch, and there is no gradient or optimizer
-            # state for ZeRO to partition.
-            ds = self.deepspeed
-            if ds.zero_stage != 0 or ds.offload_optimizer or ds.offload_params:
-                raise ValueError(f"deepspeed: method {self.method.name} trains without gradients or optimizer state, "
-                                 "which ZeRO partitions; set deepspeed.zero_stage: 0 and no offload")
-        elif self.training.batch_size % self.scaling.num_workers:
+    def _suits_the_method(self) -> JobSpec:
+        method = get_method(self.method.name)
+        if method.loop == "first_order" and self.training.batch_size % self.scaling.num_workers:
             raise ValueError(f"training.batch_size ({self.training.batch_size}) must be a multiple of "
                              f"scaling.num_workers ({self.scaling.num_workers})")
-        self.method.check_job(self)
+        if method.check_job is not None:
+            method.check_job(self.method, self)
         return self
 
     def micro_batch_size(self) -> int:

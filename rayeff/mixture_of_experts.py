@@ -22,7 +22,7 @@ routing and grows as routing concentrates; and ST-MoE's router z-loss, mean(logs
 logits small. Padding tokens are not routed: the method hands each layer the batch's attention mask (`token_mask`).
 
 Across data-parallel workers (`distribute`), both losses are those of the global batch (counts and token numbers
-are all-reduced), and with `split_experts` each worker holds E / W of the experts: every worker routes its own
+are all-reduced), and with `expert_parallel` each worker holds E / W of the experts: every worker routes its own
 tokens, an all-to-all sends each assignment to the worker holding its expert, and a second all-to-all brings the
 results back (GShard's expert parallelism). The backward pass sends the gradients back the same way, so an expert's
 gradient sums the contributions of every worker's tokens.
@@ -182,11 +182,12 @@ class RouterStatistics(nn.Module):
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.aux_loss = self.z_loss = torch.zeros(())
         self.distributed, self.group = False, None    # see distribute()
+        self.expert_parallel = False                  # split the experts over the workers (MoEFeedForward)
         self.token_mask: torch.Tensor | None = None   # (batch, tokens), 1 for a real token: set before each forward
         self.register_buffer("load", torch.zeros(num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("dropped", torch.zeros(2, dtype=torch.long), persistent=False)  # dropped, assigned
 
-    def distribute(self, group, split_experts: bool = False) -> None:
+    def distribute(self, group) -> None:
         """Compute the auxiliary losses over the data-parallel `group` (None: all workers)."""
         self.distributed, self.group = True, group
 
@@ -237,12 +238,12 @@ class MoEFeedForward(RouterStatistics):
         self.capacity_factor = capacity_factor
         self.top1_gate = top1_gate
 
-    def distribute(self, group, split_experts: bool = False) -> None:
-        """As RouterStatistics; with `split_experts`, keep only this worker's E / W experts (the others are deleted
+    def distribute(self, group) -> None:
+        """As RouterStatistics; with `expert_parallel`, keep only this worker's E / W experts (the others are deleted
         here) and exchange tokens with the other workers."""
         super().distribute(group)
-        self.split = split_experts
-        if split_experts:
+        self.split = self.expert_parallel
+        if self.split:
             world, rank = dist.get_world_size(group), dist.get_rank(group)
             if self.num_experts % world:
                 raise ValueError(f"{self.num_experts} experts cannot be split evenly over {world} workers")

@@ -136,7 +136,7 @@ def test_lora_trains_adapters_and_head_only(name):
 @pytest.mark.parametrize("name", TINY)
 def test_full_trains_everything(name):
     clf = _classifier(name)
-    model = get_method("full").build(clf, get_method("full").config_cls())
+    model = get_method("full").build(clf, get_method("full").config())
     assert trainable_parameter_count(model) == sum(p.numel() for p in model.parameters())
 
 

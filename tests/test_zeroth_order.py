@@ -261,28 +261,34 @@ def test_query_seeds_are_unique_per_run_step_and_query():
         query_seed(0, 0, MAX_QUERIES)
 
 
+def schedule_of(config, total_epochs: int, total_steps: int) -> QuerySchedule:
+    """The SPSA engine's schedule for a method's config (it takes plain numbers)."""
+    return QuerySchedule(config.alpha, config.beta, config.q_target, config.q_max, config.schedule_over,
+                         total_epochs, total_steps)
+
+
 def test_query_schedule_follows_the_formula():
     # Q_k = min(max(floor(alpha k^beta), 1), q_max)
     assert [queries_at(k, 0.85, 1.0, 20) for k in (1, 2, 3, 10, 30)] == [1, 1, 2, 8, 20]
     assert [queries_at(k, 2.0, 0.5, 100) for k in (1, 4, 9, 16)] == [2, 4, 6, 8]
     beta = derived_beta(0.85, 8, 40)
     assert beta == pytest.approx(math.log(8 / 0.85) / math.log(40))
-    schedule = QuerySchedule(AdaZetaConfig(q_target=8, q_max=16), total_epochs=40, total_steps=80)
+    schedule = schedule_of(AdaZetaConfig(q_target=8, q_max=16), total_epochs=40, total_steps=80)
     assert schedule.queries(epoch=0, step=0) == 1 and schedule.queries(epoch=39, step=79) == 8
-    by_steps = QuerySchedule(AdaZetaConfig(beta=1.0, q_max=5, schedule_over="steps"), total_epochs=1,
+    by_steps = schedule_of(AdaZetaConfig(beta=1.0, q_max=5, schedule_over="steps"), total_epochs=1,
                              total_steps=100)
     assert [by_steps.queries(0, s) for s in (0, 1, 2, 9)] == [1, 1, 2, 5]
-    assert QuerySchedule(MezoConfig(), 3, 30).queries(2, 29) == 1
+    assert schedule_of(MezoConfig(), 3, 30).queries(2, 29) == 1
 
 
 def test_a_one_epoch_run_schedules_q_target_over_steps_and_says_so():
     """Over epochs, a run of one epoch would stay at Q = 1 whatever q_target: it counts steps instead."""
-    schedule = QuerySchedule(AdaZetaConfig(q_target=8, q_max=16), total_epochs=1, total_steps=50)
+    schedule = schedule_of(AdaZetaConfig(q_target=8, q_max=16), total_epochs=1, total_steps=50)
     assert schedule.over == "steps" and "q_target 8" in schedule.note
     assert schedule.queries(epoch=0, step=0) == 1 and schedule.queries(epoch=0, step=49) == 8
-    assert QuerySchedule(AdaZetaConfig(q_target=8, q_max=16), total_epochs=3, total_steps=50).note is None
+    assert schedule_of(AdaZetaConfig(q_target=8, q_max=16), total_epochs=3, total_steps=50).note is None
     with pytest.raises(ValueError, match="method.q_target: 8 queries cannot be reached in a run of 1 step"):
-        QuerySchedule(AdaZetaConfig(q_target=8, q_max=16), total_epochs=1, total_steps=1)
+        schedule_of(AdaZetaConfig(q_target=8, q_max=16), total_epochs=1, total_steps=1)
 
 
 def test_an_unreachable_q_target_stops_the_cli_before_ray(tmp_path, glue_dir):

@@ -22,10 +22,11 @@ from pydantic import Field
 from torch import nn
 
 from rayeff.errors import UserError
-from rayeff.methods import MethodDefinition, register_method
+from rayeff.methods.registry import MethodDefinition, register_method
+from rayeff.methods.zeroth_order_config import ZerothOrderConfig, check_zeroth_order_job
 from rayeff.models import SequenceClassifier
 from rayeff.tensor_train import TTLinear, dense_flops
-from rayeff.train.spsa import MAX_QUERIES, ZerothOrderConfig
+from rayeff.train.spsa import MAX_QUERIES
 
 # Output projections by role, as module-path patterns of the architectures rayeff supports
 # (BERT-style encoders, T5, GPT-2, Llama-style decoders).
@@ -125,4 +126,5 @@ def build(classifier: SequenceClassifier, config: AdaZetaConfig) -> nn.Module:
     return AdaZetaModel(classifier, config)
 
 
-register_method(MethodDefinition("adazeta", AdaZetaConfig, build))
+register_method(MethodDefinition("adazeta", AdaZetaConfig, build, loop="zeroth_order", check_job=check_zeroth_order_job,
+                                 figures=AdaZetaModel.figures))

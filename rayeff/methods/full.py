@@ -6,8 +6,7 @@ from typing import Literal
 
 from torch import nn
 
-from rayeff.config import MethodConfig
-from rayeff.methods import MethodDefinition, register_method
+from rayeff.methods.registry import MethodConfig, MethodDefinition, register_method
 
 
 class FullConfig(MethodConfig):
@@ -19,4 +18,4 @@ def build(classifier: nn.Module, config: FullConfig) -> nn.Module:
     return classifier
 
 
-register_method(MethodDefinition("full", FullConfig, build))
+register_method(MethodDefinition("full", FullConfig, build, loop="first_order"))

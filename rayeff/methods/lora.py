@@ -10,8 +10,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from rayeff.config import MethodConfig
-from rayeff.methods import MethodDefinition, register_method
+from rayeff.methods.registry import MethodConfig, MethodDefinition, register_method
 
 
 class LoraMethodConfig(MethodConfig):
@@ -32,4 +31,4 @@ def build(classifier: nn.Module, config: LoraMethodConfig) -> nn.Module:
     return classifier
 
 
-register_method(MethodDefinition("lora", LoraMethodConfig, build))
+register_method(MethodDefinition("lora", LoraMethodConfig, build, loop="first_order"))

@@ -16,11 +16,11 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from rayeff.methods import MethodDefinition, register_method
 from rayeff.methods.lora import LoraMethodConfig
 from rayeff.methods.lora import build as build_lora
+from rayeff.methods.registry import MethodDefinition, register_method
+from rayeff.methods.zeroth_order_config import ZerothOrderConfig, check_zeroth_order_job
 from rayeff.models import SequenceClassifier
-from rayeff.train.spsa import ZerothOrderConfig
 
 
 class MezoConfig(ZerothOrderConfig):
@@ -40,4 +40,4 @@ def build(classifier: SequenceClassifier, config: MezoConfig) -> nn.Module:
     return classifier
 
 
-register_method(MethodDefinition("mezo", MezoConfig, build))
+register_method(MethodDefinition("mezo", MezoConfig, build, loop="zeroth_order", check_job=check_zeroth_order_job))

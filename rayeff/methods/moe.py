@@ -26,10 +26,10 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from rayeff.config import MethodConfig, Spec
 from rayeff.errors import UserError
-from rayeff.methods import MethodDefinition, register_method
-from rayeff.mixture_of_experts import MoEFeedForward, NativeRouter, RouterStatistics
+from rayeff.methods.registry import MethodConfig, MethodDefinition, register_method
+from rayeff.mixture_of_experts import MoEFeedForward, NativeRouter, RouterStatistics, moe_layers
+from rayeff.spec_base import Spec
 
 
 class UpcycleSpec(Spec):
@@ -71,28 +71,30 @@ class MoEConfig(MethodConfig):
     expert_parallel: bool = Field(False, description="split each upcycled layer's experts over the workers (E / W "
                                                      "each, tokens exchanged by all-to-all) instead of replicating")
 
-    def check_job(self, job) -> None:
-        if job.deepspeed.zero_stage == 3:
-            raise ValueError("deepspeed.zero_stage: method moe supports ZeRO stages 0, 1 and 2 (ZeRO-3 gathers "
-                             "each weight collectively when its module runs, and which experts run depends on each "
-                             "worker's tokens); set zero_stage to 2 or lower")
-        if not self.expert_parallel:
-            return
-        if self.upcycle is None:
-            raise ValueError("method.expert_parallel: experts are split over workers for upcycled layers only "
-                             "(a native MoE model's experts are replicated); set upcycle or drop expert_parallel")
-        if self.trainable == "lora":
-            raise ValueError("method.trainable: lora is not combined with expert_parallel; use all or experts")
-        workers = job.scaling.num_workers
-        if self.upcycle.experts % workers:
-            raise ValueError(f"method.upcycle.experts: {self.upcycle.experts} experts cannot be split evenly over "
-                             f"scaling.num_workers ({workers}) with expert_parallel; use a multiple of {workers}")
-        if job.deepspeed.zero_stage == 0:
-            raise ValueError("deepspeed.zero_stage: expert_parallel needs ZeRO stage 1 or 2 (at stage 0 DeepSpeed "
-                             "all-reduces every gradient, which would mix different workers' experts); set 1 or 2")
-        if job.deepspeed.precision != "fp32":
-            raise ValueError(f"deepspeed.precision: expert_parallel trains in fp32 only (its experts are stepped "
-                             f"outside DeepSpeed's mixed-precision optimizer); set fp32, not {job.deepspeed.precision}")
+
+def check_job(config: MoEConfig, job) -> None:
+    """The job rules of method moe (its MethodDefinition's `check_job`)."""
+    if job.deepspeed.zero_stage == 3:
+        raise ValueError("deepspeed.zero_stage: method moe supports ZeRO stages 0, 1 and 2 (ZeRO-3 gathers "
+                         "each weight collectively when its module runs, and which experts run depends on each "
+                         "worker's tokens); set zero_stage to 2 or lower")
+    if not config.expert_parallel:
+        return
+    if config.upcycle is None:
+        raise ValueError("method.expert_parallel: experts are split over workers for upcycled layers only "
+                         "(a native MoE model's experts are replicated); set upcycle or drop expert_parallel")
+    if config.trainable == "lora":
+        raise ValueError("method.trainable: lora is not combined with expert_parallel; use all or experts")
+    workers = job.scaling.num_workers
+    if config.upcycle.experts % workers:
+        raise ValueError(f"method.upcycle.experts: {config.upcycle.experts} experts cannot be split evenly over "
+                         f"scaling.num_workers ({workers}) with expert_parallel; use a multiple of {workers}")
+    if job.deepspeed.zero_stage == 0:
+        raise ValueError("deepspeed.zero_stage: expert_parallel needs ZeRO stage 1 or 2 (at stage 0 DeepSpeed "
+                         "all-reduces every gradient, which would mix different workers' experts); set 1 or 2")
+    if job.deepspeed.precision != "fp32":
+        raise ValueError(f"deepspeed.precision: expert_parallel trains in fp32 only (its experts are stepped "
+                         f"outside DeepSpeed's mixed-precision optimizer); set fp32, not {job.deepspeed.precision}")
 
 
 def ffn_sites(backbone: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -179,6 +181,8 @@ def build(classifier: nn.Module, config: MoEConfig) -> nn.Module:
     if config.upcycle is not None:
         layers = upcycle(classifier.backbone, config.upcycle, config.aux_loss_coef, config.z_loss_coef)
         routers, experts = [layer.router for layer in layers], [layer.experts for layer in layers]
+        for layer in layers:
+            layer.expert_parallel = config.expert_parallel   # the loop splits them over its workers
     else:
         found = native_routers(classifier.backbone)
         layers = [NativeRouter(router, block_experts, index, config.aux_loss_coef, config.z_loss_coef)
@@ -239,4 +243,5 @@ def check(config: MoEConfig, backbone: nn.Module) -> None:
         chosen_sites(backbone, config.upcycle)
 
 
-register_method(MethodDefinition("moe", MoEConfig, build, check))
+register_method(MethodDefinition("moe", MoEConfig, build, loop="first_order", check_job=check_job, check_model=check,
+                                 routing=moe_layers))

@@ -27,8 +27,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from rayeff.config import MethodConfig
-from rayeff.methods import MethodDefinition, register_method
+from rayeff.methods.registry import MethodConfig, MethodDefinition, register_method
 from rayeff.models import SequenceClassifier, hidden_size
 
 CELLS = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
@@ -132,4 +131,4 @@ def build(classifier: SequenceClassifier, config: ReadConfig) -> nn.Module:
     return ReadModel(classifier, config)
 
 
-register_method(MethodDefinition("read", ReadConfig, build))
+register_method(MethodDefinition("read", ReadConfig, build, loop="first_order"))

@@ -20,50 +20,11 @@ updated; the threshold is recomputed from theta0 at every step and the mask from
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import torch
-from pydantic import Field, model_validator
-
-from rayeff.config import MethodConfig
 
 MAX_QUERIES = 4096          # queries per step: 12 bits of the seed
 MAX_STEPS = 2**28           # steps: 28 bits
 MAX_RUN_SEED = 2**23        # run seeds: 23 bits (a 63-bit seed in all)
-
-
-class ZerothOrderConfig(MethodConfig):
-    """Fields every zeroth-order method shares: the SPSA step and the query schedule
-    Q_k = min(max(floor(alpha * k^beta), 1), q_max), k = 1, 2, ... counting epochs (default) or steps."""
-
-    training_loop = "zeroth_order"
-
-    eps: float = Field(1e-3, gt=0, description="perturbation scale")
-    alpha: float = Field(1.0, gt=0, description="query schedule: Q_k = min(max(floor(alpha k^beta), 1), q_max)")
-    beta: float | None = Field(0.0, ge=0, description="schedule exponent; None derives it from q_target")
-    q_target: int | None = Field(None, ge=1, description="queries wanted at the last epoch (or step): sets beta")
-    q_max: int = Field(1, ge=1, le=MAX_QUERIES, description="most queries per step")
-    schedule_over: Literal["epochs", "steps"] = "epochs"
-    sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="Sparse-MeZO: fraction of each weight "
-                                   "matrix's largest-magnitude entries left out of perturbation and update")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_given_clears_the_other(cls, data):
-        """Giving beta drops the default q_target and vice versa (so a dumped config validates again)."""
-        if isinstance(data, dict):
-            for given, other in (("beta", "q_target"), ("q_target", "beta")):
-                if data.get(given) is not None and other not in data:
-                    data = {**data, other: None}
-        return data
-
-    @model_validator(mode="after")
-    def _beta_or_target(self):
-        if self.beta is None and self.q_target is None:
-            raise ValueError("set beta, or q_target to derive it from")
-        if self.beta is not None and self.q_target is not None:
-            raise ValueError("set beta or q_target, not both")
-        return self
 
 
 def derived_beta(alpha: float, q_target: int, k_last: int) -> float:
@@ -84,25 +45,25 @@ class QuerySchedule:
     epoch for Q to grow in: there the schedule counts steps instead, and `note` says so (result.json carries it).
     A target that even the steps cannot reach (a one-step run) is a ValueError naming q_target."""
 
-    def __init__(self, config: ZerothOrderConfig, total_epochs: int, total_steps: int):
-        self.config, self.over, self.note = config, config.schedule_over, None
-        self.k_last = total_epochs if self.over == "epochs" else total_steps
-        if config.q_target is not None and self.k_last <= 1 and self.over == "epochs":
+    def __init__(self, alpha: float, beta: float | None, q_target: int | None, q_max: int, over: str,
+                 total_epochs: int, total_steps: int):
+        self.alpha, self.q_max, self.over, self.note = alpha, q_max, over, None
+        self.k_last = total_epochs if over == "epochs" else total_steps
+        if q_target is not None and self.k_last <= 1 and over == "epochs":
             self.over, self.k_last = "steps", total_steps
             self.note = (f"schedule_over: epochs, but the run spans {total_epochs} epoch, where Q could not grow to "
-                         f"q_target {config.q_target}; the schedule counts steps instead")
-        self.beta = config.beta if config.beta is not None else derived_beta(config.alpha, config.q_target,
-                                                                              self.k_last)
-        wanted = min(config.q_target or 0, config.q_max)
-        if queries_at(self.k_last, config.alpha, self.beta, config.q_max) < wanted:
-            raise ValueError(f"method.q_target: {config.q_target} queries cannot be reached in a run of "
-                             f"{total_steps} step(s) (Q starts at {queries_at(1, config.alpha, 0.0, config.q_max)}); "
+                         f"q_target {q_target}; the schedule counts steps instead")
+        self.beta = beta if beta is not None else derived_beta(alpha, q_target, self.k_last)
+        wanted = min(q_target or 0, q_max)
+        if queries_at(self.k_last, alpha, self.beta, q_max) < wanted:
+            raise ValueError(f"method.q_target: {q_target} queries cannot be reached in a run of "
+                             f"{total_steps} step(s) (Q starts at {queries_at(1, alpha, 0.0, q_max)}); "
                              "train for more steps, or set beta instead of q_target")
 
     def queries(self, epoch: int, step: int) -> int:
         """Queries at this 0-based epoch and step."""
         k = (epoch if self.over == "epochs" else step) + 1
-        return queries_at(k, self.config.alpha, self.beta, self.config.q_max)
+        return queries_at(k, self.alpha, self.beta, self.q_max)
 
 
 def query_seed(run_seed: int, step: int, query: int) -> int:

@@ -19,8 +19,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from rayeff.config import Spec, describe_errors, read_yaml_mapping, set_field, validate_job
+from rayeff.config import describe_errors, read_yaml_mapping, set_field, validate_job
 from rayeff.errors import UserError
+from rayeff.spec_base import Spec
 
 
 class ParamSpec(Spec):

@@ -22,10 +22,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from rayeff.config import JobSpec, Spec, describe_errors, load_job, parse_overrides, read_yaml_mapping, set_field
+from rayeff.config import JobSpec, describe_errors, load_job, parse_overrides, read_yaml_mapping, set_field
 from rayeff.data.glue import get_task
 from rayeff.data.metrics import primary_metric
 from rayeff.errors import UserError
+from rayeff.spec_base import Spec
 from rayeff.tune.space import SearchSpace, check_fields, load_search_space
 
 ENERGY_METRIC = "energy_j"
