@@ -1,11 +1,18 @@
-"""Ray Tune's `OptunaSearch`, made to keep what a sweep needs in the Optuna study itself.
+"""The sweep's Ray Tune searcher: Optuna suggests each trial's parameters and the Optuna study keeps what a sweep
+needs.
+
+`SweepSearch` is a plain `ray.tune.search.Searcher` that drives one Optuna study through Optuna's public ask/tell
+interface (`study.ask(distributions)`, `study.tell(trial, values, state=...)`); Tune hands it trial ids and results.
+The call order is Tune's: `suggest(id)` once per trial, `on_trial_result(id, result)` for each report while the
+trial runs, `on_trial_complete(id, result, error)` once at its end (a repeated completion is ignored).
 
 At each trial's completion the searcher stores the trial's record (params, status, metrics, energy, memory, time)
 as an Optuna user attribute and marks its budgets as Optuna constraints (`trial.set_constraint`, feasible when every
-value is <= 0), which TPE and NSGA-II honour; Ray's own `on_trial_complete` drops constraints, so this one tells the
-study itself. CMA-ES ignores constraints, so for it an infeasible trial is told as failed instead. The study
-(SQLite) is thereby the sweep's single record: `sweep.json` is written from it, and a resumed sweep reads it to know
-what is done.
+value is <= 0), which TPE and NSGA-II honour. CMA-ES ignores constraints, so for it an infeasible trial is told as
+failed instead. Intermediate reports (single objective) are Optuna intermediate values, so a trial that ASHA stopped
+is told as pruned with its last reported value. The study (SQLite) is thereby the sweep's single record:
+`sweep.json` is written from it, and a resumed sweep reads it to know what is done; Tune's own searcher checkpoint
+is therefore not written (`rayeff tune --resume` resumes a sweep, not `Tuner.restore`).
 
 Before a trial starts, the sweep's limits actor is asked whether the sweep may start another (energy, time). After
 each completion, a sweep whose output is in an object store sends its study copy back (`save_study`).
@@ -19,7 +26,6 @@ from pathlib import Path
 import optuna
 import ray
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
 from rayeff.cluster.storage import Storage
 from rayeff.tune.spec import SearcherSpec, SweepSpec
@@ -28,6 +34,7 @@ from rayeff.tune.trial import objective_keys, trial_record
 RECORD_ATTR = "rayeff"
 STUDY_NAME = "rayeff"
 STUDY_FILE = "optuna.db"
+TRAINING_ITERATION = "training_iteration"   # Tune's count of a trial's reports, the step of intermediate values
 
 
 def save_study(output_location: str, study_file: str) -> None:
@@ -60,39 +67,65 @@ def outcome(record: dict, error: bool = False) -> tuple[optuna.trial.TrialState,
     return optuna.trial.TrialState.COMPLETE, values if len(values) > 1 else values[0]
 
 
-class SweepSearch(OptunaSearch):
+class SweepSearch(Searcher):
+    """Suggests from, and records into, the sweep's study `STUDY_NAME` in the SQLite file `study_file` (created by
+    the sweep driver with its enqueued prior trials, which `study.ask` hands out first).
+
+    `space` maps each dotted job field to its `optuna.distributions` distribution (`space.optuna_distributions`);
+    suggestions use the same keys. `limits` is the sweep's `SweepLimits` actor, or None for no limits."""
+
     def __init__(self, sweep: SweepSpec, space: dict, output_location: str, study_file: str, limits=None,
                  trials_done: int = 0):
         keys = objective_keys(sweep)
         modes = [o.mode for o in sweep.objectives]
-        super().__init__(space=space, metric=keys if len(keys) > 1 else keys[0],
-                         mode=modes if len(modes) > 1 else modes[0], sampler=make_sampler(sweep.searcher, trials_done),
-                         study_name=STUDY_NAME, storage=optuna.storages.RDBStorage(f"sqlite:///{study_file}"))
+        super().__init__(metric=keys if len(keys) > 1 else keys[0], mode=modes if len(modes) > 1 else modes[0])
+        self._space = dict(space)
+        self._study = optuna.create_study(
+            storage=optuna.storages.RDBStorage(f"sqlite:///{study_file}"), study_name=STUDY_NAME, load_if_exists=True,
+            directions=["maximize" if m == "max" else "minimize" for m in modes],
+            sampler=make_sampler(sweep.searcher, trials_done),
+            pruner=optuna.pruners.NopPruner())   # ASHA, in Tune, stops trials; the study only records them
+        self._trials: dict[str, optuna.Trial] = {}   # Tune's trial id -> the Optuna trial asked for it
+        self._told: set[str] = set()
         self._output_location, self._study_file = output_location, study_file
         self._sweep_dump = sweep.model_dump(mode="json")
         self._limits = limits
         self._ignores_constraints = sweep.searcher.kind == "cmaes"   # Optuna's CmaEsSampler does not read them
 
-    def suggest(self, trial_id: str):
-        if self._limits is not None and trial_id not in self._ot_trials:
-            reason = ray.get(self._limits.start.remote(trial_id))
-            if reason is not None:
+    def suggest(self, trial_id: str) -> dict | str:
+        if trial_id not in self._trials:
+            if self._limits is not None and ray.get(self._limits.start.remote(trial_id)) is not None:
                 return Searcher.FINISHED
-        return super().suggest(trial_id)
+            self._trials[trial_id] = self._study.ask(self._space)
+        return dict(self._trials[trial_id].params)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """A report while the trial runs: its objective becomes an Optuna intermediate value (single objective
+        only; Optuna keeps none for several), which a pruned trial is then ranked by."""
+        if isinstance(self.metric, list) or trial_id not in self._trials or trial_id in self._told:
+            return
+        if self.metric in result and TRAINING_ITERATION in result:
+            self._trials[trial_id].report(result[self.metric], result[TRAINING_ITERATION])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in self._told or trial_id not in self._trials:
             return
-        ot_trial = self._ot_trials[trial_id]
-        record = trial_record(trial_id, dict(ot_trial.params), result, SweepSpec.model_validate(self._sweep_dump))
-        ot_trial.set_user_attr(RECORD_ATTR, record)
+        trial = self._trials[trial_id]
+        record = trial_record(trial_id, dict(trial.params), result, SweepSpec.model_validate(self._sweep_dump))
+        trial.set_user_attr(RECORD_ATTR, record)
         for key, value in record["constraints"].items():
-            ot_trial.set_constraint(key, value)
+            trial.set_constraint(key, value)
         state, values = outcome(record, error)
         if self._ignores_constraints and not record["feasible"] and state == optuna.trial.TrialState.COMPLETE:
             state, values = optuna.trial.TrialState.FAIL, None   # keep an over-budget trial out of CMA-ES's model
-        self._ot_study.tell(ot_trial, values, state=state)
-        self._completed_trials.add(trial_id)
+        self._study.tell(trial, values, state=state)
+        self._told.add(trial_id)
         save_study(self._output_location, self._study_file)
         if self._limits is not None:
             self._limits.finish.remote(trial_id, (record.get("energy") or {}).get("joules"))
+
+    def save(self, checkpoint_path: str) -> None:
+        """Writes nothing: every finished trial is already in the study, which `rayeff tune --resume` reopens."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        raise NotImplementedError("a sweep resumes from its Optuna study: run `rayeff tune SWEEP.yaml --resume`")
