@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -26,7 +25,9 @@ from rayeff.train.checkpoint_safety import (
     set_rng_state,
     weights_only_loads,
 )
-from rayeff.train.worker import STATE_FILE, TrainState, Worker
+from rayeff.train.checkpointer import STATE_FILE, Checkpointer
+from rayeff.train.context import InProcessContext
+from rayeff.train.state import TrainState
 
 
 class Planted:
@@ -39,46 +40,30 @@ class Planted:
         return (open, (str(self.marker), "w"))
 
 
-class StubWorker(Worker):
-    """A worker without Ray or a model: `save` and `load` stand for the training loop's, the rest is Worker's own
-    checkpoint_and_report and restore. `load` reads the folder's DeepSpeed file the way DeepSpeed does
-    (torch.load with weights_only=False)."""
+def write_like_deepspeed(folder: Path, saved_state: dict) -> None:
+    """What the first-order loop writes into a checkpoint: a DeepSpeed model-states file holding the train state."""
+    (folder / "deepspeed").mkdir()
+    torch.save({"module": {"w": torch.ones(2)}, "train_state": saved_state},
+               folder / "deepspeed" / "mp_rank_00_model_states.pt")
 
-    def __init__(self):
-        self.rank, self.world, self.device = 0, 1, torch.device("cpu")
-        self.state = TrainState(step=3, losses=[0.5, 0.25])
 
-    def save(self, folder, saved_state):
-        (folder / "deepspeed").mkdir()
-        torch.save({"module": {"w": torch.ones(2)}, "train_state": saved_state},
-                   folder / "deepspeed" / "mp_rank_00_model_states.pt")
-
-    def load(self, folder):
-        return torch.load(folder / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["train_state"]
+def read_like_deepspeed(folder: Path) -> dict:
+    """... and reads back the way DeepSpeed does (torch.load with weights_only=False)."""
+    return torch.load(folder / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["train_state"]
 
 
 @pytest.fixture
-def checkpoint(tmp_path, monkeypatch):
-    """Worker.checkpoint_and_report's folder (ray.train.report stands in), and a restore from a given folder."""
-    import ray.train
-
-    kept = tmp_path / "checkpoint"
-
-    def report(metrics, checkpoint=None, checkpoint_dir_name=None):
-        shutil.copytree(checkpoint.path, kept)
-
-    monkeypatch.setattr(ray.train, "report", report)
-
-    def restore(folder: Path) -> StubWorker:
-        worker = StubWorker()
-        worker.state = TrainState()
-        monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(folder)))
-        Worker.restore(worker)
-        return worker
+def checkpoint(tmp_path):
+    """The Checkpointer's folder as the in-process context keeps it, and a restore from a given folder."""
 
     def save() -> Path:
-        Worker.checkpoint_and_report(StubWorker(), {}, "step_00000003", {"joules": 1.0, "train_joules": 0.5})
-        return kept
+        ctx = InProcessContext(tmp_path / "train")
+        Checkpointer(ctx).save(TrainState(step=3, losses=[0.5, 0.25]), {"joules": 1.0, "train_joules": 0.5}, {},
+                               write_like_deepspeed)
+        return ctx.latest
+
+    def restore(folder: Path) -> TrainState:
+        return Checkpointer(InProcessContext(folder.parent, resume=True)).restore(read_like_deepspeed)
 
     return save, restore
 
@@ -102,9 +87,9 @@ def test_rng_states_are_saved_as_weights_only_data_and_restored_exactly(checkpoi
     torch.manual_seed(99)
     np.random.seed(99)
     random.seed(99)
-    worker = restore(folder)
+    state = restore(folder)
     assert draws() == expected
-    assert worker.state.step == 3 and worker.state.losses == [0.5, 0.25]
+    assert state.step == 3 and state.losses == [0.5, 0.25]
 
 
 def test_rng_state_round_trip_without_a_worker():

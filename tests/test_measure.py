@@ -304,11 +304,13 @@ def test_the_progress_line_and_summary_table_say_estimate(source, estimated):
                           "energy_joules": 1921.0, "energy_source": source, "eval": {}})
     assert f"1,921.0 J ({source})" in line and ("estimate" in line) == estimated
     result = {"method": "full", "task": "sst2", "model": "tiny-bert", "status": "finished", "metrics": {},
-              "train_loss": 0.5, "energy": energy_of(source), "workers": 1, "zero_stage": 0, "output_dir": "x",
+              "train_loss": 0.5, "loss_history": [0.5], "energy": energy_of(source), "workers": 1, "zero_stage": 0,
+              "device": "cpu", "total_steps": 1, "output_dir": "x",
               "memory": {"trainable_params": 1, "total_params": 2, "param_bytes": 1, "buffer_bytes": 1, "grad_bytes": 1,
                          "optimizer_state_bytes": 1, "peak_activation_bytes": 1, "tensor_account_bytes": 1,
-                         "peak_device_bytes": 1},
-              "time": {"train_seconds": 1.0, "steps": 1, "samples_per_second": 1.0}}
+                         "peak_device_bytes": 1, "peak_device_kind": "cpu_peak_rss_growth", "per": "worker"},
+              "time": {"train_seconds": 1.0, "steps": 1, "samples": 8, "samples_per_second": 1.0,
+                       "seconds_per_step": 1.0, "seconds_per_sample": 0.125}}
     table = rendered(summary_table(result))
     assert f"1,921.0 J ({source})" in table and f"1,500.0 J ({source})" in table
     assert ("estimate" in table) == estimated and ("whole CPU package" in table) == (source == "rapl")
@@ -415,8 +417,8 @@ def test_grafana_energy_panels_and_metrics_carry_the_source(monkeypatch):
     monkeypatch.setattr(live, "status_board", lambda: types.SimpleNamespace(
         put=types.SimpleNamespace(remote=lambda key, line: None)))
     run = live.LiveRun({"run": "r", "trial": "", "method": "full"}, "accuracy", 5000.0, {})
-    progress = {"step": 1, "total_steps": 9, "samples_per_second": 3.0, "energy_joules": 10.0,
-                "energy_source": "estimate"}
+    progress = {"step": 1, "total_steps": 9, "epoch": 0, "loss": None, "samples_per_second": 3.0,
+                "energy_joules": 10.0, "energy_source": "estimate", "eval": {}}
     run.update(progress)
     run.update({**progress, "energy_joules": 25.0, "energy_source": "nvml+estimate"})  # a meter fell back
     for name, value, tags in recorded:
@@ -427,25 +429,25 @@ def test_grafana_energy_panels_and_metrics_carry_the_source(monkeypatch):
 
 
 def test_a_run_reports_every_segment_and_meter_it_used(no_rapl):
-    """Worker.energy without Ray: a run resumed from an estimated segment, now on a GPU counter that fails."""
-    from rayeff.train.worker import TrainState, Worker
+    """The step meter without Ray: a run resumed from an estimated segment, now on a GPU counter that fails."""
+    from rayeff.train.state import TrainState
+    from rayeff.train.step_meter import StepMeter
 
-    worker = Worker.__new__(Worker)
-    worker.meter = energy_module.MeterChain([("nvml", FlakyMeter), ("estimate", lambda: CpuTimeEstimateMeter(10.0))],
-                                            where=lambda: f"step {worker.state.step}")
-    worker.train_joules_by_key = {}
-    worker.state = TrainState(step=40, energy_joules=100.0, train_energy_joules=80.0,
-                              energy_labels={"source": "estimate", "formula": CpuTimeEstimateMeter(10.0).formula})
-    worker.meter.start()
-    before = worker.meter.read_joules()
-    worker.train_joules += worker.meter.read_joules() - before        # a training step, as the loops count it
-    assert worker.train_joules_by_key == {"nvml:GPU-shared": 1.5}
-    worker.state.step = 41
-    energy = worker.energy()                                          # the GPU's counter fails here
+    state = TrainState(step=40, energy_joules=100.0, train_energy_joules=80.0,
+                       energy_labels={"source": "estimate", "formula": CpuTimeEstimateMeter(10.0).formula})
+    chain = energy_module.MeterChain([("nvml", FlakyMeter), ("estimate", lambda: CpuTimeEstimateMeter(10.0))],
+                                     where=lambda: f"step {state.step}")
+    meter = StepMeter(chain, torch.device("cpu"))
+    meter.start()
+    with meter.step(state):                                           # a training step, as the loops count it
+        pass
+    assert meter.train_joules_by_key == {"nvml:GPU-shared": 1.5}
+    state.step = 41
+    energy = meter.energy(state)                                      # the GPU's counter fails here
     assert energy["joules"] >= 102.5 and energy["train_joules"] == 81.5
     assert energy["source"] == "nvml+estimate" and energy["formula"] == CpuTimeEstimateMeter(10.0).formula
     assert energy["fallback"] == "nvml: RuntimeError: Unknown Error at step 41; continued with estimate"
-    assert worker.state.energy_labels == {k: energy[k] for k in ("source", "formula", "fallback")}   # checkpointed
+    assert state.energy_labels == {k: energy[k] for k in ("source", "formula", "fallback")}   # checkpointed
 
 
 def test_a_meter_that_fails_before_its_first_read_is_no_source_of_the_figure(monkeypatch, no_rapl):

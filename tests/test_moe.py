@@ -324,16 +324,15 @@ def test_experts_split_over_two_workers_follow_one_worker_resume_and_report_moe_
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
-@pytest.mark.slow
-def test_a_tiny_mixtral_fine_tunes_and_its_loss_falls(tmp_path, glue_dir, local_ray):
-    from rayeff.train.runner import run_job
+def test_a_tiny_mixtral_fine_tunes_and_its_loss_falls(tmp_path, glue_dir):
+    from rayeff.train.runner import run_in_process
 
-    result = run_job(validate_job({
+    result = run_in_process(validate_job({
         "model": {"name": "tiny-mixtral", "dropout": 0.0},
         "data": {"task": "sst2", "data_dir": str(glue_dir), "train_subset": 32, "eval_subset": 32},
         "method": {"name": "moe", "aux_loss_coef": 0.02, "z_loss_coef": 0.001},
         "training": {"epochs": 6, "batch_size": 8, "lr": 3e-3, "log_every": 4},
-        "output_dir": str(tmp_path / "mixtral")}), show_progress=False)
+        "output_dir": str(tmp_path / "mixtral")}))
     losses = result["loss_history"]
     assert len(losses) == 24 and sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
     assert result["moe"]["total_params"] == result["memory"]["total_params"]

@@ -242,6 +242,11 @@ def test_the_shipped_sweeps_load():
     assert job.data.task == "stsb" and bench.max_concurrent == 2 and job.scaling.num_workers == 1
 
 
+# The rest of a Progress (rayeff/results.py), as Tune hands it over (flattened); eval is absent before the first one.
+PROGRESS_REST = {"progress/total_steps": 8, "progress/epoch": 0, "progress/loss": 0.5,
+                 "progress/samples_per_second": 2.0}
+
+
 def test_a_trial_asha_stopped_is_recorded_from_its_last_report_and_pruned():
     from rayeff.tune.searcher import outcome
     from rayeff.tune.spec import SweepSpec
@@ -249,18 +254,69 @@ def test_a_trial_asha_stopped_is_recorded_from_its_last_report_and_pruned():
 
     sweep = SweepSpec(base_job="j", search_space="s", num_trials=2, energy={"trial_budget_j": 100.0})
     flat = {"objective_0": 0.6, "progress/step": 4, "progress/energy_joules": 30.0,   # as Tune hands it over
-            "progress/energy_source": "estimate", "progress/eval/accuracy": 0.6, "training_iteration": 2}
+            "progress/energy_source": "estimate", "progress/eval/accuracy": 0.6, "training_iteration": 2,
+            **PROGRESS_REST}
     record = trial_record("t1", {"training.lr": 1e-3}, flat, sweep)
     assert record["status"] == "stopped: asha" and record["objectives"] == [0.6] and record["time"] == {"steps": 4}
     assert record["constraints"] == {"unfinished": 1.0, "energy_over_budget_j": -70.0} and not record["feasible"]
     assert outcome(record) == (optuna.trial.TrialState.PRUNED, None)
     final = {"objective_0": 0.7, "final": True, "summary/status": "finished", "summary/metrics/accuracy": 0.7,
-             "summary/energy/joules": 120.0, "summary/energy/source": "estimate"}
+             "summary/energy/joules": 120.0, "summary/energy/source": "estimate",
+             "summary/energy/train_joules": 100.0}
     over = trial_record("t2", {}, final, sweep)
     assert over["constraints"] == {"unfinished": 0.0, "energy_over_budget_j": 20.0} and not over["feasible"]
     assert outcome(over) == (optuna.trial.TrialState.COMPLETE, 0.7)
     crashed = trial_record("t3", {}, {"final": True, "summary/status": "error: RuntimeError: boom"}, sweep)
     assert outcome(crashed) == (optuna.trial.TrialState.FAIL, None) and not crashed["feasible"]
+
+
+def test_the_searcher_records_each_trial_and_its_constraints_in_the_study(tmp_path):
+    """SweepSearch driven as Tune drives it (no Ray cluster): the study gets every trial's record, constraints and
+    state, an enqueued trial is suggested first, an ASHA-stopped trial is pruned at its last report, and a repeated
+    completion changes nothing. For CMA-ES an over-budget trial is told as failed."""
+    import ray.cloudpickle
+
+    from rayeff.tune.searcher import RECORD_ATTR, STUDY_NAME, SweepSearch
+    from rayeff.tune.spec import SweepSpec
+
+    space = {"training.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+             "method.hidden_size": optuna.distributions.IntDistribution(4, 16)}
+    final = {"objective_0": 0.7, "final": True, "summary/status": "finished", "summary/metrics/accuracy": 0.7,
+             "summary/energy/joules": 120.0, "summary/energy/source": "estimate", "summary/energy/train_joules": 100.0,
+             "training_iteration": 3}
+    for kind in ("tpe", "cmaes"):
+        sweep = SweepSpec(base_job="j", search_space="s", num_trials=2, energy={"trial_budget_j": 100.0},
+                          searcher={"kind": kind})
+        db = f"sqlite:///{tmp_path / kind}.db"
+        optuna.create_study(storage=db, study_name=STUDY_NAME, direction="maximize").enqueue_trial(
+            {"training.lr": 1e-3, "method.hidden_size": 8}, user_attrs={"prior": 1})
+        searcher = SweepSearch(sweep, space, str(tmp_path), f"{tmp_path / kind}.db")
+        ray.cloudpickle.dumps(searcher)   # Tune pickles its search algorithm with the Tuner
+        assert searcher.suggest("a") == {"training.lr": 1e-3, "method.hidden_size": 8}
+        assert set(searcher.suggest("b")) == set(space)
+        for step, value in ((1, 0.5), (2, 0.6)):
+            searcher.on_trial_result("b", {"objective_0": value, "progress/step": 4 * step,
+                                           "progress/energy_joules": 30.0, "progress/energy_source": "estimate",
+                                           "training_iteration": step, **PROGRESS_REST})
+        searcher.on_trial_result("a", final)
+        searcher.on_trial_complete("a", final)
+        searcher.on_trial_complete("b", {"objective_0": 0.6, "progress/step": 8, "progress/energy_joules": 30.0,
+                                         "progress/energy_source": "estimate", "training_iteration": 2,
+                                         **PROGRESS_REST})
+        searcher.on_trial_complete("a", None, error=True)   # Tune may tell a completion twice: the first counts
+        a, b = optuna.load_study(study_name=STUDY_NAME, storage=db).trials
+        assert a.user_attrs[RECORD_ATTR]["trial_id"] == "a" and a.user_attrs["prior"] == 1
+        assert a.user_attrs[RECORD_ATTR]["status"] == "finished" and not a.user_attrs[RECORD_ATTR]["feasible"]
+        assert a.constraints == {"unfinished": 0.0, "energy_over_budget_j": 20.0}
+        if kind == "tpe":   # TPE reads the constraints: the over-budget trial is complete with its value
+            assert a.state == optuna.trial.TrialState.COMPLETE and a.value == 0.7
+        else:               # CMA-ES does not: the trial is kept out of its model
+            assert a.state == optuna.trial.TrialState.FAIL and a.value is None
+        assert b.user_attrs[RECORD_ATTR]["status"] == "stopped: asha" and b.user_attrs[RECORD_ATTR]["params"] == \
+            b.params
+        assert b.constraints == {"unfinished": 1.0, "energy_over_budget_j": -70.0}
+        assert b.state == optuna.trial.TrialState.PRUNED and b.intermediate_values == {1: 0.5, 2: 0.6}
+        assert b.value == 0.6   # a pruned trial's value is its last report, which TPE then ranks it by
 
 
 def test_a_used_output_folder_needs_resume_and_resume_needs_a_sweep(tmp_path, glue_dir, capsys):

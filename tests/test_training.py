@@ -1,5 +1,6 @@
-"""Training through Ray Train and DeepSpeed, in this process on one local Ray: ZeRO stages over 2 workers follow
-the 1-worker loss curve, and `rayeff bench compare` writes its ratios."""
+"""Training through DeepSpeed: on one local Ray in this process, ZeRO stages over 2 workers follow the 1-worker loss
+curve, a killed worker restarts from its checkpoint, and `rayeff bench compare` writes its ratios; in process
+(no Ray), a run's result.json and its energy budget."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from rayeff.measure.energy import SCOPES
 from rayeff.methods import get_method
 from rayeff.methods.read import ReadConfig
 from rayeff.models import build_classifier, resolve_model
-from rayeff.train.runner import run_job
+from rayeff.train.runner import run_in_process, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +45,8 @@ def test_zero_stages_on_two_workers_follow_the_one_worker_loss_curve(tmp_path, g
         assert result["loss_history"][-1] != result["loss_history"][0]  # it did train
 
 
-def test_result_json_is_complete(tmp_path, glue_dir, local_ray):
-    result = run_job(tiny_job(tmp_path, glue_dir, "read", method={"name": "read", "hidden_size": 8},
-                              scaling={"num_workers": 2}), show_progress=False)
+def test_result_json_is_complete(tmp_path, glue_dir):
+    result = run_in_process(tiny_job(tmp_path, glue_dir, "read", method={"name": "read", "hidden_size": 8}))
     on_disk = json.loads((tmp_path / "read" / "result.json").read_text())
     assert on_disk["metrics"] == result["metrics"] and "accuracy" in on_disk["metrics"]
     for key in ("method", "model", "task", "metrics", "train_loss", "energy", "memory", "time", "workers",
@@ -96,10 +96,10 @@ def test_bench_compare_writes_each_result_and_ratios_to_full(tmp_path, glue_dir,
     assert {r["time"]["steps"] for r in report["results"].values()} == {5}
 
 
-def test_energy_budget_stops_the_run_with_a_resumable_checkpoint(tmp_path, glue_dir, local_ray):
+def test_energy_budget_stops_the_run_with_a_resumable_checkpoint(tmp_path, glue_dir):
     job = tiny_job(tmp_path, glue_dir, "budget", training={"max_steps": 200, "log_every": 2},
                    energy={"budget_j": 0.5})
-    result = run_job(job, show_progress=False)
+    result = run_in_process(job)
     assert result["status"] == "stopped: energy budget"
     assert 2 <= result["time"]["steps"] < 200 and result["time"]["steps"] % 2 == 0
     assert result["energy"]["joules"] >= 0.5

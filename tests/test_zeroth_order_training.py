@@ -1,6 +1,6 @@
-"""Zeroth-order training through Ray Train, in this process on one local Ray: queries split over 2 workers give the
-1-worker weights bit for bit, runs resume exactly, divergence stops a run with its last good checkpoint, and the
-MiniLM AdaZeta job beats the untrained model through the CLI."""
+"""Zeroth-order training: through Ray Train on one local Ray in this process, queries split over 2 workers give the
+1-worker weights bit for bit; in process (no Ray), runs resume exactly and divergence stops a run with its last good
+checkpoint; and the MiniLM AdaZeta job beats the untrained model through the CLI."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from rayeff.errors import UserError
 from rayeff.methods import get_method, method_config_from_dict
 from rayeff.methods.mezo import MezoConfig
 from rayeff.models import build_classifier, load_tokenizer, resolve_model
-from rayeff.train.runner import run_job
+from rayeff.train.runner import run_in_process, run_job
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,22 +73,21 @@ def test_two_workers_split_the_queries_and_end_bitwise_equal_to_one(tmp_path, gl
     assert two["method_figures"]["adapters"] == 4 and two["method_figures"]["params_ratio_tt_to_dense"] < 1
 
 
-def test_a_zeroth_order_run_resumes_exactly(tmp_path, glue_dir, local_ray):
-    straight = run_job(zo_job(tmp_path, glue_dir, "straight"), show_progress=False)
-    stopped = run_job(zo_job(tmp_path, glue_dir, "resumed", energy={"budget_j": 1e-9},
-                             training={"log_every": 2}), show_progress=False)
+def test_a_zeroth_order_run_resumes_exactly(tmp_path, glue_dir):
+    straight = run_in_process(zo_job(tmp_path, glue_dir, "straight"))
+    stopped = run_in_process(zo_job(tmp_path, glue_dir, "resumed", energy={"budget_j": 1e-9},
+                                    training={"log_every": 2}))
     assert stopped["status"] == "stopped: energy budget" and stopped["time"]["steps"] == 2
-    resumed = run_job(zo_job(tmp_path, glue_dir, "resumed", training={"log_every": 2}, resume=True),
-                      show_progress=False)
+    resumed = run_in_process(zo_job(tmp_path, glue_dir, "resumed", training={"log_every": 2}, resume=True))
     assert resumed["status"] == "finished" and resumed["time"]["steps"] == 4
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, glue_dir, local_ray):
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, glue_dir):
     # lr 1e30: the first update is huge but finite; the next one overflows float32
-    result = run_job(zo_job(tmp_path, glue_dir, "diverged", training={"lr": 1e30, "checkpoint_every": 1,
-                                                                       "max_steps": 6}), show_progress=False)
+    result = run_in_process(zo_job(tmp_path, glue_dir, "diverged", training={"lr": 1e30, "checkpoint_every": 1,
+                                                                              "max_steps": 6}))
     assert result["status"] == "diverged"
     steps = result["time"]["steps"]
     assert 1 <= steps < 6
@@ -98,11 +97,11 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, g
     assert all(torch.equal(final[k], last_checkpoint[k]) for k in final)
 
 
-def test_mezo_lora_with_sparsity_and_mezo_full_run(tmp_path, glue_dir, local_ray):
+def test_mezo_lora_with_sparsity_and_mezo_full_run(tmp_path, glue_dir):
     for name, method in (("mezo-lora", {"target": "lora", "lora_rank": 2, "sparsity": 0.5}), ("mezo-full", {})):
         job = zo_job(tmp_path, glue_dir, name, training={"lr": 1e-4})
         job.method = MezoConfig(**method, q_max=1)
-        result = run_job(job, show_progress=False)
+        result = run_in_process(job)
         assert result["status"] == "finished" and result["zeroth_order"]["queries_total"] == 4, name
         assert result["method"] == "mezo" and len(result["loss_history"]) == 4
     assert result["memory"]["trainable_params"] == result["memory"]["total_params"]

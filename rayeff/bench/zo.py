@@ -41,7 +41,7 @@ from rayeff.measure.memory import DevicePeak, SavedActivationCounter
 from rayeff.methods import get_method, method_config_from_dict
 from rayeff.models import ModelSource, build_classifier, load_tokenizer, resolve_model
 from rayeff.train.runner import init_ray, run_job
-from rayeff.train.worker import batches_of, epoch_order, to_device
+from rayeff.train.state import batches_of, epoch_order
 from rayeff.train.zeroth_order import PRECISIONS, AutocastForward, cast_frozen
 
 
@@ -160,7 +160,7 @@ def inference_pass(job_dump: dict, source: dict, steps: int) -> dict:
     with torch.no_grad():
         while forwards < steps:
             for idx in batches_of(epoch_order(len(train), 0, 1, job.training.seed, epoch), job.training.batch_size):
-                batch = to_device(collate([dict(train[i], index=i) for i in idx]), device)
+                batch = {k: v.to(device) for k, v in collate([dict(train[i], index=i) for i in idx]).items()}
                 with counter:
                     module(**batch)
                 forwards += 1
@@ -169,7 +169,7 @@ def inference_pass(job_dump: dict, source: dict, steps: int) -> dict:
             epoch += 1
         order = epoch_order(len(dev), 0, 1, 0, 0, shuffle=False)
         for idx in batches_of(order, job.micro_batch_size()):
-            batch = to_device(collate([dict(dev[i], index=i) for i in idx]), device)
+            batch = {k: v.to(device) for k, v in collate([dict(dev[i], index=i) for i in idx]).items()}
             with counter:
                 logits = module(**batch).float()
             predictions += (logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).cpu().tolist()
@@ -284,7 +284,7 @@ def bench_zo(job: JobSpec, output: str, runs_dir: str | None = None, loss_target
 
     if queries > MAX_QUERIES:
         raise UserError(f"--queries: {queries} is more than the {MAX_QUERIES} queries a step can take; use fewer")
-    if job.method.training_loop != "zeroth_order":
+    if get_method(job.method.name).loop != "zeroth_order":
         raise UserError(f"{job.method.name}: bench zo needs a job whose method is adazeta or mezo")
     conv = convergence(job, runs, loss_target, window, show_progress, address)
     report = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 from rayeff.measure.energy import energy_label
+from rayeff.results import Progress
 
 LABELS = ("run", "trial", "method")
 SOURCE_LABEL = "source"
@@ -76,8 +77,10 @@ class LiveRun:
         self.last = None   # (time, joules) of the last update
 
     def update(self, progress: dict, sweep_remaining_j: float | None = None) -> None:
-        now, joules = time.monotonic(), progress["energy_joules"]
-        m, source = self.metrics, {SOURCE_LABEL: progress.get("energy_source") or "unknown"}
+        """Publish a `Progress` (rayeff/results.py) as metrics and on the status board."""
+        p = Progress.model_validate(progress)
+        now, joules = time.monotonic(), p.energy_joules
+        m, source = self.metrics, {SOURCE_LABEL: p.energy_source or "unknown"}
         counted = self.counted_j.get(source[SOURCE_LABEL], 0.0)
         if joules > counted:   # a counter only grows (and Ray refuses an increment of 0)
             m["rayeff_energy_joules"].inc(joules - counted, tags=source)
@@ -87,21 +90,21 @@ class LiveRun:
             power = (joules - self.last[1]) / (now - self.last[0])
             m["rayeff_power_watts"].set(power, tags=source)
         self.last = (now, joules)
-        m["rayeff_samples_per_second"].set(progress["samples_per_second"])
-        if progress.get("queries_per_second") is not None:
-            m["rayeff_zo_queries_per_second"].set(progress["queries_per_second"])
-        if progress.get("loss") is not None:
-            m["rayeff_train_loss"].set(progress["loss"])
-        dev = (progress.get("eval") or {}).get(self.dev_metric)
+        m["rayeff_samples_per_second"].set(p.samples_per_second)
+        if p.queries_per_second is not None:
+            m["rayeff_zo_queries_per_second"].set(p.queries_per_second)
+        if p.loss is not None:
+            m["rayeff_train_loss"].set(p.loss)
+        dev = (p.eval or {}).get(self.dev_metric)
         if dev is not None:
             m["rayeff_dev_metric"].set(dev)
         if self.budget_j is not None:
             m["rayeff_trial_energy_remaining_joules"].set(max(self.budget_j - joules, 0.0), tags=source)
         if sweep_remaining_j is not None:
             m["rayeff_sweep_energy_remaining_joules"].set(sweep_remaining_j, tags=source)
-        self.line.update(step=progress["step"], total_steps=progress["total_steps"], energy_joules=joules,
-                         energy_source=progress["energy_source"], power_watts=power, loss=progress.get("loss"),
-                         dev=dev, samples_per_second=progress["samples_per_second"], updated=time.time())
+        self.line.update(step=p.step, total_steps=p.total_steps, energy_joules=joules,
+                         energy_source=p.energy_source, power_watts=power, loss=p.loss,
+                         dev=dev, samples_per_second=p.samples_per_second, updated=time.time())
         self.board.put.remote(self.key, dict(self.line))
 
     def end(self, status: str, energy_joules: float) -> None:

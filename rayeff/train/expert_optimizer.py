@@ -18,7 +18,7 @@ from torch import nn
 
 from rayeff.mixture_of_experts import MoEFeedForward
 from rayeff.train.checkpoint_safety import safe_load
-from rayeff.train.worker import all_gather
+from rayeff.train.collectives import all_gather
 
 
 def expert_parameters(layers: list[MoEFeedForward]) -> list[nn.Parameter]:

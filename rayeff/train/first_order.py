@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,11 +18,92 @@ import torch
 
 from rayeff.config import JobSpec
 from rayeff.measure.memory import SavedActivationCounter, TensorAccount, tensor_account
+from rayeff.train.checkpointer import TRAINABLE_FILE, Checkpointer
+from rayeff.train.collectives import mean_over_workers
+from rayeff.train.context import TrainContext
+from rayeff.train.evaluation import evaluate
 from rayeff.train.expert_optimizer import ExpertOptimizer, expert_parameters
-from rayeff.train.worker import TRAINABLE_FILE, Worker, batches_of, epoch_order, loss_fn, mean_over_workers
+from rayeff.train.reporter import Reporter
+from rayeff.train.routing import record_routing, record_untrained_routing
+from rayeff.train.run_setup import RunSetup
+from rayeff.train.state import batches_from, batches_of, due, epoch_order, total_steps
+from rayeff.train.step_meter import StepMeter
+from rayeff.train.summary import memory_figures, run_summary
 
 CHECKPOINT_TAG = "deepspeed"
+ACCOUNTED_STEPS = 2   # the tensor account is taken between backward and step of a segment's first two steps
 
+
+def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
+    """Train `run` on this worker to its end (or a stop), then evaluate, checkpoint and report the summary."""
+    job, t, device = run.job, run.job.training, ctx.device
+
+    def epoch_batches(epoch: int) -> list[list[int]]:   # this worker's share of each global batch
+        order = epoch_order(len(run.train_set), ctx.rank, ctx.world_size, t.seed, epoch)
+        return batches_of(order, job.micro_batch_size())
+
+    total = total_steps(t, len(epoch_batches(0)))
+    engine, experts = build_engine(run, ctx, total)
+    activations = SavedActivationCounter(engine.module)
+    checkpointer = Checkpointer(ctx)
+    state = checkpointer.restore(lambda folder: read_checkpoint(engine, experts, ctx, folder))
+    if run.routing_layers and state.step == 0:
+        record_untrained_routing(run.routing_layers, engine, run.batch(epoch_batches(0)[0], device), device, state)
+    meter = StepMeter.for_job(job.energy, device, ctx.rank, ctx.world_size, state)
+    meter.start()
+
+    def write(folder: Path, saved_state: dict) -> None:
+        write_checkpoint(engine, experts, ctx, job.deepspeed.zero_stage, folder, saved_state)
+
+    account: TensorAccount | None = None
+    accounted, status = 0, "finished"
+    for idx in batches_from(state, epoch_batches, total):
+        batch = run.batch(idx, device)
+        with meter.step(state):
+            with activations:
+                loss = run.loss(engine(**batch), batch["labels"])
+            # The mean task loss before the update: if any worker's is not finite, no worker steps (it diverged).
+            mean_loss = mean_over_workers([loss.item()], device)[0]
+            if math.isfinite(mean_loss):
+                for layer in run.routing_layers:   # the routers' auxiliary losses join the task loss
+                    loss = loss + layer.loss_term()
+                engine.backward(loss)
+                if accounted < ACCOUNTED_STEPS:   # gradients and (from the second step) Adam's state, held at once
+                    account, accounted = engine_account(engine, activations, experts).largest(account), accounted + 1
+                engine.step()
+                if experts is not None:
+                    experts.step()
+        if not math.isfinite(mean_loss):
+            status = "diverged"
+            break
+        state.advance(mean_loss, t.batch_size)
+        last = state.step >= total
+        if due(state.step, t.log_every) or last:
+            energy = meter.energy(state)
+            status = reporter.log(reporter.progress(state, total, energy), energy) or status
+        if due(state.step, t.eval_every) and not last:
+            state.last_eval = evaluate(engine, run, ctx)
+            record_routing(run.routing_layers, state)
+        if due(state.step, t.checkpoint_every) and not last and status == "finished":
+            energy = meter.energy(state)
+            checkpointer.save(state, energy, {"progress": reporter.progress(state, total, energy)}, write)
+        if last or status != "finished":
+            break
+
+    metrics = evaluate(engine, run, ctx)
+    record_routing(run.routing_layers, state)
+    energy = meter.energy(state)
+    # The largest account: of those taken between backward and step, and of the one now (a one-step run has
+    # optimizer state only after its step).
+    account = engine_account(engine, activations, experts).largest(account)
+    summary = run_summary(run, ctx, state, status, metrics, energy, memory_figures(asdict(account), run.device_peak),
+                          total)
+    # A diverged run holds the weights from before its bad step: its final checkpoint is new, the earlier kept.
+    checkpointer.save(state, energy, summary, write, diverged=status == "diverged")
+    reporter.end(status, energy)
+
+
+# -- the engine ---------------------------------------------------------------------------------------------------
 
 BUCKET_ELEMENTS = 500_000_000   # DeepSpeed's default reduction / all-gather bucket (elements)
 
@@ -64,96 +144,74 @@ def optimizer_groups(params, weight_decay: float) -> list[dict]:
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-class FirstOrderWorker(Worker):
-    def setup(self, model: torch.nn.Module) -> None:
-        import deepspeed
+def make_optimizer(params: list, training, total: int) -> tuple:
+    """AdamW and the job's learning-rate schedule over `total` steps."""
+    from transformers import get_scheduler
 
-        split_experts = getattr(self.job.method, "expert_parallel", False)
-        apart = {id(p) for p in expert_parameters(self.moe)} if split_experts else set()
-        optimizer, scheduler = self._optimizer([p for p in model.parameters() if id(p) not in apart])
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=deepspeed_config(self.job, trainable))
-        self.module = self.engine
-        self.activations = SavedActivationCounter(self.engine.module)
-        self.account, self.accounted_steps = None, 0
-        if self.moe and self.world > 1:   # after DeepSpeed's initial broadcast, which sends every expert
-            for layer in self.moe:
-                layer.distribute(None, split_experts)
-        self.expert_optimizer = None
-        if split_experts:
-            self.expert_optimizer = ExpertOptimizer(model, self.moe, *self._optimizer(expert_parameters(self.moe)),
-                                                    self.job.training.max_grad_norm or 0.0)
+    optimizer = torch.optim.AdamW(optimizer_groups(params, training.weight_decay), lr=training.lr)
+    return optimizer, get_scheduler(training.lr_schedule, optimizer, num_training_steps=total,
+                                    num_warmup_steps=int(training.warmup_ratio * total))
 
-    def _optimizer(self, params: list) -> tuple:
-        from transformers import get_scheduler
 
-        t = self.job.training
-        optimizer = torch.optim.AdamW(optimizer_groups(params, t.weight_decay), lr=t.lr)
-        return optimizer, get_scheduler(t.lr_schedule, optimizer, num_training_steps=self.total_steps,
-                                        num_warmup_steps=int(t.warmup_ratio * self.total_steps))
+def build_engine(run: RunSetup, ctx: TrainContext, total: int) -> tuple:
+    """The DeepSpeed engine around the method's model, and the ExpertOptimizer of experts split over the workers
+    (None without)."""
+    import deepspeed
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        order = epoch_order(len(self.train_set), self.rank, self.world, self.job.training.seed, epoch)
-        return batches_of(order, self.job.micro_batch_size())
+    job, model = run.job, run.model
+    split_layers = [layer for layer in run.routing_layers if layer.expert_parallel]
+    apart = {id(p) for p in expert_parameters(split_layers)}
+    optimizer, scheduler = make_optimizer([p for p in model.parameters() if id(p) not in apart], job.training, total)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(job, trainable))
+    if run.routing_layers and ctx.world_size > 1:   # after DeepSpeed's initial broadcast, which sends every expert
+        for layer in run.routing_layers:
+            layer.distribute(None)
+    experts = None
+    if split_layers:
+        experts = ExpertOptimizer(model, split_layers, *make_optimizer(expert_parameters(split_layers),
+                                                                       job.training, total),
+                                  job.training.max_grad_norm or 0.0)
+    return engine, experts
 
-    def train_step(self, idx: list[int]) -> float:
-        batch = self.batch(idx)
-        start, joules_before = time.perf_counter(), self.meter.read_joules()
-        with self.activations:
-            logits = self.engine(**batch)
-            loss = loss_fn(logits, batch["labels"], self.task.is_regression)
-        # The mean task loss before the update: if any worker's is not finite, no worker steps (the run diverged).
-        mean_loss = mean_over_workers([loss.item()], self.device)[0]
-        if math.isfinite(mean_loss):
-            for layer in self.moe:   # the routers' auxiliary losses join the task loss in what is minimised
-                loss = loss + layer.loss_term()
-            self.engine.backward(loss)
-            if self.accounted_steps < 2:   # gradients, and from the second step optimizer state, all held at once
-                self.account = self._account().largest(self.account)
-                self.accounted_steps += 1
-            self.engine.step()
-            if self.expert_optimizer is not None:
-                self.expert_optimizer.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.train_joules += self.meter.read_joules() - joules_before
-        self.state.train_seconds += time.perf_counter() - start  # the step ends in DeepSpeed's all-reduce
-        return mean_loss
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        """The trained weights, gathered whole (a collective under ZeRO-3, so every worker calls it)."""
-        import deepspeed
+def engine_account(engine, activations: SavedActivationCounter, experts: ExpertOptimizer | None) -> TensorAccount:
+    return tensor_account(engine.module, engine.optimizer, activations, experts)
 
-        named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
-        gather = deepspeed.zero.GatheredParameters([p for _, p in named]) if self.job.deepspeed.zero_stage == 3 \
-            else contextlib.nullcontext()
-        experts = self.expert_optimizer.gathered_weights() if self.expert_optimizer is not None else {}
-        held = {id(p) for p in self.expert_optimizer.params} if experts else set()
-        with gather:
-            return {**{n: p.detach().float().cpu().clone() for n, p in named if id(p) not in held},
-                    **experts} if self.rank == 0 else {}
 
-    def save(self, folder: Path, saved_state: dict) -> None:
-        from safetensors.torch import save_file
+# -- checkpoints ----------------------------------------------------------------------------------------------------
 
-        self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={"train_state": saved_state})
-        if self.expert_optimizer is not None:
-            self.expert_optimizer.save(folder / f"experts_rank{self.rank}.pt")
-        weights = self._trainable_state()
-        if self.rank == 0:
-            save_file(weights, str(folder / TRAINABLE_FILE))
+def trained_weights(engine, experts: ExpertOptimizer | None, rank: int, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The trained weights, gathered whole on rank 0 (a collective under ZeRO-3 and for split experts, so every
+    worker calls it)."""
+    import deepspeed
 
-    def load(self, folder: Path) -> dict:
-        _, client_state = self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
-        if self.expert_optimizer is not None:   # after DeepSpeed's load, which puts rank 0's experts everywhere
-            self.expert_optimizer.load(folder / f"experts_rank{self.rank}.pt")
-        return client_state["train_state"]
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    gather = deepspeed.zero.GatheredParameters([p for _, p in named]) if zero_stage == 3 \
+        else contextlib.nullcontext()
+    held_apart = experts.gathered_weights() if experts is not None else {}
+    apart = {id(p) for p in experts.params} if experts is not None else set()
+    with gather:
+        return {**{n: p.detach().float().cpu().clone() for n, p in named if id(p) not in apart},
+                **held_apart} if rank == 0 else {}
 
-    def _account(self) -> TensorAccount:
-        return tensor_account(self.engine.module, self.engine.optimizer, self.activations, self.expert_optimizer)
 
-    def memory_account(self) -> dict:
-        """The largest of the accounts taken between backward and step (the first two steps of this segment: by
-        the second, Adam's state exists) and of the one now (a one-step run has state only after its step)."""
-        return asdict(self._account().largest(self.account))
+def write_checkpoint(engine, experts: ExpertOptimizer | None, ctx: TrainContext, zero_stage: int, folder: Path,
+                     saved_state: dict) -> None:
+    from safetensors.torch import save_file
+
+    engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={"train_state": saved_state})
+    if experts is not None:
+        experts.save(folder / f"experts_rank{ctx.rank}.pt")
+    weights = trained_weights(engine, experts, ctx.rank, zero_stage)
+    if ctx.rank == 0:
+        save_file(weights, str(folder / TRAINABLE_FILE))
+
+
+def read_checkpoint(engine, experts: ExpertOptimizer | None, ctx: TrainContext, folder: Path) -> dict:
+    """Weights, optimizer and schedule back from `folder`; returns the saved TrainState fields."""
+    _, client_state = engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
+    if experts is not None:   # after DeepSpeed's load, which puts rank 0's experts everywhere
+        experts.load(folder / f"experts_rank{ctx.rank}.pt")
+    return client_state["train_state"]

@@ -11,12 +11,14 @@ behind.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import threading
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -25,9 +27,12 @@ from rayeff.config import JobSpec
 from rayeff.data.glue import check_data_dir, get_task
 from rayeff.errors import UserError
 from rayeff.methods import get_method
+from rayeff.methods.zeroth_order_config import query_schedule
 from rayeff.models import ModelSource, backbone_skeleton, load_tokenizer, resolve_model
+from rayeff.results import RunResult
+from rayeff.train.checkpointer import TRAINABLE_FILE
 from rayeff.train.preflight import TRAIN_DIR, check_job_inputs, check_local_gpus
-from rayeff.train.worker import TRAINABLE_FILE, train_loop_per_worker
+from rayeff.train.state import total_steps
 
 RESULT_FILE = "result.json"
 
@@ -52,19 +57,18 @@ def prepare(job: JobSpec) -> ModelSource:
     check_data_dir(job.data.task, job.data.data_dir)
     source = resolve_model(job.model.name)
     method = get_method(job.method.name)
-    if method.check is not None:
-        method.check(job.method, backbone_skeleton(source))
+    if method.check_model is not None:
+        method.check_model(job.method, backbone_skeleton(source))
     check_job_inputs(job, source)   # output and cache folders writable, model files, sizes, checkpoints safe
     check_output_dir(Storage(job.output_dir), job.resume)
     try:
         train, _ = load_train_and_dev(job.data, load_tokenizer(source), job.training.max_seq_length)
     except ValueError as err:
         raise UserError(f"data: {err}") from None
-    if job.method.training_loop == "zeroth_order":
-        from rayeff.train.zeroth_order import query_schedule
-
+    if method.loop == "zeroth_order":   # every worker reads the whole global batch
+        steps_per_epoch = math.ceil(len(train) / job.training.batch_size)
         try:
-            query_schedule(job, math.ceil(len(train) / job.training.batch_size))
+            query_schedule(job.method, total_steps(job.training, steps_per_epoch), steps_per_epoch)
         except ValueError as err:
             raise UserError(str(err)) from None
     return source
@@ -151,6 +155,11 @@ def check_resources(job: JobSpec) -> None:
                             f"{total.get(name, 0):g}; lower scaling.num_workers or {name.lower()}s_per_worker")
 
 
+def worker_config(job: JobSpec, source: ModelSource, **links) -> dict:
+    """What every worker is handed: the job, the model's files, and the reporter's links (rayeff/train/worker.py)."""
+    return {"job": job.model_dump(), "model_source": asdict(source), **links}
+
+
 def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None, callbacks: list | None = None,
                  sweep_limits=None, trial_key: str | None = None, run_name: str | None = None):
     """The run's `TorchTrainer`. A sweep's trial adds Tune's report callback, the sweep's limits actor, its trial
@@ -158,16 +167,17 @@ def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None, callbac
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from rayeff.train.worker import train_loop_per_worker
+
     use_gpu = job.scaling.gpus_per_worker > 0
     resources = {"CPU": job.scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = job.scaling.gpus_per_worker
+    labels = {"run": run_name or location_name(job.output_dir), "trial": trial_key or "", "method": job.method.name}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(), "model_source": asdict(source),
-                           "progress_queue": progress_queue, "sweep_limits": sweep_limits, "trial_key": trial_key,
-                           "labels": {"run": run_name or location_name(job.output_dir), "trial": trial_key or "",
-                                      "method": job.method.name}},
+        train_loop_config=worker_config(job, source, progress_queue=progress_queue, sweep_limits=sweep_limits,
+                                        trial_key=trial_key, labels=labels),
         scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -178,46 +188,78 @@ def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None, callbac
     )
 
 
-def finish(job: JobSpec, result) -> dict:
-    """result.json and the final weights, from the last report (which carries the final checkpoint)."""
+def open_output(job: JobSpec) -> Storage:
+    """The output folder, made, with the job as run in `job.yaml`."""
     output = Storage(job.output_dir)
-    if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}") from result.error
-    summary = dict(result.metrics or {})
-    if not summary.get("status"):
-        raise RuntimeError("training ended without a final report")
-    summary["output_dir"] = output.location
-    summary["job"] = job.model_dump(mode="json")
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as folder:
-            output.upload(Path(folder) / TRAINABLE_FILE, f"final/{TRAINABLE_FILE}")
-        summary["weights"] = output.child("final", TRAINABLE_FILE)
-    output.write_json(RESULT_FILE, summary)
-    return summary
-
-
-def run_job(job: JobSpec, address: str | None = None, show_progress: bool = True) -> dict:
-    """Run one job to its end and return what result.json holds."""
-    from ray.util.queue import Queue
-
-    from rayeff.train.progress import ProgressDisplay
-
-    output = Storage(job.output_dir)
-    job.output_dir = output.location
-    if job.data.data_dir is not None:
-        job.data.data_dir = str(Path(job.data.data_dir).resolve())
-    source = prepare(job)
-    check_local_gpus(job, address)
-    init_ray(address, job.scaling.num_workers * job.scaling.cpus_per_worker)
-    check_resources(job)
-    check_shared(job.output_dir)
     if job.resume and not has_checkpoint(output):
         print(f"rayeff: no checkpoint in {output.location}; starting from the beginning")
     output.make()
     output.write_text("job.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    return output
 
+
+def start(job: JobSpec, source: ModelSource, **trainer_options):
+    """The one launch path of a run and of a sweep's trial, once the job is prepared and Ray is up: the cluster's
+    resources checked, the output folder opened, and the run's `TorchTrainer` (make_trainer's options)."""
+    check_resources(job)
+    check_shared(job.output_dir)
+    open_output(job)
+    return make_trainer(job, source, **trainer_options)
+
+
+@contextlib.contextmanager
+def final_report(result) -> Iterator[tuple[dict, Path | None]]:
+    """The summary and final checkpoint folder (readable inside the `with`) of a finished `TorchTrainer.fit()`;
+    its error, raised."""
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        yield dict(result.metrics or {}), None
+        return
+    with result.checkpoint.as_directory() as folder:
+        yield dict(result.metrics or {}), Path(folder)
+
+
+def finish(job: JobSpec, summary: dict, checkpoint: Path | None) -> dict:
+    """result.json (a `RunResult`, rayeff/results.py) and the final weights, from the last report (which carries
+    the final checkpoint); returns what result.json holds."""
+    from pydantic import ValidationError
+
+    output = Storage(job.output_dir)
+    try:
+        result = RunResult.model_validate(summary)
+    except ValidationError as err:   # the last report was a checkpoint's progress, or nothing
+        raise RuntimeError(f"training ended without a final report ({err.error_count()} summary fields wrong or "
+                           f"missing; the last report held {sorted(summary)})") from err
+    result.output_dir = output.location
+    result.job = job.model_dump(mode="json")
+    if checkpoint is not None:
+        output.upload(checkpoint / TRAINABLE_FILE, f"final/{TRAINABLE_FILE}")
+        result.weights = output.child("final", TRAINABLE_FILE)
+    summary = result.dump()
+    output.write_json(RESULT_FILE, summary)
+    return summary
+
+
+def normalise_paths(job: JobSpec) -> None:
+    job.output_dir = Storage(job.output_dir).location
+    if job.data.data_dir is not None:
+        job.data.data_dir = str(Path(job.data.data_dir).resolve())
+
+
+def run_job(job: JobSpec, address: str | None = None, show_progress: bool = True) -> dict:
+    """Run one job to its end on Ray (a local one, or the cluster at `address`) and return what result.json
+    holds."""
+    from ray.util.queue import Queue
+
+    from rayeff.train.progress import ProgressDisplay
+
+    normalise_paths(job)
+    source = prepare(job)
+    check_local_gpus(job, address)
+    init_ray(address, job.scaling.num_workers * job.scaling.cpus_per_worker)
     queue = Queue(maxsize=1000, actor_options={"num_cpus": 0}) if show_progress else None
-    trainer = make_trainer(job, source, queue)
+    trainer = start(job, source, progress_queue=queue)
     outcome: dict = {}
     fit = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
     fit.start()
@@ -230,10 +272,38 @@ def run_job(job: JobSpec, address: str | None = None, show_progress: bool = True
     result = outcome["result"]
     if isinstance(result, BaseException):
         raise result
-    summary = finish(job, result)
+    with final_report(result) as (summary, checkpoint):
+        summary = finish(job, summary, checkpoint)
     if show_progress:
         display.print_summary(summary)
     return summary
+
+
+def run_in_process(job: JobSpec) -> dict:
+    """Run one job with one worker in this process, without Ray: the same loop, checkpoints, resume and
+    result.json as `run_job` (for tests, and for debugging a method where a debugger can reach it). The output
+    folder must be local."""
+    from rayeff.train.context import InProcessContext
+    from rayeff.train.worker import prepare_process, run_worker
+
+    if job.scaling.num_workers != 1:
+        raise UserError("scaling.num_workers: a run in process has one worker; set 1, or run it on Ray")
+    normalise_paths(job)
+    if not Storage(job.output_dir).local:
+        raise UserError(f"output_dir: {job.output_dir} is not a local folder; a run in process writes locally")
+    source = prepare(job)
+    output = open_output(job)
+    import torch
+
+    device = torch.device("cuda", 0) if job.scaling.gpus_per_worker > 0 else torch.device("cpu")
+    ctx = InProcessContext(Path(output.location) / TRAIN_DIR, device, resume=job.resume)
+    threads = torch.get_num_threads()
+    try:
+        prepare_process(job.model_dump())   # the job's threads_per_worker, for this run only
+        run_worker(ctx, worker_config(job, source))
+    finally:
+        torch.set_num_threads(threads)
+    return finish(job, ctx.reports[-1], ctx.latest)
 
 
 def _fit(trainer):

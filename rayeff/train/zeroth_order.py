@@ -20,29 +20,178 @@ with the weights the step started from; its last checkpoint stays its final one.
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
-from rayeff.config import JobSpec
 from rayeff.measure.memory import SavedActivationCounter
+from rayeff.methods.zeroth_order_config import query_schedule
+from rayeff.train.checkpointer import TRAINABLE_FILE, Checkpointer, read_state_file
+from rayeff.train.context import TrainContext
+from rayeff.train.evaluation import evaluate
+from rayeff.train.reporter import Reporter
+from rayeff.train.run_setup import RunSetup
 from rayeff.train.spsa import Perturber, QuerySchedule, query_seed
-from rayeff.train.worker import (
-    STATE_FILE,
-    TRAINABLE_FILE,
-    Worker,
-    batches_of,
-    epoch_order,
-    loss_fn,
-    total_steps,
-)
+from rayeff.train.state import TrainState, batches_from, batches_of, due, epoch_order, total_steps
+from rayeff.train.step_meter import StepMeter
+from rayeff.train.summary import memory_figures, run_summary
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXCHANGE_BYTES_PER_QUERY = 3 * 8   # int64 seed, float64 g_q, float64 loss
+
+
+def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
+    """Train `run` on this worker to its end (or a stop), then evaluate, checkpoint and report the summary."""
+    job, t, cfg, device = run.job, run.job.training, run.job.method, ctx.device
+
+    def epoch_batches(epoch: int) -> list[list[int]]:   # the whole global batch on every worker
+        return batches_of(epoch_order(len(run.train_set), 0, 1, t.seed, epoch), t.batch_size)
+
+    steps_per_epoch = len(epoch_batches(0))
+    total = total_steps(t, steps_per_epoch)
+    schedule = query_schedule(cfg, total, steps_per_epoch)
+    module, trained = prepare_model(run.model, device, PRECISIONS[job.deepspeed.precision])
+    perturber = Perturber([p for _, p in trained], cfg.sparsity)
+    activations = SavedActivationCounter(run.model)
+    checkpointer = Checkpointer(ctx)
+    state = checkpointer.restore(lambda folder: read_weights(trained, folder))
+    meter = StepMeter.for_job(job.energy, device, ctx.rank, ctx.world_size, state)
+    meter.start()
+
+    def loss(batch: dict) -> float:   # no autograd: L+ and L- differ by the perturbation alone
+        with torch.no_grad(), activations:
+            return run.loss(module(**batch), batch["labels"]).item()
+
+    def write(folder: Path, _saved_state: dict) -> None:
+        if ctx.rank == 0:   # every replica is identical
+            save_file({n: p.detach().float().cpu().contiguous() for n, p in trained}, str(folder / TRAINABLE_FILE))
+
+    status = "finished"
+    for idx in batches_from(state, epoch_batches, total):
+        batch = run.batch(idx, device)
+        queries = schedule.queries(state.epoch, state.step)
+        with meter.step(state):
+            perturber.begin_step()
+            rows = torch.zeros(queries, 3, dtype=torch.int64)   # this worker's rows: (seed, g_q, mean loss)
+            for q in range(ctx.rank, queries, ctx.world_size):
+                seed = query_seed(t.seed, state.step, q)
+                perturber.set(seed, +1, cfg.eps)
+                plus = loss(batch)
+                perturber.set(seed, -1, cfg.eps)
+                minus = loss(batch)
+                g = (plus - minus) / (2 * cfg.eps)
+                rows[q] = torch.tensor([seed, float_bits(g), float_bits((plus + minus) / 2)])
+            perturber.restore()
+            seeds, grads, losses = exchange(rows, device, [query_seed(t.seed, state.step, q) for q in range(queries)])
+            finite = all(math.isfinite(v) for v in grads + losses)
+            if finite:
+                lr = scheduled_lr(state.step, total, t.lr, t.warmup_ratio, t.lr_schedule)
+                perturber.update(list(zip(seeds, grads)), lr, t.weight_decay)
+                finite = perturber.all_finite()
+                if not finite:   # the update overflowed: keep the step's starting weights, the last good ones
+                    perturber.restore()
+        state.extra.setdefault("step_seconds", []).append(meter.last_seconds)
+        state.extra.setdefault("step_queries", []).append(queries)   # every other ZO count derives from these
+        if not finite:
+            status = "diverged"
+            break
+        state.advance(sum(losses) / len(losses), t.batch_size)
+        last = state.step >= total
+        if due(state.step, t.log_every) or last:
+            energy = meter.energy(state)
+            progress = reporter.progress(state, total, energy, query_progress(state, ctx.world_size))
+            status = reporter.log(progress, energy) or status
+        if due(state.step, t.eval_every) and not last:
+            state.last_eval = evaluate(module, run, ctx)
+        if due(state.step, t.checkpoint_every) and not last and status == "finished":
+            energy = meter.energy(state)
+            progress = reporter.progress(state, total, energy, query_progress(state, ctx.world_size))
+            checkpointer.save(state, energy, {"progress": progress}, write)
+        if last or status != "finished":
+            break
+
+    metrics = evaluate(module, run, ctx)
+    energy = meter.energy(state)
+    memory = memory_figures(zeroth_order_account(module, trained, activations, perturber), run.device_peak)
+    figures = {"zeroth_order": zeroth_order_figures(state, ctx.world_size, cfg, schedule)}
+    summary = run_summary(run, ctx, state, status, metrics, energy, memory, total, figures)
+    # A diverged run holds the weights from before its bad step: its final checkpoint is new, the earlier kept.
+    checkpointer.save(state, energy, summary, write, diverged=status == "diverged")
+    reporter.end(status, energy)
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> tuple:
+    """The model on the device with its frozen matrices in `dtype` and dropout off (for training too); returns
+    what a forward calls and the trained (name, parameter) pairs."""
+    model.to(device)
+    cast_frozen(model, dtype)
+    model.eval()
+    module = model if dtype == torch.float32 else AutocastForward(model, dtype)
+    return module, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def exchange(rows: torch.Tensor, device: torch.device, expected_seeds: list[int]) -> tuple[list, list, list]:
+    """Every worker's rows summed (each filled its own, zeros elsewhere: the sum is exact); returns the seeds, the
+    g_q and the mean losses of all the step's queries, in query order."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        on_device = rows.to(device)
+        dist.all_reduce(on_device)
+        rows = on_device.cpu()
+    seeds = rows[:, 0].tolist()
+    if seeds != expected_seeds:
+        raise RuntimeError("workers disagree on the query seeds")
+    return seeds, rows[:, 1].clone().view(torch.float64).tolist(), rows[:, 2].clone().view(torch.float64).tolist()
+
+
+def read_weights(trained: list, folder: Path) -> dict:
+    saved = load_file(str(folder / TRAINABLE_FILE))
+    with torch.no_grad():
+        for n, p in trained:
+            p.copy_(saved[n].to(p.dtype))
+    return read_state_file(folder)
+
+
+def zeroth_order_account(module: torch.nn.Module, trained: list, activations: SavedActivationCounter,
+                         perturber: Perturber) -> dict:
+    params = list(module.parameters())
+    return {"trainable_params": sum(p.numel() for _, p in trained),
+            "total_params": sum(p.numel() for p in params),
+            "param_bytes": sum(p.numel() * p.element_size() for p in params),
+            "buffer_bytes": sum(b.numel() * b.element_size() for b in module.buffers()),
+            "grad_bytes": 0, "optimizer_state_bytes": 0,                    # none exist
+            "peak_activation_bytes": activations.peak_bytes,               # measured: 0 without autograd
+            "perturbation_snapshot_bytes": perturber.snapshot_bytes}       # theta0, for the exact restore
+
+
+def query_counts(state: TrainState, world: int) -> dict:
+    per_step = state.extra.get("step_queries", [])
+    total, steps = sum(per_step), max(state.step, 1)
+    worker_passes = sum(2 * math.ceil(q / world) for q in per_step)
+    return {"queries_total": total, "queries_last_step": per_step[-1] if per_step else 0,
+            "queries_per_second": total / max(state.train_seconds, 1e-9),
+            "forward_passes_per_step": 2 * total / steps,
+            "forward_passes_per_worker_per_step": worker_passes / steps,
+            "exchange_bytes_per_step": (EXCHANGE_BYTES_PER_QUERY * total if world > 1 else 0) / steps,
+            "step_seconds": state.extra.get("step_seconds", []), "step_queries": per_step}
+
+
+def query_progress(state: TrainState, world: int) -> dict:
+    counts = query_counts(state, world)
+    return {"queries": counts["queries_last_step"], "queries_per_second": counts["queries_per_second"]}
+
+
+def zeroth_order_figures(state: TrainState, world: int, cfg, schedule: QuerySchedule) -> dict:
+    return {**query_counts(state, world),
+            "schedule": {"alpha": cfg.alpha, "beta": schedule.beta, "q_max": cfg.q_max, "over": schedule.over,
+                         "k_last": schedule.k_last, **({"note": schedule.note} if schedule.note else {})},
+            "eps": cfg.eps, "queries_split": f"round-robin over {world} workers; spare workers idle when Q < N"}
+
+
+def float_bits(x: float) -> int:
+    return int(torch.tensor([x], dtype=torch.float64).view(torch.int64))
 
 
 def scheduled_lr(step: int, total: int, base: float, warmup_ratio: float, kind: str) -> float:
@@ -56,13 +205,6 @@ def scheduled_lr(step: int, total: int, base: float, warmup_ratio: float, kind: 
     if kind == "linear":
         return base * max(0.0, 1.0 - progress)
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def query_schedule(job: JobSpec, steps_per_epoch: int) -> QuerySchedule:
-    """The run's query schedule; every worker reads the whole global batch, so an epoch is ceil(n / batch) steps.
-    The driver builds it too, before Ray starts, so that a target it cannot reach is a one-line error."""
-    steps = total_steps(job, steps_per_epoch)
-    return QuerySchedule(job.method, total_epochs=math.ceil(steps / steps_per_epoch), total_steps=steps)
 
 
 class AutocastForward(torch.nn.Module):
@@ -96,131 +238,3 @@ def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point() and p.ndim >= 2:
             p.data = p.data.to(dtype)
-
-
-def float_bits(x: float) -> int:
-    return int(torch.tensor([x], dtype=torch.float64).view(torch.int64))
-
-
-class ZerothOrderWorker(Worker):
-    def setup(self, model: torch.nn.Module) -> None:
-        model.to(self.device)
-        dtype = PRECISIONS[self.job.deepspeed.precision]
-        cast_frozen(model, dtype)
-        model.eval()  # dropout off, for training too
-        self.module = model if dtype == torch.float32 else AutocastForward(model, dtype)
-        self.named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        cfg = self.job.method
-        self.perturber = Perturber([p for _, p in self.named_trainable], cfg.sparsity)
-        self.schedule = query_schedule(self.job, self.steps_per_epoch)
-        self.activations = SavedActivationCounter(model)
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """The whole global batch on every worker: all queries of a step use the same minibatch."""
-        order = epoch_order(len(self.train_set), 0, 1, self.job.training.seed, epoch)
-        return batches_of(order, self.job.training.batch_size)
-
-    def loss(self, batch: dict) -> float:
-        with torch.no_grad(), self.activations:
-            return loss_fn(self.module(**batch), batch["labels"], self.task.is_regression).item()
-
-    def evaluate_queries(self, batch: dict, queries: int) -> torch.Tensor:
-        """This worker's rows of the step's exchange table: (seed, bits of g_q, bits of mean loss)."""
-        eps, step = self.job.method.eps, self.state.step
-        rows = torch.zeros(queries, 3, dtype=torch.int64)
-        for q in range(self.rank, queries, self.world):
-            seed = query_seed(self.job.training.seed, step, q)
-            self.perturber.set(seed, +1, eps)
-            plus = self.loss(batch)
-            self.perturber.set(seed, -1, eps)
-            minus = self.loss(batch)
-            rows[q] = torch.tensor([seed, float_bits((plus - minus) / (2 * eps)), float_bits((plus + minus) / 2)])
-        self.perturber.restore()
-        return rows
-
-    def exchange(self, rows: torch.Tensor) -> torch.Tensor:
-        if dist.is_initialized() and self.world > 1:
-            on_device = rows.to(self.device)
-            dist.all_reduce(on_device)
-            rows = on_device.cpu()
-        return rows
-
-    def train_step(self, idx: list[int]) -> float:
-        batch = self.batch(idx)
-        start, joules_before = time.perf_counter(), self.meter.read_joules()
-        s, t = self.state, self.job.training
-        queries = self.schedule.queries(s.epoch, s.step)
-        self.perturber.begin_step()
-        rows = self.exchange(self.evaluate_queries(batch, queries))
-        seeds = rows[:, 0].tolist()
-        expected = [query_seed(t.seed, s.step, q) for q in range(queries)]
-        if seeds != expected:
-            raise RuntimeError(f"step {s.step}: workers disagree on the query seeds")
-        grads = rows[:, 1].clone().view(torch.float64).tolist()
-        losses = rows[:, 2].clone().view(torch.float64).tolist()
-        finite = all(math.isfinite(v) for v in grads + losses)
-        if finite:
-            lr = scheduled_lr(s.step, self.total_steps, t.lr, t.warmup_ratio, t.lr_schedule)
-            self.perturber.update(list(zip(seeds, grads)), lr, t.weight_decay)
-            finite = self.perturber.all_finite()
-            if not finite:  # the update overflowed: keep the step's starting weights, the last good ones
-                self.perturber.restore()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.train_joules += self.meter.read_joules() - joules_before
-        seconds = time.perf_counter() - start
-        s.train_seconds += seconds
-        s.extra.setdefault("step_seconds", []).append(seconds)
-        s.extra.setdefault("step_queries", []).append(queries)   # every other ZO count derives from these
-        return sum(losses) / len(losses) if finite else math.nan
-
-    def save(self, folder: Path, saved_state: dict) -> None:
-        from safetensors.torch import save_file
-
-        if self.rank == 0:  # every replica is identical
-            save_file({n: p.detach().float().cpu().contiguous() for n, p in self.named_trainable},
-                      str(folder / TRAINABLE_FILE))
-
-    def load(self, folder: Path) -> dict:
-        from safetensors.torch import load_file
-
-        saved = load_file(str(folder / TRAINABLE_FILE))
-        with torch.no_grad():
-            for n, p in self.named_trainable:
-                p.copy_(saved[n].to(p.dtype))
-        return json.loads((folder / STATE_FILE).read_text())
-
-    def memory_account(self) -> dict:
-        params = list(self.module.parameters())
-        return {"trainable_params": sum(p.numel() for _, p in self.named_trainable),
-                "total_params": sum(p.numel() for p in params),
-                "param_bytes": sum(p.numel() * p.element_size() for p in params),
-                "buffer_bytes": sum(b.numel() * b.element_size() for b in self.module.buffers()),
-                "grad_bytes": 0, "optimizer_state_bytes": 0,                    # none exist
-                "peak_activation_bytes": self.activations.peak_bytes,          # measured: 0 without autograd
-                "perturbation_snapshot_bytes": self.perturber.snapshot_bytes}  # theta0, for the exact restore
-
-    def _zo_figures(self) -> dict:
-        per_step = self.state.extra.get("step_queries", [])
-        total, steps = sum(per_step), max(self.state.step, 1)
-        worker_passes = sum(2 * math.ceil(q / self.world) for q in per_step)
-        return {"queries_total": total, "queries_last_step": per_step[-1] if per_step else 0,
-                "queries_per_second": total / max(self.state.train_seconds, 1e-9),
-                "forward_passes_per_step": 2 * total / steps,
-                "forward_passes_per_worker_per_step": worker_passes / steps,
-                "exchange_bytes_per_step": (EXCHANGE_BYTES_PER_QUERY * total if self.world > 1 else 0) / steps,
-                "step_seconds": self.state.extra.get("step_seconds", []), "step_queries": per_step}
-
-    def extra_progress(self) -> dict:
-        z = self._zo_figures()
-        return {"queries": z["queries_last_step"], "queries_per_second": z["queries_per_second"]}
-
-    def extra_summary(self) -> dict:
-        cfg = self.job.method
-        return {"zeroth_order": {
-            **self._zo_figures(),
-            "schedule": {"alpha": cfg.alpha, "beta": self.schedule.beta, "q_max": cfg.q_max,
-                         "over": self.schedule.over, "k_last": self.schedule.k_last,
-                         **({"note": self.schedule.note} if self.schedule.note else {})},
-            "eps": cfg.eps, "queries_split": f"round-robin over {self.world} workers; spare workers idle when Q < N",
-        }}

@@ -26,6 +26,7 @@ from rayeff.config import JobSpec, describe_errors, load_job, parse_overrides, r
 from rayeff.data.glue import get_task
 from rayeff.data.metrics import primary_metric
 from rayeff.errors import UserError
+from rayeff.results import RunResult
 from rayeff.spec_base import Spec
 from rayeff.tune.space import SearchSpace, check_fields, load_search_space
 
@@ -141,6 +142,7 @@ def metric_name(objective: ObjectiveSpec, job: JobSpec) -> str:
 
 
 def objective_values(sweep: SweepSpec, job: JobSpec, summary: dict) -> list[float]:
-    """A finished trial's objectives, from its result summary."""
-    return [float(summary["energy"]["joules"]) if o.metric == ENERGY_METRIC
-            else float(summary["metrics"][metric_name(o, job)]) for o in sweep.objectives]
+    """A finished trial's objectives, from its result summary (a `RunResult`, rayeff/results.py)."""
+    result = RunResult.model_validate(summary)
+    return [float(result.energy.joules) if o.metric == ENERGY_METRIC
+            else float(result.metrics[metric_name(o, job)]) for o in sweep.objectives]

@@ -13,11 +13,24 @@ import math
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from pydantic import BaseModel, ConfigDict
+
 from rayeff.cluster.storage import Storage, location_name
 from rayeff.config import JobSpec, set_field, validate_job
+from rayeff.results import Progress, RunResult, TrialSummary
 from rayeff.tune.spec import ENERGY_METRIC, SweepSpec, metric_name, objective_values
 
-SUMMARY_FIELDS = ("status", "metrics", "energy", "memory", "time", "output_dir")
+
+class TrialReport(BaseModel):
+    """A result Tune holds of a trial: the final one (`final`, with the `TrialSummary`) or an intermediate one
+    forwarded from a Train report (with the run's `Progress`); both carry the objectives (`objective_<i>`), and
+    Tune adds its own keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    final: bool = False
+    summary: TrialSummary | None = None
+    progress: Progress | None = None
 
 
 def objective_keys(sweep: SweepSpec) -> list[str]:
@@ -47,22 +60,24 @@ def trial_job(base: dict, params: dict, sweep: SweepSpec, output_dir: str) -> Jo
 
 class ReportObjectives(TuneReportCallback):
     """Forwards each intermediate Train report to Tune with the objectives read from its progress; the final
-    report is made by the trial function, with the summary."""
+    report is made by the trial function, with the summary. Only Tune's public hook is used: the metrics are
+    rewritten, then handed to `TuneReportCallback.after_report`, which sends rank 0's dict on to Tune (without a
+    checkpoint, so no `checkpoint_path` is added: the trial's checkpoints are its job's own)."""
 
     def __init__(self, sweep: dict, job: dict):
         super().__init__()
         self.sweep, self.job = SweepSpec.model_validate(sweep), JobSpec.model_validate(job)
 
     def after_report(self, run_context, metrics, checkpoint):
-        progress = metrics[0].get("progress")
-        if progress is None:
+        if "progress" not in metrics[0]:   # the final report (the summary): the trial function reports it
             return
+        progress = Progress.model_validate(metrics[0]["progress"])
         values = {}
         for key, objective in zip(objective_keys(self.sweep), self.sweep.objectives):
-            values[key] = progress["energy_joules"] if objective.metric == ENERGY_METRIC else \
-                (progress.get("eval") or {}).get(metric_name(objective, self.job))
+            values[key] = progress.energy_joules if objective.metric == ENERGY_METRIC else \
+                (progress.eval or {}).get(metric_name(objective, self.job))
         if None not in values.values():
-            self._training_actor_item_queue.put({**values, "progress": progress})
+            super().after_report(run_context, [{**values, "progress": progress.dump()}], None)
 
 
 def run_trial(config: dict, base: dict, sweep: dict, sweep_dir: str, limits) -> None:
@@ -70,7 +85,7 @@ def run_trial(config: dict, base: dict, sweep: dict, sweep_dir: str, limits) -> 
     and goes on."""
     from ray import tune
 
-    from rayeff.train.runner import finish, make_trainer, prepare
+    from rayeff.train.runner import final_report, finish, prepare, start
 
     spec = SweepSpec.model_validate(sweep)
     trial_id = tune.get_context().get_trial_id()
@@ -78,18 +93,18 @@ def run_trial(config: dict, base: dict, sweep: dict, sweep_dir: str, limits) -> 
         sweep_storage = Storage(sweep_dir)
         job = trial_job(base, config, spec, sweep_storage.child("trials", trial_id))
         source = prepare(job)
-        Storage(job.output_dir).make()
-        trainer = make_trainer(job, source, callbacks=[ReportObjectives(sweep, job.model_dump(mode="json"))],
-                               sweep_limits=limits, trial_key=trial_id,
-                               run_name=location_name(sweep_storage.location))
-        summary = finish(job, trainer.fit())
+        trainer = start(job, source, callbacks=[ReportObjectives(sweep, job.model_dump(mode="json"))],
+                        sweep_limits=limits, trial_key=trial_id, run_name=location_name(sweep_storage.location))
+        with final_report(trainer.fit()) as (summary, checkpoint):
+            summary = finish(job, summary, checkpoint)
     except Exception as err:  # noqa: BLE001  (recorded, not raised: one bad trial must not end the sweep)
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        tune.report({"final": True, "summary": {"status": f"error: {type(err).__name__}: {first}"}})
+        failed = TrialSummary(status=f"error: {type(err).__name__}: {first}")
+        tune.report({"final": True, "summary": failed.dump()})
         return
     values = objective_values(spec, job, summary)
     tune.report({**dict(zip(objective_keys(spec), values)), "final": True,
-                 "summary": {k: summary.get(k) for k in SUMMARY_FIELDS}})
+                 "summary": TrialSummary.of(RunResult.model_validate(summary)).record()})
 
 
 def trial_record(trial_id: str, params: dict, result: dict | None, sweep: SweepSpec) -> dict:
@@ -99,16 +114,16 @@ def trial_record(trial_id: str, params: dict, result: dict | None, sweep: SweepS
     from ray.tune.utils.util import unflatten_dict
 
     result = unflatten_dict(result or {})
+    report = TrialReport.model_validate(result)
     keys = objective_keys(sweep)
-    if result.get("final"):
-        summary = result["summary"]
-        record = {k: summary.get(k) for k in SUMMARY_FIELDS}
+    if report.final and report.summary is not None:
+        record = report.summary.record()
         record["objectives"] = [result[k] for k in keys] if all(k in result for k in keys) else None
-    elif "progress" in result:
-        progress = result["progress"]
-        record = {"status": "stopped: asha", "metrics": progress.get("eval"),
-                  "energy": {"joules": progress["energy_joules"], "source": progress["energy_source"]},
-                  "time": {"steps": progress["step"]}, "objectives": [result[k] for k in keys]}
+    elif report.progress is not None:
+        progress = report.progress
+        record = {"status": "stopped: asha", "metrics": progress.eval,
+                  "energy": {"joules": progress.energy_joules, "source": progress.energy_source},
+                  "time": {"steps": progress.step}, "objectives": [result[k] for k in keys]}
     else:
         record = {"status": "error: the trial ended without a result (see Ray's logs)", "objectives": None}
     joules = (record.get("energy") or {}).get("joules")

@@ -1,0 +1,56 @@
+"""What a worker trains, built the same way on every worker: the job, its method's definition, the task, the
+tokenised train and dev sets, the collator, and the method's model (rayeff/methods). The loops take it from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rayeff.config import JobSpec
+from rayeff.data.glue import GlueTask, get_task
+from rayeff.data.tokenized import Collator, load_train_and_dev
+from rayeff.measure.memory import DevicePeak
+from rayeff.methods import MethodDefinition, get_method
+from rayeff.models import ModelSource, build_classifier, load_tokenizer
+
+
+@dataclass
+class RunSetup:
+    job: JobSpec
+    method: MethodDefinition
+    task: GlueTask
+    train_set: object     # tokenised datasets (Hugging Face `datasets`), indexed by example
+    dev_set: object
+    collate: Collator
+    model: nn.Module      # the method's module, on the CPU as built
+    routing_layers: list  # its Mixture-of-Experts layers (the method's `routing` hook), else empty
+    device_peak: DevicePeak   # peak device memory from before the data and model were loaded
+
+    @classmethod
+    def build(cls, job: JobSpec, source: ModelSource, device: torch.device) -> RunSetup:
+        device_peak = DevicePeak(device)
+        method, task = get_method(job.method.name), get_task(job.data.task)
+        torch.manual_seed(job.training.seed)  # the same initial weights on every worker
+        tokenizer = load_tokenizer(source)
+        train_set, dev_set = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
+        classifier = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling, job.model.head)
+        collate = Collator(tokenizer.pad_token_id, job.training.max_seq_length, job.training.padding == "max_length",
+                           classifier.uses_token_types, task.is_regression)
+        model = method.build(classifier, job.method)
+        routing = method.routing(model) if method.routing is not None else []
+        return cls(job, method, task, train_set, dev_set, collate, model, routing, device_peak)
+
+    def batch(self, idx: list[int], device: torch.device, split: str = "train") -> dict:
+        """The examples `idx` of the train (or dev) set as one padded batch on `device`."""
+        dataset = self.train_set if split == "train" else self.dev_set
+        collated = self.collate([dict(dataset[i], index=i) for i in idx])
+        return {k: v.to(device, non_blocking=True) for k, v in collated.items()}
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The task's training loss: mean squared error for regression (STS-B), else cross-entropy."""
+        if self.task.is_regression:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels)
