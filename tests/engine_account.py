@@ -41,14 +41,13 @@ def reachable_storage_bytes(*roots) -> int:
 
 
 def case(method: str, stage: int, precision: str) -> dict:
-    import deepspeed
     import torch
 
     from rayeff.config import validate_job
     from rayeff.measure.memory import SavedActivationCounter, tensor_account
     from rayeff.methods import get_method
     from rayeff.models import build_classifier, resolve_model
-    from rayeff.train.first_order import deepspeed_config, optimizer_groups
+    from rayeff.train.first_order import deepspeed_config, initialize_deepspeed, optimizer_groups
 
     spec = {"moe": {"name": "moe", "upcycle": {"experts": 2, "top_k": 1}}}.get(method, {"name": method})
     job = validate_job({"model": {"name": "tiny-bert"}, "data": {"task": "sst2"}, "method": spec,
@@ -57,7 +56,7 @@ def case(method: str, stage: int, precision: str) -> dict:
     model = get_method(method).build(build_classifier(resolve_model("tiny-bert"), 2), job.method)
     optimizer = torch.optim.AdamW(optimizer_groups(model.parameters(), 0.01), lr=1e-3)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(job, trainable))
+    engine = initialize_deepspeed(model=model, optimizer=optimizer, config=deepspeed_config(job, trainable))
     counter = SavedActivationCounter(engine.module)
     batch = {"input_ids": torch.randint(5, 1000, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
     for step in range(2):
@@ -67,7 +66,9 @@ def case(method: str, stage: int, precision: str) -> dict:
         if step == 0:
             engine.step()
     account = tensor_account(engine.module, engine.optimizer, counter)
-    return {"method": method, "stage": stage, "precision": precision,
+    from deepspeed.comm import comm
+
+    return {"inference_comm_op": comm.cdb.shm_comm_op is not None, "method": method, "stage": stage, "precision": precision,
             "account": account.param_bytes + account.buffer_bytes + account.grad_bytes +
             account.optimizer_state_bytes, "reachable": reachable_storage_bytes(engine, engine.optimizer),
             "param_bytes": account.param_bytes, "optimizer_state_bytes": account.optimizer_state_bytes,

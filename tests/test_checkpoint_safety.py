@@ -189,6 +189,7 @@ DEEPSPEED_CHECKPOINTS = textwrap.dedent("""
     import deepspeed
     from transformers import get_scheduler
     from rayeff.train.checkpoint_safety import check_checkpoint_files, weights_only_loads
+    from rayeff.train.first_order import initialize_deepspeed
 
     def engine(stage, precision, seed):
         torch.manual_seed(seed)
@@ -199,7 +200,7 @@ DEEPSPEED_CHECKPOINTS = textwrap.dedent("""
                   "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
                   "bf16": {"enabled": precision == "bf16"}, "zero_allow_untested_optimizer": True,
                   "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2**31 - 1}
-        return deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)[0]
+        return initialize_deepspeed(model=model, optimizer=opt, lr_scheduler=sched, config=config)
 
     def params(e):
         with deepspeed.zero.GatheredParameters(list(e.module.parameters()), enabled=e.zero_optimization_stage() == 3):

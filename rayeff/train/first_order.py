@@ -153,18 +153,31 @@ def make_optimizer(params: list, training, total: int) -> tuple:
                                     num_warmup_steps=int(training.warmup_ratio * total))
 
 
+def initialize_deepspeed(**arguments):
+    """`deepspeed.initialize(**arguments)`'s engine, without DeepSpeed's shared-memory all-reduce op.
+
+    On a CPU machine DeepSpeed's communication backend JIT-compiles that op with g++ the first time it starts (about a
+    minute and 1.5 GB of RAM per compiler process). It serves `inference_all_reduce` only (tensor-parallel inference);
+    training reduces through torch.distributed whatever it says. Adapter written against DeepSpeed 0.19.8: the op's
+    builder is consulted through `deepspeed.ops.__compatible_ops__`, a dict probed once per process and kept, so an
+    entry set to False there makes the backend skip the build.
+    """
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed.initialize(**arguments)[0]
+
+
 def build_engine(run: RunSetup, ctx: TrainContext, total: int) -> tuple:
     """The DeepSpeed engine around the method's model, and the ExpertOptimizer of experts split over the workers
     (None without)."""
-    import deepspeed
-
     job, model = run.job, run.model
     split_layers = [layer for layer in run.routing_layers if layer.expert_parallel]
     apart = {id(p) for p in expert_parameters(split_layers)}
     optimizer, scheduler = make_optimizer([p for p in model.parameters() if id(p) not in apart], job.training, total)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(job, trainable))
+    engine = initialize_deepspeed(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                  config=deepspeed_config(job, trainable))
     if run.routing_layers and ctx.world_size > 1:   # after DeepSpeed's initial broadcast, which sends every expert
         for layer in run.routing_layers:
             layer.distribute(None)
