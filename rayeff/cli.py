@@ -252,7 +252,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import ray
 
     from rayeff.cluster.live import BOARD_NAME, BOARD_NAMESPACE, status_text
-    from rayeff.train.runner import init_ray
+    from rayeff.cluster.connect import init_ray
 
     init_ray(args.address, 0)
     try:
@@ -309,7 +309,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not getattr(args, "address", None):
-        from rayeff.train.runner import keep_local_ray_on_loopback
+        from rayeff.cluster.connect import keep_local_ray_on_loopback
 
         keep_local_ray_on_loopback()
     from rayeff.quiet import quiet_libraries

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rayeff.train.runner import keep_local_ray_on_loopback
+from rayeff.cluster.connect import keep_local_ray_on_loopback
 
 keep_local_ray_on_loopback()  # before anything imports ray: the tests' local Rays stay on 127.0.0.1
 

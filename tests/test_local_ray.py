@@ -1,4 +1,4 @@
-"""The local Ray of a run without --address (`rayeff.train.runner.init_ray(None, ...)`, what `rayeff run`, `tune` and
+"""The local Ray of a run without --address (`rayeff.cluster.connect.init_ray(None, ...)`, what `rayeff run`, `tune` and
 `bench` call): it is always a new Ray of the run's own, whatever the machine holds (a cluster file left by a
 `ray start` whose head has died, RAY_ADDRESS in the environment), and nothing of it listens beyond loopback.
 
@@ -28,7 +28,7 @@ import json, os, sys, time
 import psutil
 if sys.argv[1] == "ray imported first":
     import ray   # a library caller: ray read its settings before rayeff could set any
-from rayeff.train.runner import init_ray, keep_local_ray_on_loopback
+from rayeff.cluster.connect import init_ray, keep_local_ray_on_loopback
 keep_local_ray_on_loopback()   # what rayeff.cli.main does first when no --address is given
 init_ray(None, 1)              # then what run_job, run_sweep and the benchmarks do
 import ray

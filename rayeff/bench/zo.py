@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rayeff.bench import output_and_runs_dir
+from rayeff.cluster.connect import init_ray
 from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, validate_job
 from rayeff.data.glue import get_task
@@ -40,7 +41,7 @@ from rayeff.measure.energy import energy_label
 from rayeff.measure.memory import DevicePeak, SavedActivationCounter
 from rayeff.methods import get_method, method_config_from_dict
 from rayeff.models import ModelSource, build_classifier, load_tokenizer, resolve_model
-from rayeff.train.runner import init_ray, run_job
+from rayeff.train.runner import run_job
 from rayeff.train.state import batches_of, epoch_order
 from rayeff.train.zeroth_order import PRECISIONS, AutocastForward, cast_frozen
 

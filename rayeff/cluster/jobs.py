@@ -27,7 +27,6 @@ from pathlib import Path
 import yaml
 
 from rayeff.cluster.storage import absolute
-from rayeff.config import load_job, read_yaml_mapping
 from rayeff.errors import UserError
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -103,6 +102,9 @@ def _absolute(path: str | None) -> str | None:
 
 def stage_job(path: str, overrides: list[str], data_dir: str | None, folder: Path) -> tuple[str, dict]:
     """The job file, validated with its overrides, paths made absolute, written into `folder`."""
+    from rayeff.config import load_job   # here, not at the top: it imports every method (and torch), which
+                                         # `rayeff jobs list|status|stop` never need
+
     job = load_job(path, overrides + ([f"data.data_dir={data_dir}"] if data_dir else []))
     job.output_dir = _absolute(job.output_dir)
     job.data.data_dir = _absolute(job.data.data_dir)
@@ -132,6 +134,7 @@ def submit(path: str, overrides: list[str], data_dir: str | None, address: str |
     """Validate the job or sweep here (nothing is submitted if it fails), then submit it; returns the client, the
     submission id and the output location as the cluster will see it."""
     import rayeff
+    from rayeff.config import read_yaml_mapping
 
     raw = read_yaml_mapping(path, "job or sweep", "a job's `data` and `method`, or a sweep's `base_job`")
     stage = stage_sweep if "base_job" in raw else stage_job

@@ -106,7 +106,7 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
 
     from rayeff.train.preflight import check_sweep_inputs
     from rayeff.cluster.storage import check_shared
-    from rayeff.train.runner import init_ray
+    from rayeff.cluster.connect import init_ray
     from rayeff.tune.limits import SweepLimits
     from rayeff.tune.priors import PriorStore, warm_start
     from rayeff.tune.results import study_records
