@@ -131,15 +131,9 @@ def inference_pass(job_dump: dict, source: dict, steps: int) -> dict:
     head float32, as adazeta leaves them), forwards without autograd over the first `steps` training batches of the
     run and over the dev set in the run's evaluation batches, with the run's device-peak measure and saved-tensor
     counter. Returns its tensor account (the zeroth-order worker's formula), device peak and dev metrics."""
-    import os
-
     job = JobSpec.model_validate(job_dump)
-    if job.scaling.gpus_per_worker == 0:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if job.scaling.threads_per_worker:
         torch.set_num_threads(job.scaling.threads_per_worker)
-    import deepspeed  # noqa: F401  (imported before the memory baseline is taken, as a training worker does)
-
     device = torch.device("cuda", 0) if job.scaling.gpus_per_worker > 0 else torch.device("cpu")
     peak = DevicePeak(device)
     task = get_task(job.data.task)

@@ -15,6 +15,7 @@ import torch
 
 from rayeff.config import JobSpec
 from rayeff.data.metrics import primary_metric
+from rayeff.methods import get_method
 from rayeff.models import ModelSource
 from rayeff.quiet import quiet_libraries
 from rayeff.train import first_order, zeroth_order
@@ -38,7 +39,8 @@ def prepare_process(job: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than let DeepSpeed probe and warn
     if job["scaling"].get("threads_per_worker"):
         torch.set_num_threads(job["scaling"]["threads_per_worker"])
-    import deepspeed  # noqa: F401  (imported before the memory baseline is taken)
+    if get_method(job["method"]["name"]).loop == "first_order":   # the zeroth-order loop never uses DeepSpeed
+        import deepspeed  # noqa: F401  (imported before the memory baseline is taken)
 
     quiet_libraries()
 
