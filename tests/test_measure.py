@@ -296,6 +296,18 @@ def energy_of(source: str) -> dict:
 SOURCES = [("estimate", True), ("nvml", False), ("rapl", False)]
 
 
+def a_result(source: str, metrics: dict) -> dict:
+    """A whole result.json of a 1-step run whose energy came from `source`."""
+    return {"method": "full", "task": "sst2", "model": "tiny-bert", "status": "finished", "metrics": metrics,
+            "train_loss": 0.5, "loss_history": [0.5], "energy": energy_of(source), "workers": 1, "zero_stage": 0,
+            "device": "cpu", "total_steps": 1, "output_dir": "x",
+            "memory": {"trainable_params": 1, "total_params": 2, "param_bytes": 1, "buffer_bytes": 1, "grad_bytes": 1,
+                       "optimizer_state_bytes": 1, "peak_activation_bytes": 1, "tensor_account_bytes": 1,
+                       "peak_device_bytes": 1, "peak_device_kind": "cpu_peak_rss_growth", "per": "worker"},
+            "time": {"train_seconds": 1.0, "steps": 1, "samples": 8, "samples_per_second": 1.0,
+                     "seconds_per_step": 1.0, "seconds_per_sample": 0.125}}
+
+
 @pytest.mark.parametrize("source, estimated", SOURCES)
 def test_the_progress_line_and_summary_table_say_estimate(source, estimated):
     from rayeff.train.progress import progress_line, summary_table
@@ -303,15 +315,7 @@ def test_the_progress_line_and_summary_table_say_estimate(source, estimated):
     line = progress_line({"step": 3, "total_steps": 9, "epoch": 0, "loss": 0.5, "samples_per_second": 12.0,
                           "energy_joules": 1921.0, "energy_source": source, "eval": {}})
     assert f"1,921.0 J ({source})" in line and ("estimate" in line) == estimated
-    result = {"method": "full", "task": "sst2", "model": "tiny-bert", "status": "finished", "metrics": {},
-              "train_loss": 0.5, "loss_history": [0.5], "energy": energy_of(source), "workers": 1, "zero_stage": 0,
-              "device": "cpu", "total_steps": 1, "output_dir": "x",
-              "memory": {"trainable_params": 1, "total_params": 2, "param_bytes": 1, "buffer_bytes": 1, "grad_bytes": 1,
-                         "optimizer_state_bytes": 1, "peak_activation_bytes": 1, "tensor_account_bytes": 1,
-                         "peak_device_bytes": 1, "peak_device_kind": "cpu_peak_rss_growth", "per": "worker"},
-              "time": {"train_seconds": 1.0, "steps": 1, "samples": 8, "samples_per_second": 1.0,
-                       "seconds_per_step": 1.0, "seconds_per_sample": 0.125}}
-    table = rendered(summary_table(result))
+    table = rendered(summary_table(a_result(source, metrics={})))
     assert f"1,921.0 J ({source})" in table and f"1,500.0 J ({source})" in table
     assert ("estimate" in table) == estimated and ("whole CPU package" in table) == (source == "rapl")
 
@@ -330,11 +334,13 @@ def test_rayeff_status_says_estimate(source, estimated):
 def test_bench_tables_say_estimate(source, estimated):
     from rayeff.bench import compare, moe, zo
 
-    result = {"metrics": {"accuracy": 0.8}, "energy": energy_of(source), "time": {"seconds_per_sample": 0.01},
-              "memory": {"trainable_params": 10, "tensor_account_bytes": 2**20, "peak_device_bytes": 2**20}}
+    from rayeff.results import RunResult
+
+    result = a_result(source, metrics={"accuracy": 0.8})
     results = {"full": result, "lora": result}
     report = {"task": "sst2", "model": "tiny-bert", "primary_metric": "accuracy", "results": results,
-              "ratios_to_full": compare.ratios(results, "accuracy")}
+              "ratios_to_full": compare.ratios({m: RunResult.model_validate(r) for m, r in results.items()},
+                                               "accuracy")}
     table = rendered(compare.comparison_table(report))
     assert f"1,921.0 J ({source})" in table and ("estimate" in table) == estimated
 

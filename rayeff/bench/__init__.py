@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 
 from rayeff.checks import check_output_file, check_output_location
+from rayeff.config import JobSpec
+from rayeff.results import RunResult
 
 
 def output_and_runs_dir(output: str, runs_dir: str | None, overwrite: bool = False) -> tuple[Path, Path]:
@@ -18,3 +20,10 @@ def output_and_runs_dir(output: str, runs_dir: str | None, overwrite: bool = Fal
         check_output_location(runs_dir, "--runs-dir")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return output_path, Path(runs_dir) if runs_dir else output_path.parent / f"{output_path.stem}-runs-{stamp}"
+
+
+def run_measured(job: JobSpec, address: str | None, show_progress: bool) -> RunResult:
+    """One of a benchmark's runs, through `rayeff run`'s own path, read back through result.json's schema."""
+    from rayeff.train.runner import run_job   # here: the runner imports the bench's callers' whole training stack
+
+    return RunResult.model_validate(run_job(job, address=address, show_progress=show_progress))

@@ -16,21 +16,22 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from rayeff.bench import output_and_runs_dir
+from rayeff.bench import output_and_runs_dir, run_measured
 from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, parse_overrides, set_field, validate_job
 from rayeff.data.metrics import primary_metric
 from rayeff.errors import UserError
 from rayeff.measure.energy import energy_label, estimate_note
-from rayeff.train.runner import prepare, run_job
+from rayeff.results import RunResult
+from rayeff.train.runner import prepare
 
 RATIO_FIGURES = {
-    "tensor_account_bytes": lambda r: r["memory"]["tensor_account_bytes"],
-    "peak_device_bytes": lambda r: r["memory"]["peak_device_bytes"],
-    "energy_joules": lambda r: r["energy"]["joules"],
-    "train_energy_joules": lambda r: r["energy"]["train_joules"],
-    "seconds_per_sample": lambda r: r["time"]["seconds_per_sample"],
-    "trainable_params": lambda r: r["memory"]["trainable_params"],
+    "tensor_account_bytes": lambda r: r.memory.tensor_account_bytes,
+    "peak_device_bytes": lambda r: r.memory.peak_device_bytes,
+    "energy_joules": lambda r: r.energy.joules,
+    "train_energy_joules": lambda r: r.energy.train_joules,
+    "seconds_per_sample": lambda r: r.time.seconds_per_sample,
+    "trainable_params": lambda r: r.memory.trainable_params,
 }
 
 
@@ -53,14 +54,14 @@ def method_jobs(job: JobSpec, methods: list[str], per_method: list[str], runs_di
     return jobs
 
 
-def ratios(results: dict[str, dict], metric: str) -> dict[str, dict]:
+def ratios(results: dict[str, RunResult], metric: str) -> dict[str, dict]:
     base = results.get("full")
     if base is None:
         return {}
     out = {}
     for method, result in results.items():
         row = {name: get(result) / get(base) if get(base) else None for name, get in RATIO_FIGURES.items()}
-        row[f"dev_{metric}_difference"] = result["metrics"][metric] - base["metrics"][metric]
+        row[f"dev_{metric}_difference"] = result.metrics[metric] - base.metrics[metric]
         out[method] = row
     return out
 
@@ -74,14 +75,14 @@ def compare_methods(job: JobSpec, methods: list[str], output: str, runs_dir: str
     jobs = method_jobs(job, methods, list(per_method), runs)
     for j in jobs.values():   # every run's checks before the first one starts (and before Ray does)
         prepare(j)
-    results = {m: run_job(j, address=address, show_progress=show_progress) for m, j in jobs.items()}
+    results = {m: run_measured(j, address, show_progress) for m, j in jobs.items()}
     metric = primary_metric(job.data.task)
     report = {"task": job.data.task, "model": job.model.name, "primary_metric": metric,
               "same_for_all": {"batch_size": job.training.batch_size, "max_seq_length": job.training.max_seq_length,
                                "padding": job.training.padding, "seed": job.training.seed,
-                               "steps": {m: r["time"]["steps"] for m, r in results.items()},
+                               "steps": {m: r.time.steps for m, r in results.items()},
                                "workers": job.scaling.num_workers},
-              "results": results, "ratios_to_full": ratios(results, metric)}
+              "results": {m: r.dump() for m, r in results.items()}, "ratios_to_full": ratios(results, metric)}
     write_json_atomic(output_path, report)
     # 13 columns: on a terminal rich fits them to the window; in a log, print them whole rather than at 80 columns
     Console(width=None if sys.stdout.isatty() else 200).print(comparison_table(report))
@@ -95,19 +96,20 @@ def comparison_table(report: dict) -> Table:
     for col in ("method", f"dev {metric}", "trainable", "tensor account", "x full", "device peak", "x full",
                 "energy (source)", "x full", "in steps", "x full", "s/sample", "x full"):
         table.add_column(col, justify="right")
-    for method, r in report["results"].items():
+    results = {m: RunResult.model_validate(r) for m, r in report["results"].items()}
+    for method, r in results.items():
         q = report["ratios_to_full"].get(method, {})
 
         def x(key, note=""):
             return f"{q[key]:.3f}{note}" if q.get(key) is not None else "-"
 
-        mem, en = r["memory"], r["energy"]
-        full = report["results"].get("full", r)["energy"]
-        energy_note = estimate_note(en.get("source"), full.get("source"))   # a ratio of estimates is one too
-        table.add_row(method, f"{r['metrics'][metric]:.4f}", f"{mem['trainable_params']:,}",
-                      f"{mem['tensor_account_bytes'] / 2**20:.1f} MiB", x("tensor_account_bytes"),
-                      f"{mem['peak_device_bytes'] / 2**20:.1f} MiB", x("peak_device_bytes"),
-                      energy_label(en), x("energy_joules", energy_note),
-                      energy_label({**en, "joules": en["train_joules"]}), x("train_energy_joules", energy_note),
-                      f"{r['time']['seconds_per_sample'] * 1000:.2f} ms", x("seconds_per_sample"))
+        mem, en = r.memory, r.energy
+        full = results.get("full", r).energy
+        energy_note = estimate_note(en.source, full.source)   # a ratio of estimates is one too
+        table.add_row(method, f"{r.metrics[metric]:.4f}", f"{mem.trainable_params:,}",
+                      f"{mem.tensor_account_bytes / 2**20:.1f} MiB", x("tensor_account_bytes"),
+                      f"{mem.peak_device_bytes / 2**20:.1f} MiB", x("peak_device_bytes"),
+                      energy_label(en.dump()), x("energy_joules", energy_note),
+                      energy_label({**en.dump(), "joules": en.train_joules}), x("train_energy_joules", energy_note),
+                      f"{r.time.seconds_per_sample * 1000:.2f} ms", x("seconds_per_sample"))
     return table

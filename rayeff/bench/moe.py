@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rayeff.bench import output_and_runs_dir
+from rayeff.bench import output_and_runs_dir, run_measured
 from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, validate_job
 from rayeff.data.metrics import primary_metric
 from rayeff.errors import UserError
 from rayeff.measure.energy import estimate_note
-from rayeff.train.runner import prepare, run_job
+from rayeff.results import RunResult
+from rayeff.train.runner import prepare
 
 
 def moe_jobs(job: JobSpec, experts: list[int], top_ks: list[int], runs_dir: Path) -> dict[str, JobSpec]:
@@ -36,21 +37,21 @@ def moe_jobs(job: JobSpec, experts: list[int], top_ks: list[int], runs_dir: Path
             for name, raw in jobs.items()}
 
 
-def summarise(result: dict, metric: str, dense_flops: float) -> dict:
-    row = {"dev": result["metrics"][metric], "tensor_account_bytes": result["memory"]["tensor_account_bytes"],
-           "peak_device_bytes": result["memory"]["peak_device_bytes"], "energy_joules": result["energy"]["joules"],
-           "energy_source": result["energy"]["source"], "seconds_per_sample": result["time"]["seconds_per_sample"],
-           "trainable_params": result["memory"]["trainable_params"]}
-    moe = result.get("moe")
+def summarise(result: RunResult, metric: str, dense_flops: float) -> dict:
+    row = {"dev": result.metrics[metric], "tensor_account_bytes": result.memory.tensor_account_bytes,
+           "peak_device_bytes": result.memory.peak_device_bytes, "energy_joules": result.energy.joules,
+           "energy_source": result.energy.source, "seconds_per_sample": result.time.seconds_per_sample,
+           "trainable_params": result.memory.trainable_params}
+    moe = result.moe
     if moe is None:
         return {**row, "flops_per_token": dense_flops, "flops_ratio_to_dense": 1.0}
-    start, end = moe["routing"][0], moe["routing"][-1]
-    return {**row, "flops_per_token": moe["flops_per_token"], "flops_ratio_to_dense": moe["flops_ratio_to_dense"],
-            "total_params": moe["total_params"], "active_params_per_token": moe["active_params_per_token"],
-            "load_cv_step0": start["load_cv"], "load_cv_end": end["load_cv"],
-            "load_cv_fell": end["load_cv"] < start["load_cv"], "dropped_fraction_step0": start["dropped_fraction"],
-            "dropped_fraction_end": end["dropped_fraction"],
-            "aux_loss_end": sum(layer["aux_loss"] for layer in end["layers"]) / len(end["layers"])}
+    start, end = moe.routing[0], moe.routing[-1]
+    return {**row, "flops_per_token": moe.flops_per_token, "flops_ratio_to_dense": moe.flops_ratio_to_dense,
+            "total_params": moe.total_params, "active_params_per_token": moe.active_params_per_token,
+            "load_cv_step0": start.load_cv, "load_cv_end": end.load_cv,
+            "load_cv_fell": end.load_cv < start.load_cv, "dropped_fraction_step0": start.dropped_fraction,
+            "dropped_fraction_end": end.dropped_fraction,
+            "aux_loss_end": sum(layer.aux_loss for layer in end.layers) / len(end.layers)}
 
 
 def bench_moe(job: JobSpec, output: str, experts: list[int], top_ks: list[int], runs_dir: str | None = None,
@@ -61,9 +62,10 @@ def bench_moe(job: JobSpec, output: str, experts: list[int], top_ks: list[int], 
     jobs = moe_jobs(job, experts, top_ks, runs)
     for j in jobs.values():   # every run's checks before the first one starts (and before Ray does)
         prepare(j)
-    results = {name: run_job(j, address=address, show_progress=show_progress) for name, j in jobs.items()}
+    results = {name: run_measured(j, address, show_progress) for name, j in jobs.items()}
     metric = primary_metric(job.data.task)
-    dense_flops = next(r["moe"]["dense_flops_per_token"] for r in results.values() if "moe" in r)
+    upcycled = [r.moe for r in results.values() if r.moe is not None]
+    dense_flops = upcycled[0].dense_flops_per_token
     rows = {name: summarise(r, metric, dense_flops) for name, r in results.items()}
     dense = rows["dense"]
     for row in rows.values():
@@ -73,9 +75,9 @@ def bench_moe(job: JobSpec, output: str, experts: list[int], top_ks: list[int], 
     report = {"task": job.data.task, "model": job.model.name, "primary_metric": metric,
               "same_for_all": {"batch_size": job.training.batch_size, "max_seq_length": job.training.max_seq_length,
                                "seed": job.training.seed, "workers": job.scaling.num_workers,
-                               "steps": {name: r["time"]["steps"] for name, r in results.items()}},
-              "flops_formula": next(r["moe"]["flops_formula"] for r in results.values() if "moe" in r),
-              "runs": rows, "results": results}
+                               "steps": {name: r.time.steps for name, r in results.items()}},
+              "flops_formula": upcycled[0].flops_formula,
+              "runs": rows, "results": {name: r.dump() for name, r in results.items()}}
     write_json_atomic(output_path, report)
     for line in summary_lines(rows):
         print(line)

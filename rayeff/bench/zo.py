@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from rayeff.bench import output_and_runs_dir
+from rayeff.bench import output_and_runs_dir, run_measured
 from rayeff.cluster.connect import init_ray
 from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, validate_job
@@ -41,7 +41,7 @@ from rayeff.measure.energy import energy_label
 from rayeff.measure.memory import DevicePeak, SavedActivationCounter
 from rayeff.methods import get_method, method_config_from_dict
 from rayeff.models import ModelSource, build_classifier, load_tokenizer, resolve_model
-from rayeff.train.runner import run_job
+from rayeff.results import RunResult
 from rayeff.train.state import batches_of, epoch_order
 from rayeff.train.zeroth_order import PRECISIONS, AutocastForward, cast_frozen
 
@@ -67,25 +67,25 @@ def first_step_at(losses: list[float], target: float, window: int) -> int | None
 
 def convergence(job: JobSpec, runs: Path, target: float, window: int, show: bool, address: str | None) -> dict:
     adazeta = job.method.model_dump() if job.method.name == "adazeta" else {"name": "adazeta"}
-    results = {"adazeta": run_job(variant(job, runs, "adazeta", adazeta), address, show),
-               "mezo-lora": run_job(variant(job, runs, "mezo-lora", {"name": "mezo", "target": "lora",
-                                                                   "eps": job.method.eps}), address, show)}
+    results = {"adazeta": run_measured(variant(job, runs, "adazeta", adazeta), address, show),
+               "mezo-lora": run_measured(variant(job, runs, "mezo-lora", {"name": "mezo", "target": "lora",
+                                                                        "eps": job.method.eps}), address, show)}
     metric = primary_metric(job.data.task)
-    reached = {name: first_step_at(r["loss_history"], target, window) for name, r in results.items()}
+    reached = {name: first_step_at(r.loss_history, target, window) for name, r in results.items()}
     out = {name: {"step_reaching_target": reached[name],
-                  "queries_to_target": (sum(r["zeroth_order"]["step_queries"][:reached[name]])
+                  "queries_to_target": (sum(r.zeroth_order.step_queries[:reached[name]])
                                         if reached[name] else None),
-                  "final_dev_metrics": r["metrics"], "final_train_loss_window": statistics.fmean(
-                      r["loss_history"][-window:]), "steps": r["time"]["steps"],
-                  "queries_total": r["zeroth_order"]["queries_total"],
-                  "seconds_per_step": r["time"]["seconds_per_step"], "energy": r["energy"],
-                  "loss_history": r["loss_history"]} for name, r in results.items()}
+                  "final_dev_metrics": r.metrics, "final_train_loss_window": statistics.fmean(
+                      r.loss_history[-window:]), "steps": r.time.steps,
+                  "queries_total": r.zeroth_order.queries_total,
+                  "seconds_per_step": r.time.seconds_per_step, "energy": r.energy.dump(),
+                  "loss_history": r.loss_history} for name, r in results.items()}
     a, m = out["adazeta"]["step_reaching_target"], out["mezo-lora"]["step_reaching_target"]
     out["steps_ratio_mezo_lora_to_adazeta"] = m / a if a and m else None
     qa, qm = out["adazeta"]["queries_to_target"], out["mezo-lora"]["queries_to_target"]
     out["queries_ratio_mezo_lora_to_adazeta"] = qm / qa if qa and qm else None
-    out["dev_difference_adazeta_minus_mezo_lora"] = (results["adazeta"]["metrics"][metric]
-                                                     - results["mezo-lora"]["metrics"][metric])
+    out["dev_difference_adazeta_minus_mezo_lora"] = (results["adazeta"].metrics[metric]
+                                                     - results["mezo-lora"].metrics[metric])
     return {"results": results, "summary": out}
 
 
@@ -95,17 +95,15 @@ def query_parallelism(job: JobSpec, runs: Path, queries: int, steps: int, show: 
         fixed = {"name": "adazeta", "alpha": float(queries), "beta": 0.0, "q_max": queries}
     per_workers = {}
     for workers in (1, 2):
-        result = run_job(variant(job, runs, f"q{queries}-workers{workers}", fixed,
-                                 training={"max_steps": steps, "epochs": None, "eval_every": None,
-                                           "checkpoint_every": None},
-                                 scaling={"num_workers": workers, "threads_per_worker": 1, "cpus_per_worker": 1}),
-                         address, show)
-        step_seconds = result["zeroth_order"]["step_seconds"]
-        per_workers[workers] = {"median_seconds_per_step": statistics.median(step_seconds),
-                                "step_seconds": step_seconds,
-                                "forward_passes_per_worker_per_step":
-                                    result["zeroth_order"]["forward_passes_per_worker_per_step"],
-                                "exchange_bytes_per_step": result["zeroth_order"]["exchange_bytes_per_step"]}
+        zo = run_measured(variant(job, runs, f"q{queries}-workers{workers}", fixed,
+                                  training={"max_steps": steps, "epochs": None, "eval_every": None,
+                                            "checkpoint_every": None},
+                                  scaling={"num_workers": workers, "threads_per_worker": 1, "cpus_per_worker": 1}),
+                          address, show).zeroth_order
+        per_workers[workers] = {"median_seconds_per_step": statistics.median(zo.step_seconds),
+                                "step_seconds": zo.step_seconds,
+                                "forward_passes_per_worker_per_step": zo.forward_passes_per_worker_per_step,
+                                "exchange_bytes_per_step": zo.exchange_bytes_per_step}
     t1, t2 = per_workers[1]["median_seconds_per_step"], per_workers[2]["median_seconds_per_step"]
     return {"queries_per_step": queries, "threads_per_worker": 1, "steps": steps,
             "workers_1": per_workers[1], "workers_2": per_workers[2],
@@ -195,27 +193,27 @@ def start_inference_pass(job: JobSpec, steps: int, address: str | None = None):
     return task.remote(raw, asdict(resolve_model(job.model.name)), steps)
 
 
-def memory(job: JobSpec, runs: Path, adazeta: dict, steps: int, show: bool, address: str | None) -> dict:
+def memory(job: JobSpec, runs: Path, adazeta: RunResult, steps: int, show: bool, address: str | None) -> dict:
     import ray
 
     # The inference pass runs beside the full fine-tuning run where resources allow: both report memory only,
     # each of its own process.
-    inference_ref = start_inference_pass(job, adazeta["time"]["steps"], address)
-    full = run_job(variant(job, runs, "full", {"name": "full"}, training={"max_steps": steps, "epochs": None,
-                                                                          "eval_every": None,
-                                                                          "checkpoint_every": None},
-                           deepspeed={"zero_stage": 0}), address, show)
+    inference_ref = start_inference_pass(job, adazeta.time.steps, address)
+    full = run_measured(variant(job, runs, "full", {"name": "full"}, training={"max_steps": steps, "epochs": None,
+                                                                              "eval_every": None,
+                                                                              "checkpoint_every": None},
+                                deepspeed={"zero_stage": 0}), address, show)
     inference = ray.get(inference_ref)
     keys = ("trainable_params", "total_params", "param_bytes", "buffer_bytes", "grad_bytes", "optimizer_state_bytes",
             "peak_activation_bytes", "perturbation_snapshot_bytes", "tensor_account_bytes", "peak_device_bytes")
-    a = {k: adazeta["memory"].get(k, 0) for k in keys}
-    f = {k: full["memory"].get(k, 0) for k in keys}
+    a = {k: getattr(adazeta.memory, k) or 0 for k in keys}   # (no snapshot: None)
+    f = {k: getattr(full.memory, k) or 0 for k in keys}
     difference = {k: a[k] - inference.get(k, 0) for k in ("total_params", "param_bytes", "buffer_bytes",
                                                           "peak_activation_bytes", "perturbation_snapshot_bytes",
                                                           "tensor_account_bytes", "peak_device_bytes")}
     return {"adazeta": a, "inference_only": inference, "full_fine_tuning": f,
             "adazeta_minus_inference": difference,
-            "peak_device_kind": adazeta["memory"]["peak_device_kind"],
+            "peak_device_kind": adazeta.memory.peak_device_kind,
             "adazeta_over_inference": a["tensor_account_bytes"] / inference["tensor_account_bytes"],
             "peak_device_adazeta_over_inference": (a["peak_device_bytes"] / inference["peak_device_bytes"]
                                                    if inference["peak_device_bytes"] else None),
