@@ -292,7 +292,7 @@ def test_experts_split_over_two_workers_follow_one_worker_resume_and_report_moe_
     no capacity limit), also when stopped after 2 steps and resumed; the result carries the MoE figures."""
     from safetensors.torch import load_file
 
-    from rayeff.train.runner import run_job
+    from rayeff.train.runner import run_in_process, run_job
 
     def job(name, workers, **changes):
         return validate_job({
@@ -305,7 +305,7 @@ def test_experts_split_over_two_workers_follow_one_worker_resume_and_report_moe_
             "scaling": {"num_workers": workers}, "deepspeed": {"zero_stage": 1}, "output_dir": str(tmp_path / name),
             **changes})
 
-    one = run_job(job("ep1", 1), show_progress=False)
+    one = run_in_process(job("ep1", 1))   # the same loop, one worker, no Ray
     stopped = run_job(job("ep2", 2, energy={"budget_j": 1e-9}), show_progress=False)
     assert stopped["status"] == "stopped: energy budget" and stopped["time"]["steps"] == 2
     two = run_job(job("ep2", 2, resume=True), show_progress=False)

@@ -51,8 +51,45 @@ def weights(result: dict) -> dict:
     return load_file(result["weights"])
 
 
+# First in the module: its CLI run starts a Ray of its own, before local_ray starts the module's (two local Rays on
+# one machine slow each other down).
+def untrained_accuracy(job_file: Path, glue_dir: Path) -> float:
+    """The job's model before any update (its seeded head; adapters start as the identity), on the same dev set."""
+    job = load_job(job_file, [f"data.data_dir={glue_dir}"])
+    source, task = resolve_model(job.model.name), get_task(job.data.task)
+    tokenizer = load_tokenizer(source)
+    _, dev = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
+    torch.manual_seed(job.training.seed)
+    classifier = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling,
+                                  job.model.head).eval()
+    collate = Collator(tokenizer.pad_token_id, job.training.max_seq_length, False, classifier.uses_token_types,
+                       task.is_regression)
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(dev), 64):
+            batch = collate([dict(dev[i], index=i) for i in range(start, min(start + 64, len(dev)))])
+            predictions += classifier(**batch).argmax(-1).tolist()
+    return compute_metrics(task.name, predictions, dev["label"])["accuracy"]
+
+
+def test_adazeta_on_minilm_16_shot_sst2_beats_the_untrained_model(tmp_path, glue_dir):
+    job_file = ROOT / "jobs" / "sst2-adazeta.yaml"
+    # Half the job's 40 epochs (its query schedule still ramps to q_target = 8 by the end): 0.589 against the
+    # untrained 0.545 here, where the whole job reaches 0.603, in 2 minutes instead of 3.
+    done = subprocess.run([sys.executable, "-m", "rayeff.cli", "run", str(job_file), "--data-dir", str(glue_dir),
+                           "--output", str(tmp_path / "run"), "--no-progress", "--set", "training.epochs=20"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "finished" and result["workers"] == 2
+    assert result["zeroth_order"]["queries_last_step"] == 8 and result["memory"]["grad_bytes"] == 0
+    baseline = untrained_accuracy(job_file, glue_dir)
+    assert result["metrics"]["accuracy"] > baseline + 0.02, (result["metrics"], baseline)
+    assert math.isfinite(result["train_loss"]) and result["loss_history"][-1] < result["loss_history"][0]
+
+
 def test_two_workers_split_the_queries_and_end_bitwise_equal_to_one(tmp_path, glue_dir, local_ray):
-    one = run_job(zo_job(tmp_path, glue_dir, "one"), show_progress=False)
+    one = run_in_process(zo_job(tmp_path, glue_dir, "one"))   # the same loop, one worker, no Ray
     two = run_job(zo_job(tmp_path, glue_dir, "two", scaling={"num_workers": 2}), show_progress=False)
     a, b = weights(one), weights(two)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -105,39 +142,6 @@ def test_mezo_lora_with_sparsity_and_mezo_full_run(tmp_path, glue_dir):
         assert result["status"] == "finished" and result["zeroth_order"]["queries_total"] == 4, name
         assert result["method"] == "mezo" and len(result["loss_history"]) == 4
     assert result["memory"]["trainable_params"] == result["memory"]["total_params"]
-
-
-def untrained_accuracy(job_file: Path, glue_dir: Path) -> float:
-    """The job's model before any update (its seeded head; adapters start as the identity), on the same dev set."""
-    job = load_job(job_file, [f"data.data_dir={glue_dir}"])
-    source, task = resolve_model(job.model.name), get_task(job.data.task)
-    tokenizer = load_tokenizer(source)
-    _, dev = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
-    torch.manual_seed(job.training.seed)
-    classifier = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling,
-                                  job.model.head).eval()
-    collate = Collator(tokenizer.pad_token_id, job.training.max_seq_length, False, classifier.uses_token_types,
-                       task.is_regression)
-    predictions = []
-    with torch.no_grad():
-        for start in range(0, len(dev), 64):
-            batch = collate([dict(dev[i], index=i) for i in range(start, min(start + 64, len(dev)))])
-            predictions += classifier(**batch).argmax(-1).tolist()
-    return compute_metrics(task.name, predictions, dev["label"])["accuracy"]
-
-
-def test_adazeta_on_minilm_16_shot_sst2_beats_the_untrained_model(tmp_path, glue_dir):
-    job_file = ROOT / "jobs" / "sst2-adazeta.yaml"
-    done = subprocess.run([sys.executable, "-m", "rayeff.cli", "run", str(job_file), "--data-dir", str(glue_dir),
-                           "--output", str(tmp_path / "run"), "--no-progress"],
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["status"] == "finished" and result["workers"] == 2
-    assert result["zeroth_order"]["queries_last_step"] == 8 and result["memory"]["grad_bytes"] == 0
-    baseline = untrained_accuracy(job_file, glue_dir)
-    assert result["metrics"]["accuracy"] > baseline + 0.02, (result["metrics"], baseline)
-    assert math.isfinite(result["train_loss"]) and result["loss_history"][-1] < result["loss_history"][0]
 
 
 def test_bench_zo_writes_its_four_parts(tmp_path, glue_dir, local_ray):
