@@ -8,6 +8,7 @@ from pathlib import Path
 from rayeff.checks import check_output_file, check_output_location
 from rayeff.config import JobSpec
 from rayeff.results import RunResult
+from rayeff.train.runner import run_job
 
 
 def output_and_runs_dir(output: str, runs_dir: str | None, overwrite: bool = False) -> tuple[Path, Path]:
@@ -24,6 +25,4 @@ def output_and_runs_dir(output: str, runs_dir: str | None, overwrite: bool = Fal
 
 def run_measured(job: JobSpec, address: str | None, show_progress: bool) -> RunResult:
     """One of a benchmark's runs, through `rayeff run`'s own path, read back through result.json's schema."""
-    from rayeff.train.runner import run_job   # here: the runner imports the bench's callers' whole training stack
-
     return RunResult.model_validate(run_job(job, address=address, show_progress=show_progress))
