@@ -7,6 +7,7 @@ name and renamed, under a file lock, so concurrent workers never read half a cac
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,6 +30,13 @@ def default_cache_dir() -> Path:
 def _tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the tokenizer's serialised vocabulary and rules; the truncation and padding settings are left out,
     since calling the tokenizer changes them."""
+    return _fingerprint_of(tokenizer, len(tokenizer))
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint_of(tokenizer, size: int) -> str:
+    """Memoised: serialising a 30k-token vocabulary takes about 0.3 s, and a run asks once per split. `size` is
+    part of the key, so a tokenizer that gained tokens is hashed anew."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         ident = f"{type(tokenizer).__name__}:{tokenizer.name_or_path}:{len(tokenizer)}"
