@@ -15,6 +15,11 @@ import pytest
 from rayeff.cluster.connect import keep_local_ray_on_loopback
 
 keep_local_ray_on_loopback()  # before anything imports ray: the tests' local Rays stay on 127.0.0.1
+# Ray Train's controller polls its workers every 2 s, so each run ended up to 4 s after its last step, and it starts
+# a preemption-watcher actor per run (one more process importing Ray) that a test machine never needs. Both are
+# Ray Train's own switches (ray/train/v2/_internal/constants.py, Ray 2.60), passed on to every Ray the tests start.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
@@ -42,6 +47,20 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def one_worker_runs_in_process(monkeypatch):
+    """A benchmark's one-worker runs go through `run_in_process` (the same loop, checkpoints and result.json, without
+    starting Ray Train, about 20 s a run here); its runs of more workers still go through Ray. For tests whose
+    subject is the benchmark's bookkeeping, not Ray."""
+    import rayeff.bench
+    from rayeff.train.runner import run_in_process, run_job
+
+    def run(job, address=None, show_progress=True):
+        return run_in_process(job) if job.scaling.num_workers == 1 else run_job(job, address, show_progress)
+
+    monkeypatch.setattr(rayeff.bench, "run_job", run)
 
 
 @pytest.fixture(scope="session")

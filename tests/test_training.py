@@ -78,7 +78,7 @@ def test_result_json_is_complete(tmp_path, glue_dir):
     assert (tmp_path / "read" / "final" / "trainable.safetensors").is_file()
 
 
-def test_bench_compare_writes_each_result_and_ratios_to_full(tmp_path, glue_dir, local_ray):
+def test_bench_compare_writes_each_result_and_ratios_to_full(tmp_path, glue_dir, one_worker_runs_in_process):
     job = tiny_job(tmp_path, glue_dir, "unused")
     out = tmp_path / "compare.json"
     report = compare_methods(job, ["full", "lora", "read"], str(out), runs_dir=str(tmp_path / "runs"),

@@ -144,7 +144,7 @@ def test_mezo_lora_with_sparsity_and_mezo_full_run(tmp_path, glue_dir):
     assert result["memory"]["trainable_params"] == result["memory"]["total_params"]
 
 
-def test_bench_zo_writes_its_four_parts(tmp_path, glue_dir, local_ray):
+def test_bench_zo_writes_its_four_parts(tmp_path, glue_dir, local_ray, one_worker_runs_in_process):
     job = zo_job(tmp_path, glue_dir, "bench")
     output, runs, target = tmp_path / "zo.json", tmp_path / "runs", 0.75
     report = bench_zo(job, str(output), runs_dir=str(runs), loss_target=target, window=2, queries=2, timing_steps=2,
