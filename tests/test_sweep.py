@@ -100,7 +100,8 @@ def sweep_ray(s3_server):
 
 
 @pytest.mark.slow
-def test_an_asha_sweep_records_every_trial_and_a_later_sweep_starts_from_it(tmp_path, glue_dir, sweep_ray):
+def test_an_asha_sweep_records_every_trial_and_a_later_sweep_starts_from_it_until_its_energy_budget(
+        tmp_path, glue_dir, sweep_ray, s3_server):
     from rayeff.tune.sweep import run_sweep
 
     report = run_sweep(str(write_sweep(tmp_path, glue_dir, steps=3, num_trials=2,
@@ -131,16 +132,33 @@ def test_an_asha_sweep_records_every_trial_and_a_later_sweep_starts_from_it(tmp_
     assert [e["name"] for e in PriorStore(tmp_path / "priors.db").entries()] == [str(out)]
 
     # The next sweep with priors evaluates the stored sweep's best configurations first, in a narrowed space.
-    warm = run_sweep(str(write_sweep(tmp_path, glue_dir, name="warm", num_trials=1,
+    # It also has a sweep energy budget that its first trial passes at its first log step: that trial stops there
+    # and no other starts. It lives in S3: trials, results and the study (sent back after every trial) go there.
+    uri = f"{s3_server}/sweeps/warm"
+    warm = run_sweep(str(write_sweep(tmp_path, glue_dir, name="warm", steps=8, num_trials=3,
+                                     energy={"sweep_budget_j": 1e-9}, output_dir=uri,
                                      priors={"use": "auto", "store": str(tmp_path / "priors.db"), "top_trials": 1})))
     assert warm["priors"]["sweeps"][0]["name"] == str(out) and warm["priors"]["sweeps"][0]["distance"] == 0
     assert warm["trials"][0]["params"] == report["best"]["params"] and warm["trials"][0]["prior"] == 1
     lr = warm["search_space"]["params"]["training.lr"]
     assert lr["low"] == pytest.approx(max(report["best"]["params"]["training.lr"] / 2, 1e-4))
 
+    assert [t["status"] for t in warm["trials"]] == ["stopped: sweep energy budget"]
+    assert warm["trials"][0]["time"]["steps"] == 1
+    assert warm["energy"]["stopped_by"] == ENERGY
+    assert warm["energy"]["overshoot_j"] == pytest.approx(warm["energy"]["total_j"] - 1e-9)
+    stored = Storage(uri)
+    assert {"optuna.db", "sweep.json", "sweep_spec.json", "trials", "tune-0"} <= set(stored.names())
+    assert [t["trial_id"] for t in json.loads(stored.read_text("sweep.json"))["trials"]] == \
+        [warm["trials"][0]["trial_id"]]
+    trial_dir = f"trials/{warm['trials'][0]['trial_id']}"
+    assert {"result.json", "train", "final"} <= set(stored.names(trial_dir))
+    resumed = run_sweep(str(tmp_path / "warm.yaml"), resume=True)   # fetches the study; the budget is spent
+    assert [t["trial_id"] for t in resumed["trials"]] == [warm["trials"][0]["trial_id"]]
+
 
 @pytest.mark.slow
-def test_energy_budgets_stop_trials_and_the_sweep(tmp_path, glue_dir, sweep_ray, s3_server):
+def test_a_trial_energy_budget_stops_every_trial_and_the_sweep_goes_on(tmp_path, glue_dir, sweep_ray):
     from rayeff.tune.sweep import run_sweep
 
     per_trial = run_sweep(str(write_sweep(tmp_path, glue_dir, num_trials=2, energy={"trial_budget_j": 1e-9})))
@@ -149,24 +167,7 @@ def test_energy_budgets_stop_trials_and_the_sweep(tmp_path, glue_dir, sweep_ray,
     assert all(t["energy"]["joules"] > 0 and t["constraints"]["energy_over_budget_j"] > 0
                for t in per_trial["trials"])
     assert not (tmp_path / "sweep" / "best_job.yaml").exists()
-
-    # The first trial passes the sweep's budget at its first log step: it stops there and no other starts. This
-    # sweep lives in S3: trials, results and the study (sent back after every trial) all go there.
-    uri = f"{s3_server}/sweeps/budget"
-    whole = run_sweep(str(write_sweep(tmp_path, glue_dir, name="budget", steps=8, num_trials=3,
-                                      energy={"sweep_budget_j": 1e-9}, output_dir=uri)))
-    assert [t["status"] for t in whole["trials"]] == ["stopped: sweep energy budget"]
-    assert whole["trials"][0]["time"]["steps"] == 1
-    assert whole["energy"]["stopped_by"] == ENERGY
-    assert whole["energy"]["overshoot_j"] == pytest.approx(whole["energy"]["total_j"] - 1e-9)
-    stored = Storage(uri)
-    assert {"optuna.db", "sweep.json", "sweep_spec.json", "trials", "tune-0"} <= set(stored.names())
-    assert [t["trial_id"] for t in json.loads(stored.read_text("sweep.json"))["trials"]] == \
-        [whole["trials"][0]["trial_id"]]
-    trial_dir = f"trials/{whole['trials'][0]['trial_id']}"
-    assert {"result.json", "train", "final"} <= set(stored.names(trial_dir))
-    resumed = run_sweep(str(tmp_path / "budget.yaml"), resume=True)   # fetches the study; the budget is spent
-    assert [t["trial_id"] for t in resumed["trials"]] == [whole["trials"][0]["trial_id"]]
+    # The sweep's own energy budget is checked in the ASHA test's second sweep.
 
 
 def _trials(db: str) -> list:
