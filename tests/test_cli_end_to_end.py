@@ -77,7 +77,7 @@ KILL_JOB = """
 model: {name: tiny-bert}
 data: {task: sst2, train_subset: 800, eval_subset: 16}
 method: {name: full}
-training: {max_steps: 40, batch_size: 8, lr: 1.0e-3, log_every: 5, checkpoint_every: 10}
+training: {max_steps: 100, batch_size: 8, lr: 1.0e-3, log_every: 5, checkpoint_every: 10}
 scaling: {num_workers: 2}
 deepspeed: {zero_stage: 1}
 """
@@ -103,7 +103,7 @@ def test_run_killed_mid_way_resumes_to_the_uninterrupted_weights(tmp_path, glue_
     time.sleep(3)  # let Ray's own processes notice the driver is gone
     assert not (killed / "result.json").exists(), "the run finished before it could be killed"
     steps_done = json.loads((_checkpoints(killed)[-1] / "train_state.json").read_text())["step"]
-    assert 10 <= steps_done < 40
+    assert 10 <= steps_done < 100
 
     resumed = rayeff("run", job, "--output", killed, "--resume", *common)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -117,4 +117,4 @@ def test_run_killed_mid_way_resumes_to_the_uninterrupted_weights(tmp_path, glue_
         assert torch.equal(a[name], b[name]), name
     res_a = json.loads((killed / "result.json").read_text())
     res_b = json.loads((tmp_path / "straight" / "result.json").read_text())
-    assert res_a["loss_history"] == res_b["loss_history"] and res_a["time"]["steps"] == 40
+    assert res_a["loss_history"] == res_b["loss_history"] and res_a["time"]["steps"] == 100
