@@ -39,7 +39,7 @@ def _fingerprint_of(tokenizer, size: int) -> str:
     part of the key, so a tokenizer that gained tokens is hashed anew."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        ident = f"{type(tokenizer).__name__}:{tokenizer.name_or_path}:{len(tokenizer)}"
+        ident = f"{type(tokenizer).__name__}:{tokenizer.name_or_path}:{size}"
     else:
         state = json.loads(backend.to_str())
         state.pop("truncation", None)
