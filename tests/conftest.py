@@ -50,6 +50,23 @@ def local_ray():
 
 
 @pytest.fixture
+def ray_calls(monkeypatch) -> list:
+    """`ray.init` replaced by one that records the call and raises: a command that got as far as starting Ray
+    fails, and the list says it got there."""
+    import ray
+
+    calls = []
+
+    def init(*args, **kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("ray.init was called")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    return calls
+
+
+@pytest.fixture
 def one_worker_runs_in_process(monkeypatch):
     """A benchmark's one-worker runs go through `run_in_process` (the same loop, checkpoints and result.json, without
     starting Ray Train, about 20 s a run here); its runs of more workers still go through Ray. For tests whose

@@ -2,7 +2,8 @@
 reads or writes, and every size or seed that would only fail mid-run, is refused before Ray starts with one line on
 stderr naming it, exit code 2, and no output written.
 
-`ray.init` is replaced by one that records the call and raises: a case that got as far as starting Ray fails."""
+`ray.init` is replaced by one that records the call and raises (the `ray_calls` fixture): a case that got as far
+as starting Ray fails."""
 
 from __future__ import annotations
 
@@ -198,21 +199,6 @@ def _folder_as_train(w: World) -> Path:
         train.unlink()
         train.mkdir()
     return data
-
-
-@pytest.fixture
-def ray_calls(monkeypatch) -> list:
-    import ray
-
-    calls = []
-
-    def init(*args, **kwargs):
-        calls.append(kwargs)
-        raise RuntimeError("ray.init was called")
-
-    monkeypatch.setattr(ray, "init", init)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    return calls
 
 
 @pytest.mark.parametrize("argv,needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
