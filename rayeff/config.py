@@ -34,29 +34,91 @@ class ModelSpec(Spec):
 
 
 class DataSpec(Spec):
-    task: str = Field(description="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli")
+    """A GLUE preset (`task`), or the user's own examples (`train_file`, with `dev_file` or `dev_fraction`)."""
+    task: str | None = Field(None, description="GLUE preset: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, "
+                                               "wnli; leave it out when the data is your own (train_file)")
     data_dir: str | None = Field(None, description="folder in GLUE's download layout; None loads from the hub")
+    train_file: str | None = Field(None, description="your training examples: a .jsonl, .json, .csv, .tsv or "
+                                                     ".parquet file, or a folder saved by datasets' save_to_disk")
+    dev_file: str | None = Field(None, description="your dev examples, in the same forms as train_file")
+    dev_fraction: float | None = Field(None, gt=0.0, lt=1.0, description="without dev_file: hold out this fraction "
+                                                                         "of train_file as dev, drawn with `seed`")
+    task_type: Literal["classification", "regression"] = Field(
+        "classification", description="what the model learns from your data: a label from a set, or a number")
+    columns: dict[str, str] = Field(default_factory=dict, description="your data's column for each role: text, "
+                                    "text_pair (optional), label; e.g. {text: sentence, label: label}. Roles left "
+                                    "out read the column of the role's own name")
+    labels: list[str] | None = Field(None, min_length=2, description="the label set in the order of the model's "
+                                     "outputs; None takes the train split's labels, sorted (numerically when all "
+                                     "are integers)")
+    name: str | None = Field(None, description="your data's name in results (default: train_file's stem)")
     train_subset: int | None = Field(None, gt=0, description="train on this many examples, drawn with `seed`")
     k_shot: int | None = Field(None, gt=0, description="train on k examples per class, drawn with `seed`")
     eval_subset: int | None = Field(None, gt=0, description="evaluate on the first n dev examples only")
-    seed: int = Field(0, ge=0, lt=2**32, description="seed of the subset and k-shot draws (fixed apart from "
-                                                     "training.seed)")
+    seed: int = Field(0, ge=0, lt=2**32, description="seed of the subset, k-shot and held-out draws (fixed apart "
+                                                     "from training.seed)")
     cache_dir: str | None = Field(None, description="tokenised-dataset cache; default ~/.cache/rayeff")
 
-    _paths = field_validator("data_dir", "cache_dir")(no_nul)
+    _paths = field_validator("data_dir", "cache_dir", "train_file", "dev_file")(no_nul)
 
     @field_validator("task")
     @classmethod
-    def _known_task(cls, task: str) -> str:
+    def _known_task(cls, task: str | None) -> str | None:
         from rayeff.data.glue import canonical_task_name
 
-        return canonical_task_name(task)
+        return None if task is None else canonical_task_name(task)
+
+    @field_validator("columns")
+    @classmethod
+    def _known_roles(cls, columns: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(columns) - set(COLUMN_ROLES))
+        if unknown:
+            raise ValueError(f"unknown role(s) {unknown}; the roles are {', '.join(COLUMN_ROLES)}")
+        return columns
 
     @model_validator(mode="after")
-    def _one_sampling(self) -> DataSpec:
+    def _one_source(self) -> DataSpec:
         if self.train_subset is not None and self.k_shot is not None:
             raise ValueError("set either train_subset or k_shot, not both")
+        if (self.task is None) == (self.train_file is None):
+            raise ValueError("set either task (a GLUE preset) or train_file (your own data), not both" if self.task
+                             else "set task (a GLUE preset such as sst2) or train_file (your own data)")
+        if self.task is not None:
+            own = [f for f in ("dev_file", "dev_fraction", "columns", "labels", "name") if getattr(self, f)]
+            if own:
+                raise ValueError(f"{', '.join(own)} describe your own data (train_file); a GLUE preset (task) "
+                                 "has its own")
+            return self
+        if self.data_dir is not None:
+            raise ValueError("data_dir is GLUE's folder; with train_file, give dev_file or dev_fraction instead")
+        if (self.dev_file is None) == (self.dev_fraction is None):
+            raise ValueError("with train_file, set dev_file or dev_fraction (a held-out share of train_file), "
+                             "not both" if self.dev_file else "with train_file, set dev_file or dev_fraction (a "
+                             "held-out share of train_file, e.g. 0.1)")
+        if self.task_type == "regression" and self.labels is not None:
+            raise ValueError("labels name classes; a regression task has none")
         return self
+
+    def resolve_paths(self) -> None:
+        """The data's paths made absolute, as the driver sees them: the workers may start in another folder."""
+        for field in ("data_dir", "train_file", "dev_file"):
+            if getattr(self, field) is not None:
+                setattr(self, field, str(Path(getattr(self, field)).resolve()))
+
+    @property
+    def own(self) -> bool:
+        """The user's own examples rather than a GLUE preset."""
+        return self.train_file is not None
+
+    @property
+    def display_name(self) -> str:
+        """The data's name in results: the GLUE task, or data.name, or train_file's stem."""
+        if self.task is not None:
+            return self.task
+        return self.name or Path(self.train_file.rstrip("/")).stem or "data"
+
+
+COLUMN_ROLES = ("text", "text_pair", "label")
 
 
 class TrainingSpec(Spec):

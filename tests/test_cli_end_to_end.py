@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from rayeff.config import load_job
-from rayeff.data.glue import get_task
 from rayeff.data.metrics import compute_metrics
+from rayeff.data.task import task_of
 from rayeff.data.tokenized import Collator, load_train_and_dev
 from rayeff.models import build_classifier, load_tokenizer, resolve_model
 
@@ -36,7 +36,7 @@ def untrained_and_majority_accuracy(job_file: Path, overrides: list[str]) -> tup
     """On the job's dev set: the accuracy of its model before any update (READ's W_o starts at zero, so that is the
     backbone with the head the workers initialise, seeded alike) and of always answering the majority class."""
     job = load_job(job_file, overrides)
-    source, task = resolve_model(job.model.name), get_task(job.data.task)
+    source, task = resolve_model(job.model.name), task_of(job.data)
     torch.manual_seed(job.training.seed)   # as each worker does before it builds the model
     tokenizer = load_tokenizer(source)
     _, dev = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
@@ -47,7 +47,7 @@ def untrained_and_majority_accuracy(job_file: Path, overrides: list[str]) -> tup
     with torch.no_grad():
         predictions = classifier(**collate([dict(dev[i], index=i) for i in range(len(dev))])).argmax(-1).tolist()
     labels = list(dev["label"])
-    untrained = compute_metrics(task.name, predictions, labels)["accuracy"]
+    untrained = compute_metrics(task.metrics, predictions, labels)["accuracy"]
     return untrained, max(Counter(labels).values()) / len(labels)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rayeff.config import DataSpec
-from rayeff.data.glue import TASKS, load_split
+from rayeff.data.glue import TASKS, get_task, load_split
 from rayeff.data.metrics import compute_metrics
 from rayeff.data.tokenized import load_train_and_dev, sample_indices, tokenized_split
 from rayeff.errors import UserError
@@ -113,14 +113,14 @@ def test_tokenised_cache_is_keyed_and_reused(glue_dir):
 
 
 def test_metrics_match_hand_computed_values():
-    assert compute_metrics("sst2", [1, 0, 1, 1], [1, 0, 0, 1]) == {"accuracy": 0.75}
+    assert compute_metrics(get_task("sst2").metrics, [1, 0, 1, 1], [1, 0, 0, 1]) == {"accuracy": 0.75}
     # MRPC: tp=2, fp=1, fn=1 -> precision = recall = 2/3, F1 = 2/3
-    m = compute_metrics("mrpc", [1, 1, 1, 0, 0], [1, 1, 0, 1, 0])
+    m = compute_metrics(get_task("mrpc").metrics, [1, 1, 1, 0, 0], [1, 1, 0, 1, 0])
     assert m["f1"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(0.6)
     # CoLA: tp=2, tn=1, fp=1, fn=0 -> MCC = (2*1 - 1*0) / sqrt(3*2*1*2)
-    assert compute_metrics("cola", [1, 1, 1, 0], [1, 1, 0, 0])["matthews_correlation"] == \
+    assert compute_metrics(get_task("cola").metrics, [1, 1, 1, 0], [1, 1, 0, 0])["matthews_correlation"] == \
         pytest.approx(2 / math.sqrt(12))
-    s = compute_metrics("stsb", [1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 9.0])
+    s = compute_metrics(get_task("stsb").metrics, [1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 9.0])
     assert s["spearmanr"] == pytest.approx(1.0) and 0.98 < s["pearson"] < 1.0
 
 

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from rayeff.bench.zo import bench_zo
 from rayeff.config import load_job, validate_job
-from rayeff.data.glue import get_task
 from rayeff.data.metrics import compute_metrics
+from rayeff.data.task import task_of
 from rayeff.data.tokenized import Collator, load_train_and_dev
 from rayeff.errors import UserError
 from rayeff.methods import get_method, method_config_from_dict
@@ -56,7 +56,7 @@ def weights(result: dict) -> dict:
 def untrained_accuracy(job_file: Path, glue_dir: Path) -> float:
     """The job's model before any update (its seeded head; adapters start as the identity), on the same dev set."""
     job = load_job(job_file, [f"data.data_dir={glue_dir}"])
-    source, task = resolve_model(job.model.name), get_task(job.data.task)
+    source, task = resolve_model(job.model.name), task_of(job.data)
     tokenizer = load_tokenizer(source)
     _, dev = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
     torch.manual_seed(job.training.seed)
@@ -69,7 +69,7 @@ def untrained_accuracy(job_file: Path, glue_dir: Path) -> float:
         for start in range(0, len(dev), 64):
             batch = collate([dict(dev[i], index=i) for i in range(start, min(start + 64, len(dev)))])
             predictions += classifier(**batch).argmax(-1).tolist()
-    return compute_metrics(task.name, predictions, dev["label"])["accuracy"]
+    return compute_metrics(task.metrics, predictions, dev["label"])["accuracy"]
 
 
 def test_adazeta_on_minilm_16_shot_sst2_beats_the_untrained_model(tmp_path, glue_dir):

@@ -19,7 +19,7 @@ from rich.table import Table
 from rayeff.bench import output_and_runs_dir, run_measured
 from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, parse_overrides, set_field, validate_job
-from rayeff.data.metrics import primary_metric
+from rayeff.data.task import task_of
 from rayeff.errors import UserError
 from rayeff.measure.energy import energy_label, estimate_note
 from rayeff.results import RunResult
@@ -76,8 +76,8 @@ def compare_methods(job: JobSpec, methods: list[str], output: str, runs_dir: str
     for j in jobs.values():   # every run's checks before the first one starts (and before Ray does)
         prepare(j)
     results = {m: run_measured(j, address, show_progress) for m, j in jobs.items()}
-    metric = primary_metric(job.data.task)
-    report = {"task": job.data.task, "model": job.model.name, "primary_metric": metric,
+    metric = task_of(job.data).metrics[0]
+    report = {"task": job.data.display_name, "model": job.model.name, "primary_metric": metric,
               "same_for_all": {"batch_size": job.training.batch_size, "max_seq_length": job.training.max_seq_length,
                                "padding": job.training.padding, "seed": job.training.seed,
                                "steps": {m: r.time.steps for m, r in results.items()},

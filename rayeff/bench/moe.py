@@ -17,7 +17,7 @@ from pathlib import Path
 from rayeff.bench import output_and_runs_dir, run_measured
 from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, validate_job
-from rayeff.data.metrics import primary_metric
+from rayeff.data.task import task_of
 from rayeff.errors import UserError
 from rayeff.measure.energy import estimate_note
 from rayeff.results import RunResult
@@ -63,7 +63,7 @@ def bench_moe(job: JobSpec, output: str, experts: list[int], top_ks: list[int], 
     for j in jobs.values():   # every run's checks before the first one starts (and before Ray does)
         prepare(j)
     results = {name: run_measured(j, address, show_progress) for name, j in jobs.items()}
-    metric = primary_metric(job.data.task)
+    metric = task_of(job.data).metrics[0]
     upcycled = [r.moe for r in results.values() if r.moe is not None]
     dense_flops = upcycled[0].dense_flops_per_token
     rows = {name: summarise(r, metric, dense_flops) for name, r in results.items()}
@@ -72,7 +72,7 @@ def bench_moe(job: JobSpec, output: str, experts: list[int], top_ks: list[int], 
         row.update({f"{key}_ratio_to_dense": row[key] / dense[key] if dense[key] else None
                     for key in ("tensor_account_bytes", "energy_joules", "seconds_per_sample")},
                    dev_difference_to_dense=row["dev"] - dense["dev"])
-    report = {"task": job.data.task, "model": job.model.name, "primary_metric": metric,
+    report = {"task": job.data.display_name, "model": job.model.name, "primary_metric": metric,
               "same_for_all": {"batch_size": job.training.batch_size, "max_seq_length": job.training.max_seq_length,
                                "seed": job.training.seed, "workers": job.scaling.num_workers,
                                "steps": {name: r.time.steps for name, r in results.items()}},

@@ -33,8 +33,8 @@ from rayeff.bench import output_and_runs_dir, run_measured
 from rayeff.cluster.connect import init_ray
 from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, validate_job
-from rayeff.data.glue import get_task
-from rayeff.data.metrics import compute_metrics, primary_metric
+from rayeff.data.metrics import compute_metrics
+from rayeff.data.task import task_of
 from rayeff.data.tokenized import Collator, load_train_and_dev
 from rayeff.errors import UserError
 from rayeff.measure.energy import energy_label
@@ -70,7 +70,7 @@ def convergence(job: JobSpec, runs: Path, target: float, window: int, show: bool
     results = {"adazeta": run_measured(variant(job, runs, "adazeta", adazeta), address, show),
                "mezo-lora": run_measured(variant(job, runs, "mezo-lora", {"name": "mezo", "target": "lora",
                                                                         "eps": job.method.eps}), address, show)}
-    metric = primary_metric(job.data.task)
+    metric = task_of(job.data).metrics[0]
     reached = {name: first_step_at(r.loss_history, target, window) for name, r in results.items()}
     out = {name: {"step_reaching_target": reached[name],
                   "queries_to_target": (sum(r.zeroth_order.step_queries[:reached[name]])
@@ -112,7 +112,7 @@ def query_parallelism(job: JobSpec, runs: Path, queries: int, steps: int, show: 
 
 def classifier_and_batch(job: JobSpec, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The job's seeded classifier (no method applied) and its first training batch, on `device`."""
-    source, task = resolve_model(job.model.name), get_task(job.data.task)
+    source, task = resolve_model(job.model.name), task_of(job.data)
     torch.manual_seed(job.training.seed)
     classifier = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling, job.model.head)
     tokenizer = load_tokenizer(source)
@@ -134,7 +134,7 @@ def inference_pass(job_dump: dict, source: dict, steps: int) -> dict:
         torch.set_num_threads(job.scaling.threads_per_worker)
     device = torch.device("cuda", 0) if job.scaling.gpus_per_worker > 0 else torch.device("cpu")
     peak = DevicePeak(device)
-    task = get_task(job.data.task)
+    task = task_of(job.data)
     torch.manual_seed(job.training.seed)
     src = ModelSource(**source)
     tokenizer = load_tokenizer(src)
@@ -174,7 +174,7 @@ def inference_pass(job_dump: dict, source: dict, steps: int) -> dict:
             "tensor_account_bytes": param_bytes + buffer_bytes + counter.peak_bytes,
             "peak_device_bytes": peak.peak_bytes(), "peak_device_kind": peak.kind,
             "precision": job.deepspeed.precision, "training_batches": forwards,
-            "dev_metrics": compute_metrics(task.name, predictions, [labels[i] for i in order])}
+            "dev_metrics": compute_metrics(task.metrics, predictions, [labels[i] for i in order])}
 
 
 def start_inference_pass(job: JobSpec, steps: int, address: str | None = None):
@@ -281,7 +281,7 @@ def bench_zo(job: JobSpec, output: str, runs_dir: str | None = None, loss_target
         raise UserError(f"{job.method.name}: bench zo needs a job whose method is adazeta or mezo")
     conv = convergence(job, runs, loss_target, window, show_progress, address)
     report = {
-        "task": job.data.task, "model": job.model.name, "k_shot": job.data.k_shot,
+        "task": job.data.display_name, "model": job.model.name, "k_shot": job.data.k_shot,
         "same_for_all": {"lr": job.training.lr, "batch_size": job.training.batch_size, "seed": job.training.seed,
                          "eps": job.method.eps},
         "loss_target": loss_target, "loss_window": window,

@@ -3,6 +3,7 @@
     from rayeff.data.glue import load_split
     examples = load_split("sst2", "train", data_dir="../shared/data/glue")
 
+What a run learns from a preset (its labels and metrics) reaches the loops as a `LabelledTask` (rayeff/data/task.py).
 An example set is a plain dict of columns: `text_a`, `text_b` (None for single-sentence tasks) and `label`
 (class index, or a float score for the STS-B regression task).
 """
@@ -32,14 +33,6 @@ class GlueTask:
     dev_file: str = "dev.tsv"
     hub_dev_split: str = "validation"
     headerless_columns: dict | None = None  # CoLA's TSV has no header: column index per name
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.labels is None else len(self.labels)
-
-    @property
-    def is_regression(self) -> bool:
-        return self.labels is None
 
 
 _NLI3 = ("entailment", "neutral", "contradiction")
@@ -108,7 +101,7 @@ def _read_tsv(path: Path, task: GlueTask) -> dict:
         raise UserError(f"{path}: no examples (no line with all {width} columns); is this GLUE's {task.folder} file?")
     texts = [[r[columns[c]] for r in body] for c in task.text_columns]
     raw_labels = [r[columns[task.label_column]] for r in body]
-    if task.is_regression:
+    if task.labels is None:   # regression
         try:
             labels = [float(x) for x in raw_labels]
         except ValueError:
@@ -153,7 +146,7 @@ def _load_from_hub(task: GlueTask, split: str) -> dict:
                         f"hub ({reason}); pass --data-dir DIR with GLUE's download layout") from None
     cols = task.hub_text_columns
     return {"text_a": list(ds[cols[0]]), "text_b": list(ds[cols[1]]) if len(cols) > 1 else None,
-            "label": [float(x) for x in ds["label"]] if task.is_regression else list(ds["label"])}
+            "label": [float(x) for x in ds["label"]] if task.labels is None else list(ds["label"])}
 
 
 def split_file(task: GlueTask, split: str, data_dir: str | Path) -> Path:

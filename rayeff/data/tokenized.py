@@ -1,7 +1,8 @@
-"""Tokenised GLUE splits, cached on disk, sub-sampled, and batched.
+"""Tokenised splits (a GLUE preset's or your own data's), cached on disk, sub-sampled, and batched.
 
 The cache key is (tokenizer, task, split, max length, data source): a tokenizer is identified by the hash of its
-full serialised form, so two checkpoints that share a tokenizer share the cache. Entries are written to a temporary
+full serialised form, so two checkpoints that share a tokenizer share the cache; your own data by the hash of its
+files' bytes, its column mapping, label set and held-out draw. Entries are written to a temporary
 name and renamed, under a file lock, so concurrent workers never read half a cache entry.
 """
 
@@ -20,7 +21,9 @@ import torch
 from filelock import FileLock
 
 from rayeff.config import DataSpec
-from rayeff.data.glue import get_task, load_split, split_file
+from rayeff.data.files import content_hash
+from rayeff.data.glue import get_task, split_file
+from rayeff.data.task import load_examples, task_of
 
 
 def default_cache_dir() -> Path:
@@ -48,20 +51,27 @@ def _fingerprint_of(tokenizer, size: int) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def _source_fingerprint(task_name: str, split: str, data_dir: str | None) -> str:
-    if data_dir is None:
+def _source_fingerprint(spec: DataSpec, split: str) -> str:
+    if spec.own:
+        task = task_of(spec)
+        files = [content_hash(spec.train_file)] + ([content_hash(spec.dev_file)] if spec.dev_file else [])
+        return json.dumps({"files": files, "columns": spec.columns, "labels": task.labels,
+                           "text_fields": task.text_fields, "held_out": [spec.dev_fraction, spec.seed]},
+                          sort_keys=True)
+    if spec.data_dir is None:
         return "hub"
-    path = split_file(get_task(task_name), split, data_dir)
+    path = split_file(get_task(spec.task), split, spec.data_dir)
     stat = path.stat()
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _cache_path(spec: DataSpec, split: str, tokenizer, max_length: int) -> Path:
-    key = "|".join([_tokenizer_fingerprint(tokenizer), spec.task, split, str(max_length),
-                    _source_fingerprint(spec.task, split, spec.data_dir)])
+    key = "|".join([_tokenizer_fingerprint(tokenizer), spec.display_name, split, str(max_length),
+                    _source_fingerprint(spec, split)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     root = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
-    return root / "tokenized" / f"{spec.task}-{split}-{max_length}-{digest}"
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.display_name)[:40]
+    return root / "tokenized" / f"{name}-{split}-{max_length}-{digest}"
 
 
 def _tokenize(columns: dict, tokenizer, max_length: int) -> datasets.Dataset:
@@ -78,7 +88,7 @@ def tokenized_split(spec: DataSpec, split: str, tokenizer, max_length: int) -> d
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.is_dir():
-            dataset = _tokenize(load_split(spec.task, split, spec.data_dir), tokenizer, max_length)
+            dataset = _tokenize(load_examples(spec, split), tokenizer, max_length)
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             dataset.save_to_disk(str(tmp))
@@ -95,7 +105,8 @@ def sample_indices(labels: list, spec: DataSpec, is_regression: bool) -> np.ndar
         return np.sort(rng.choice(len(labels), size=spec.train_subset, replace=False))
     if spec.k_shot is not None:
         if is_regression:
-            raise ValueError("data.k_shot needs a classification task; use data.train_subset for STS-B")
+            raise ValueError("data.k_shot needs a classification task; use data.train_subset for a regression "
+                             "task such as STS-B")
         labels = np.asarray(labels)
         picked = []
         for cls in np.unique(labels):
@@ -106,7 +117,7 @@ def sample_indices(labels: list, spec: DataSpec, is_regression: bool) -> np.ndar
 
 
 def load_train_and_dev(spec: DataSpec, tokenizer, max_length: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    task = get_task(spec.task)
+    task = task_of(spec)
     train = tokenized_split(spec, "train", tokenizer, max_length)
     keep = sample_indices(train["label"], spec, task.is_regression)
     if keep is not None:

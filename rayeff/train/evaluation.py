@@ -31,4 +31,4 @@ def evaluate(module: nn.Module, run: RunSetup, ctx: TrainContext) -> dict[str, f
         merged.update(part)
     keys = sorted(merged)
     labels = run.dev_set["label"]
-    return compute_metrics(run.task.name, [merged[k] for k in keys], [labels[k] for k in keys])
+    return compute_metrics(run.task.metrics, [merged[k] for k in keys], [labels[k] for k in keys])

@@ -58,7 +58,7 @@ def check_sequence_length(job, source) -> None:
     """max_seq_length within the model's positions (longer sequences fail at the first batch that has one), and at
     least the tokenizer's special tokens plus one token per text (below that the tokenizer silently does not
     truncate at all)."""
-    from rayeff.data.glue import get_task
+    from rayeff.data.task import task_of
     from rayeff.models import load_tokenizer
 
     length = job.training.max_seq_length
@@ -66,7 +66,7 @@ def check_sequence_length(job, source) -> None:
     if limit is not None and length > limit:
         raise UserError(f"training.max_seq_length: {length} exceeds the {limit} positions of model "
                         f"{job.model.name}; set it to at most {limit}")
-    texts = len(get_task(job.data.task).text_columns)
+    texts = task_of(job.data).text_fields
     try:
         tokenizer = load_tokenizer(source)
     except Exception as err:  # noqa: BLE001  (a folder whose tokenizer files are broken, say)
@@ -75,8 +75,8 @@ def check_sequence_length(job, source) -> None:
                         "model folder") from None
     least = tokenizer.num_special_tokens_to_add(pair=texts > 1) + texts
     if length < least:
-        raise UserError(f"training.max_seq_length: {length} leaves no room for text ({job.data.task} examples take "
-                        f"{least - texts} special tokens and {texts} text); set it to at least {least}")
+        raise UserError(f"training.max_seq_length: {length} leaves no room for text ({job.data.display_name} "
+                        f"examples take {least - texts} special tokens and {texts} text); set it to at least {least}")
 
 
 def check_local_gpus(job, address: str | None) -> None:

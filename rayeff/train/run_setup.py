@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rayeff.config import JobSpec
-from rayeff.data.glue import GlueTask, get_task
+from rayeff.data.task import LabelledTask, task_of
 from rayeff.data.tokenized import Collator, load_train_and_dev
 from rayeff.measure.memory import DevicePeak
 from rayeff.methods import MethodDefinition, get_method
@@ -21,7 +21,7 @@ from rayeff.models import ModelSource, build_classifier, load_tokenizer
 class RunSetup:
     job: JobSpec
     method: MethodDefinition
-    task: GlueTask
+    task: LabelledTask
     train_set: object     # tokenised datasets (Hugging Face `datasets`), indexed by example
     dev_set: object
     collate: Collator
@@ -32,7 +32,7 @@ class RunSetup:
     @classmethod
     def build(cls, job: JobSpec, source: ModelSource, device: torch.device) -> RunSetup:
         device_peak = DevicePeak(device)
-        method, task = get_method(job.method.name), get_task(job.data.task)
+        method, task = get_method(job.method.name), task_of(job.data)
         torch.manual_seed(job.training.seed)  # the same initial weights on every worker
         tokenizer = load_tokenizer(source)
         train_set, dev_set = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)

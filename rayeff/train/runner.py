@@ -23,7 +23,7 @@ import yaml
 from rayeff.cluster.connect import init_ray
 from rayeff.cluster.storage import Storage, check_shared, location_name
 from rayeff.config import JobSpec
-from rayeff.data.glue import check_data_dir, get_task
+from rayeff.data.task import check_data, task_of
 from rayeff.errors import UserError
 from rayeff.methods import get_method
 from rayeff.methods.zeroth_order_config import query_schedule
@@ -53,7 +53,7 @@ def prepare(job: JobSpec) -> ModelSource:
     tokenises the data once into the on-disk cache that the workers then read."""
     from rayeff.data.tokenized import load_train_and_dev
 
-    check_data_dir(job.data.task, job.data.data_dir)
+    check_data(job.data)
     source = resolve_model(job.model.name)
     method = get_method(job.method.name)
     if method.check_model is not None:
@@ -173,8 +173,7 @@ def finish(job: JobSpec, summary: dict, checkpoint: Path | None) -> dict:
 
 def normalise_paths(job: JobSpec) -> None:
     job.output_dir = Storage(job.output_dir).location
-    if job.data.data_dir is not None:
-        job.data.data_dir = str(Path(job.data.data_dir).resolve())
+    job.data.resolve_paths()
 
 
 def run_job(job: JobSpec, address: str | None = None, show_progress: bool = True) -> dict:
@@ -193,7 +192,7 @@ def run_job(job: JobSpec, address: str | None = None, show_progress: bool = True
     outcome: dict = {}
     fit = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
     fit.start()
-    display = ProgressDisplay(f"{job.method.name} · {job.model.name} · {get_task(job.data.task).name}")
+    display = ProgressDisplay(f"{job.method.name} · {job.model.name} · {task_of(job.data).name}")
     with display:
         while fit.is_alive():
             fit.join(timeout=0.5)

@@ -14,7 +14,6 @@ import os
 import torch
 
 from rayeff.config import JobSpec
-from rayeff.data.metrics import primary_metric
 from rayeff.methods import get_method
 from rayeff.models import ModelSource
 from rayeff.quiet import quiet_libraries
@@ -29,7 +28,7 @@ LOOPS = {"first_order": first_order.train_loop, "zeroth_order": zeroth_order.tra
 def run_worker(ctx: TrainContext, config: dict) -> None:
     job = JobSpec.model_validate(config["job"])
     run = RunSetup.build(job, ModelSource(**config["model_source"]), ctx.device)
-    reporter = Reporter(ctx.rank, job, run.task.name, primary_metric(run.task.name), config)
+    reporter = Reporter(ctx.rank, job, run.task.name, run.task.metrics[0], config)
     LOOPS[run.method.loop](ctx, run, reporter)
 
 

@@ -45,13 +45,13 @@ LINEAR_MARGIN = 0.1     # ... and a linear one this fraction of the original ran
 
 def describe_setting(job: JobSpec, train_size: int) -> dict:
     """The descriptors of a sweep's task and setting."""
-    from rayeff.data.glue import get_task
+    from rayeff.data.task import task_of
     from rayeff.models import resolve_model
 
-    task = get_task(job.data.task)
+    task = task_of(job.data)
     family, params = model_family_and_size(resolve_model(job.model.name))
     return {"task": task.name, "task_type": "regression" if task.is_regression else "classification",
-            "input": "pair" if len(task.text_columns) == 2 else "single", "num_labels": task.num_labels,
+            "input": "pair" if task.text_fields == 2 else "single", "num_labels": task.num_labels,
             "train_size": train_size, "model": job.model.name, "model_family": family, "model_params": params,
             "method": job.method.name}
 

@@ -23,8 +23,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from rayeff.config import JobSpec, describe_errors, load_job, parse_overrides, read_yaml_mapping, set_field
-from rayeff.data.glue import get_task
-from rayeff.data.metrics import primary_metric
+from rayeff.data.task import task_of
 from rayeff.errors import UserError
 from rayeff.results import RunResult
 from rayeff.spec_base import Spec
@@ -129,16 +128,16 @@ def load_sweep(path: str | Path, overrides: list[str] = (), data_dir: str | None
     check_fields(space, f"{path}: {sweep.search_space} with base job {sweep.base_job}",
                  job.model_dump(mode="json"))
     for i, objective in enumerate(sweep.objectives):
-        if objective.metric not in ("dev", ENERGY_METRIC) and objective.metric not in get_task(job.data.task).metrics:
+        if objective.metric not in ("dev", ENERGY_METRIC) and objective.metric not in task_of(job.data).metrics:
             where = "objective" if len(sweep.objectives) == 1 else f"objective.{i}"
-            raise UserError(f"{path}: {where}.metric {objective.metric!r} is not a dev metric of {job.data.task}; "
-                            f"use dev, {ENERGY_METRIC} or one of the task's metrics")
+            raise UserError(f"{path}: {where}.metric {objective.metric!r} is not a dev metric of "
+                            f"{job.data.display_name}; use dev, {ENERGY_METRIC} or one of the task's metrics")
     return sweep, job, space
 
 
 def metric_name(objective: ObjectiveSpec, job: JobSpec) -> str:
     """The dev-metric key (or `energy_j`) an objective reads."""
-    return primary_metric(job.data.task) if objective.metric == "dev" else objective.metric
+    return task_of(job.data).metrics[0] if objective.metric == "dev" else objective.metric
 
 
 def objective_values(sweep: SweepSpec, job: JobSpec, summary: dict) -> list[float]:

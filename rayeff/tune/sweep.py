@@ -66,12 +66,12 @@ def _study_file(output: Storage, resume: bool) -> Path:
 
 
 def _descriptors(job) -> dict:
-    from rayeff.data.glue import check_data_dir
+    from rayeff.data.task import check_data
     from rayeff.data.tokenized import load_train_and_dev
     from rayeff.models import load_tokenizer, resolve_model
     from rayeff.tune.priors import describe_setting
 
-    check_data_dir(job.data.task, job.data.data_dir)
+    check_data(job.data)
     source = resolve_model(job.model.name)
     try:   # also fills the tokenised cache that every trial then reads
         train, _ = load_train_and_dev(job.data, load_tokenizer(source), job.training.max_seq_length)
@@ -117,8 +117,7 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
     output = Storage(sweep.output_dir)
     started = _started(output, sweep, resume)
     check_sweep_inputs(sweep, job, address)   # before anything is written or Ray starts
-    if job.data.data_dir is not None:
-        job.data.data_dir = str(Path(job.data.data_dir).resolve())
+    job.data.resolve_paths()
     if started is None:
         descriptors, first, priors = _descriptors(job), [], None
         store = PriorStore(sweep.priors.store)

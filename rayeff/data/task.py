@@ -1,0 +1,160 @@
+"""What a classification or regression run learns, and its examples, whether they come from a GLUE preset or from
+your own files (rayeff/data/files.py):
+
+    task = task_of(job.data)                    # name, label set (None: regression), metrics, texts per example
+    examples = load_examples(job.data, "dev")   # {"text_a": [...], "text_b": [...] or None, "label": [...]}
+
+Labels come out as class indices in the order of `task.labels` (the model's outputs), or as floats for regression.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from rayeff.config import DataSpec
+from rayeff.data import files, glue
+from rayeff.errors import UserError
+
+
+@dataclass(frozen=True)
+class LabelledTask:
+    name: str
+    labels: tuple[str, ...] | None   # None: regression
+    metrics: tuple[str, ...]         # the first is the one runs are compared on
+    text_fields: int                 # 1 (text) or 2 (text and text_pair)
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.labels is None
+
+
+OWN_METRICS = {"classification": ("accuracy", "macro_f1"), "regression": ("pearson", "spearmanr")}
+
+
+def task_of(spec: DataSpec) -> LabelledTask:
+    if not spec.own:
+        preset = glue.get_task(spec.task)
+        return LabelledTask(preset.name, preset.labels, preset.metrics, len(preset.text_columns))
+    table = _train_table(spec)
+    pair = spec.columns.get("text_pair", "text_pair")
+    text_fields = 2 if "text_pair" in spec.columns or pair in table else 1
+    if spec.task_type == "regression":
+        return LabelledTask(spec.display_name, None, OWN_METRICS["regression"], text_fields)
+    labels = tuple(spec.labels) if spec.labels else _label_set(_column(table, spec, "label", "data.train_file"))
+    if len(labels) < 2:
+        raise UserError(f"data.train_file: {spec.train_file} has one label ({labels[0]!r}) only; a classifier "
+                        "needs examples of at least two")
+    return LabelledTask(spec.display_name, labels, OWN_METRICS["classification"], text_fields)
+
+
+def load_examples(spec: DataSpec, split: str) -> dict:
+    """The columns of one split ("train" or "dev"): GLUE's from its folder or the hub, yours from your files."""
+    if not spec.own:
+        return glue.load_split(spec.task, split, spec.data_dir)
+    task = task_of(spec)
+    if spec.dev_file is not None:
+        if split == "train":
+            return _examples(_train_table(spec), spec, task, "data.train_file", spec.train_file)
+        return _examples(files.read_table(spec.dev_file, "data.dev_file"), spec, task, "data.dev_file", spec.dev_file)
+    examples = _examples(_train_table(spec), spec, task, "data.train_file", spec.train_file)
+    keep = _held_out(len(examples["text_a"]), spec, split)
+    return {name: None if values is None else [values[i] for i in keep] for name, values in examples.items()}
+
+
+def _train_table(spec: DataSpec) -> dict[str, list]:
+    return files.read_table(spec.train_file, "data.train_file")
+
+
+def _held_out(n: int, spec: DataSpec, split: str) -> np.ndarray:
+    """The examples of `split` when data.dev_fraction of the train file is dev: a seeded draw, in the file's order."""
+    n_dev = max(1, round(spec.dev_fraction * n))
+    if n_dev >= n:
+        raise UserError(f"data.dev_fraction: {spec.dev_fraction:g} of {spec.train_file}'s {n} examples leaves none "
+                        "to train on; lower it or give a dev_file")
+    order = np.random.default_rng(spec.seed).permutation(n)
+    return np.sort(order[:n_dev] if split == "dev" else order[n_dev:])
+
+
+def _column(table: dict[str, list], spec: DataSpec, role: str, field: str) -> list:
+    name = spec.columns.get(role, role)
+    if name not in table:
+        path = spec.train_file if field == "data.train_file" else spec.dev_file
+        raise UserError(f"data.columns.{role}: {field} {path} has no column {name!r} (its columns: "
+                        f"{', '.join(map(str, table)) or 'none'}); set data.columns.{role} to the column that holds "
+                        f"the {role}")
+    return table[name]
+
+
+def _label_name(value) -> str | None:
+    """A label as the label set names it: JSON's 1 and a CSV's "1" are the same class."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def _label_set(values: list) -> tuple[str, ...]:
+    names = {n for n in map(_label_name, values) if n}
+    if all(n.lstrip("-").isdigit() for n in names):
+        return tuple(sorted(names, key=int))
+    return tuple(sorted(names))
+
+
+def _examples(table: dict[str, list], spec: DataSpec, task: LabelledTask, field: str, path: str) -> dict:
+    text = _texts(_column(table, spec, "text", field), "text", field, path)
+    pair = None
+    if task.text_fields == 2:
+        pair = _texts(_column(table, spec, "text_pair", field), "text_pair", field, path)
+    raw = _column(table, spec, "label", field)
+    return {"text_a": text, "text_b": pair, "label": _labels(raw, task, field, path)}
+
+
+def _texts(values: list, role: str, field: str, path: str) -> list[str]:
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise UserError(f"{field}: {path} example {i + 1}: its {role} is {v!r}, not text; every example needs a "
+                            f"{role}")
+    return values
+
+
+def _labels(values: list, task: LabelledTask, field: str, path: str) -> list:
+    if task.is_regression:
+        out = []
+        for i, v in enumerate(values):
+            try:
+                number = float(v)
+            except (TypeError, ValueError):
+                number = math.nan
+            if isinstance(v, bool) or not math.isfinite(number):
+                raise UserError(f"{field}: {path} example {i + 1}: label {v!r} is not a finite number; a regression "
+                                "task's labels are numbers")
+            out.append(number)
+        return out
+    index = {name: i for i, name in enumerate(task.labels)}
+    out = []
+    for i, v in enumerate(values):
+        name = _label_name(v)
+        if name not in index:
+            raise UserError(f"{field}: {path} example {i + 1}: label {v!r} is not in the label set "
+                            f"[{', '.join(task.labels)}]; fix the example, or list every label in data.labels")
+        out.append(index[name])
+    return out
+
+
+def check_data(spec: DataSpec) -> None:
+    """Before anything starts: GLUE's folder holds the task's files, or your files are there and of a form rayeff
+    reads (their columns and labels are checked as they are tokenised, still before Ray starts)."""
+    if not spec.own:
+        glue.check_data_dir(spec.task, spec.data_dir)
+        return
+    files.check_data_file(spec.train_file, "data.train_file")
+    if spec.dev_file is not None:
+        files.check_data_file(spec.dev_file, "data.dev_file")

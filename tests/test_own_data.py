@@ -1,0 +1,223 @@
+"""Your own data for classification and regression: every file form read alike, columns mapped to roles, label sets
+inferred or given, a seeded held-out dev share, SST-2 from a JSONL file training exactly as the GLUE preset does,
+a run through `rayeff run`, and each way the data can be wrong a one-line error before Ray starts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rayeff.cli import main
+from rayeff.config import DataSpec, validate_job
+from rayeff.data.glue import load_split
+from rayeff.data.task import load_examples, task_of
+from rayeff.data.tokenized import load_train_and_dev
+from rayeff.models import load_tokenizer, resolve_model
+from rayeff.train.runner import run_in_process
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = [{"review": f"a {'fine' if i % 3 else 'dull'} film, take {i}", "stars": ["neg", "pos", "mid"][i % 3],
+            "note": f"note {i}"} for i in range(30)]
+
+
+def write(path: Path, records: list[dict]) -> Path:
+    """`records` in the form `path`'s suffix names (a folder without suffix: datasets' save_to_disk)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(records, indent=1))
+    elif path.suffix in (".csv", ".tsv"):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]), delimiter="\t" if path.suffix == ".tsv" else ",")
+            writer.writeheader()
+            writer.writerows(records)
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    else:
+        import datasets
+
+        datasets.Dataset.from_list(records).save_to_disk(str(path))
+    return path
+
+
+def own(train: Path, **fields) -> DataSpec:
+    return DataSpec(train_file=str(train), **{"columns": {"text": "review", "label": "stars"}, **fields})
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".parquet", ""])
+def test_every_file_form_reads_the_same_examples(tmp_path, suffix):
+    train, dev = write(tmp_path / f"train{suffix}", RECORDS), write(tmp_path / f"dev{suffix}", RECORDS[:7])
+    spec = own(train, dev_file=str(dev))
+    task = task_of(spec)
+    assert task.labels == ("mid", "neg", "pos") and task.text_fields == 1 and task.metrics[0] == "accuracy"
+    assert task.name == "train"
+    examples = load_examples(spec, "train")
+    assert examples["text_a"] == [r["review"] for r in RECORDS] and examples["text_b"] is None
+    assert examples["label"] == [task.labels.index(r["stars"]) for r in RECORDS]
+    assert load_examples(spec, "dev")["label"] == examples["label"][:7]
+
+
+def test_a_saved_dataset_dict_gives_its_train_and_validation_splits(tmp_path):
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS),
+                          "validation": datasets.Dataset.from_list(RECORDS[5:9])}).save_to_disk(str(folder))
+    spec = own(folder, dev_file=str(folder))
+    assert load_examples(spec, "dev")["text_a"] == [r["review"] for r in RECORDS[5:9]]
+    assert len(load_examples(spec, "train")["text_a"]) == len(RECORDS)
+
+
+def test_labels_are_sorted_numerically_or_taken_in_the_order_data_labels_gives(tmp_path):
+    numbers = [{"text": f"t{i}", "label": n} for i, n in enumerate([10, 2, 1, 2])]
+    as_json = own(write(tmp_path / "n.jsonl", numbers), dev_fraction=0.25, columns={})
+    as_csv = own(write(tmp_path / "n.csv", numbers), dev_fraction=0.25, columns={})
+    assert task_of(as_json).labels == task_of(as_csv).labels == ("1", "2", "10")   # not "1", "10", "2"
+    assert load_examples(as_json, "train")["label"] == load_examples(as_csv, "train")["label"]
+    given = own(write(tmp_path / "t.jsonl", RECORDS), dev_fraction=0.2, labels=["pos", "neg", "mid"])
+    examples = load_examples(given, "train")
+    assert task_of(given).labels == ("pos", "neg", "mid")
+    texts = {r["review"]: r["stars"] for r in RECORDS}
+    assert all(["pos", "neg", "mid"][y] == texts[t] for t, y in zip(examples["text_a"], examples["label"]))
+
+
+def test_dev_fraction_holds_out_a_seeded_share_that_train_never_sees(tmp_path):
+    train = write(tmp_path / "t.jsonl", RECORDS)
+    dev_a, train_a = (load_examples(own(train, dev_fraction=0.2), s)["text_a"] for s in ("dev", "train"))
+    assert len(dev_a) == 6 and len(train_a) == 24 and not set(dev_a) & set(train_a)
+    assert sorted(dev_a + train_a) == sorted(r["review"] for r in RECORDS)
+    assert load_examples(own(train, dev_fraction=0.2), "dev")["text_a"] == dev_a        # the same seed, the same share
+    assert load_examples(own(train, dev_fraction=0.2, seed=1), "dev")["text_a"] != dev_a
+
+
+def test_a_text_pair_column_and_k_shot_sampling(tmp_path):
+    spec = own(write(tmp_path / "t.parquet", RECORDS), dev_fraction=0.1, k_shot=4,
+               columns={"text": "review", "text_pair": "note", "label": "stars"})
+    assert task_of(spec).text_fields == 2
+    tokenizer = load_tokenizer(resolve_model("tiny-bert"))
+    train, dev = load_train_and_dev(spec, tokenizer, 64)
+    assert sorted(train["label"]) == [0] * 4 + [1] * 4 + [2] * 4 and len(dev) == 3
+    assert tokenizer.sep_token_id in train[0]["input_ids"][1:-1]   # the pair is joined with a separator
+
+
+@pytest.mark.slow
+def test_sst2_from_a_jsonl_file_trains_exactly_as_the_glue_preset_on_minilm(tmp_path, glue_dir):
+    """READ, 1 epoch on a 96-example subset: the same examples, tokens, draws and so the same run."""
+    for split in ("train", "dev"):
+        examples = load_split("sst2", split, glue_dir)
+        write(tmp_path / f"sst2-{split}.jsonl", [{"sentence": t, "polarity": y}
+                                                 for t, y in zip(examples["text_a"], examples["label"])])
+    common = {"model": {"name": "minilm-l6"}, "method": {"name": "read"},
+              "training": {"epochs": 1, "batch_size": 16, "log_every": 1}}
+    sampling = {"train_subset": 96, "eval_subset": 64}
+    preset = run_in_process(validate_job({**common, "output_dir": str(tmp_path / "preset"),
+                                          "data": {"task": "sst2", "data_dir": str(glue_dir), **sampling}}))
+    mine = run_in_process(validate_job({**common, "output_dir": str(tmp_path / "mine"), "data": {
+        "train_file": str(tmp_path / "sst2-train.jsonl"), "dev_file": str(tmp_path / "sst2-dev.jsonl"),
+        "columns": {"text": "sentence", "label": "polarity"}, "name": "my-sst2", **sampling}}))
+    assert mine["metrics"]["accuracy"] == preset["metrics"]["accuracy"]
+    assert mine["loss_history"] == preset["loss_history"] and len(mine["loss_history"]) == 6
+    assert mine["task"] == "my-sst2" and set(mine["metrics"]) == {"accuracy", "macro_f1"}
+
+
+def test_regression_on_your_own_csv_trains_and_reports_correlations(tmp_path):
+    rows = [{"a": f"first {i}", "b": f"second {i % 5}", "score": str(i % 5 * 0.5)} for i in range(10)]
+    result = run_in_process(validate_job({
+        "model": {"name": "tiny-bert"}, "method": {"name": "full"}, "output_dir": str(tmp_path / "out"),
+        "data": {"train_file": str(write(tmp_path / "pairs.csv", rows)), "dev_fraction": 0.25,
+                 "task_type": "regression", "columns": {"text": "a", "text_pair": "b", "label": "score"}},
+        "training": {"max_steps": 8, "batch_size": 8, "lr": 1e-3, "log_every": 1}}))   # one batch: all 8 train rows
+    assert set(result["metrics"]) == {"pearson", "spearmanr"} and result["task"] == "pairs"
+    assert result["loss_history"][-1] < result["loss_history"][0]
+
+
+JOB = """model: {name: tiny-bert}
+data: {train_file: TRAIN, dev_fraction: 0.2, columns: {text: review, label: stars}}
+method: {name: read, hidden_size: 8}
+training: {max_steps: 3, batch_size: 8, log_every: 1}
+"""
+
+
+@pytest.mark.slow
+def test_rayeff_run_trains_on_your_own_csv_through_ray(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.replace("TRAIN", str(write(tmp_path / "reviews.csv", RECORDS))))
+    done = subprocess.run([sys.executable, "-m", "rayeff.cli", "run", str(job), "--output", str(tmp_path / "run"),
+                           "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["task"] == "reviews" and result["time"]["steps"] == 3 and result["status"] == "finished"
+    assert set(result["metrics"]) == {"accuracy", "macro_f1"} and len(result["loss_history"]) == 3
+
+
+def _case(tmp_path: Path, name: str) -> tuple[str, str]:
+    """A job whose data is wrong in the way `name` says, and the words its one-line error must hold."""
+    good = write(tmp_path / "good.jsonl", RECORDS)
+    data = {"train_file": str(good), "dev_fraction": 0.2, "columns": {"text": "review", "label": "stars"}}
+    needle = None
+    if name == "missing column":
+        data["columns"] = {"text": "body", "label": "stars"}
+        needle = "data.columns.text: data.train_file"
+    elif name == "empty split":
+        (tmp_path / "empty.jsonl").write_text("\n")
+        data = {**data, "dev_fraction": None, "dev_file": str(tmp_path / "empty.jsonl")}
+        needle = "holds no examples"
+    elif name == "label outside the label set":
+        data = {**data, "dev_fraction": None, "dev_file": str(write(tmp_path / "dev.jsonl", [
+            {"review": "fine", "stars": "pos"}, {"review": "odd", "stars": "great"}]))}
+        needle = "example 2: label 'great' is not in the label set [mid, neg, pos]"
+    elif name == "malformed json line":
+        (tmp_path / "bad.jsonl").write_text(json.dumps(RECORDS[0]) + "\n{review: 1}\n")
+        data["train_file"] = str(tmp_path / "bad.jsonl")
+        needle = "bad.jsonl line 2: not valid JSON"
+    elif name == "unknown format":
+        (tmp_path / "data.xlsx").write_text("x")
+        data["train_file"] = str(tmp_path / "data.xlsx")
+        needle = "unknown format '.xlsx'"
+    elif name == "missing file":
+        data["train_file"] = str(tmp_path / "nowhere.jsonl")
+        needle = "data.train_file: " + str(tmp_path / "nowhere.jsonl") + " not found"
+    elif name == "no dev":
+        data["dev_fraction"] = None
+        needle = "set dev_file or dev_fraction"
+    elif name == "task and train_file":
+        data["task"] = "sst2"
+        needle = "not both"
+    elif name == "a text that is not text":
+        data["train_file"] = str(write(tmp_path / "null.jsonl", [*RECORDS[:3], {"review": None, "stars": "pos"}]))
+        needle = "example 4: its text is None, not text"
+    elif name == "one label":
+        data["train_file"] = str(write(tmp_path / "one.jsonl", [{"review": "x", "stars": "pos"}] * 4))
+        needle = "has one label ('pos') only"
+    elif name == "regression label not a number":
+        data = {**data, "task_type": "regression"}
+        needle = "example 1: label 'neg' is not a finite number"
+    job = {"model": {"name": "tiny-bert"}, "data": {k: v for k, v in data.items() if v is not None},
+           "method": {"name": "read"}, "training": {"max_steps": 2, "batch_size": 4}}
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(job))
+    return str(path), needle
+
+
+@pytest.mark.parametrize("name", ["missing column", "empty split", "label outside the label set",
+                                  "malformed json line", "unknown format", "missing file", "no dev",
+                                  "task and train_file", "a text that is not text", "one label",
+                                  "regression label not a number"])
+def test_bad_own_data_is_one_line_exit_2_before_ray_with_nothing_written(tmp_path, capsys, ray_calls, name):
+    job, needle = _case(tmp_path, name)
+    out = tmp_path / "out"
+    code = main(["run", job, "--output", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert not ray_calls, "Ray was started"
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert needle in err, err
+    assert not out.exists()
