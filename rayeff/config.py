@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from rayeff.errors import UserError
-from rayeff.methods import MethodConfig, get_method, method_config_from_dict
+from rayeff.methods import METHODS, MethodConfig, get_method, method_config_from_dict
 from rayeff.spec_base import Spec, no_nul
 
 
@@ -43,11 +43,15 @@ class DataSpec(Spec):
     dev_file: str | None = Field(None, description="your dev examples, in the same forms as train_file")
     dev_fraction: float | None = Field(None, gt=0.0, lt=1.0, description="without dev_file: hold out this fraction "
                                                                          "of train_file as dev, drawn with `seed`")
-    task_type: Literal["classification", "regression"] = Field(
-        "classification", description="what the model learns from your data: a label from a set, or a number")
+    task_type: Literal["classification", "regression", "causal_lm"] = Field(
+        "classification", description="what the model learns from your data: a label from a set, a number, or "
+                                      "(causal_lm) to write the response to a prompt, its loss on the response only")
     columns: dict[str, str] = Field(default_factory=dict, description="your data's column for each role: text, "
-                                    "text_pair (optional), label; e.g. {text: sentence, label: label}. Roles left "
-                                    "out read the column of the role's own name")
+                                    "text_pair (optional), label for classification and regression; prompt, "
+                                    "response for causal_lm. e.g. {text: sentence, label: label}. Roles left out "
+                                    "read the column of the role's own name")
+    template: str | None = Field(None, description="causal_lm: the prompt built from each example's columns, e.g. "
+                                 "'Question: {question}\\nAnswer: ' (default: the prompt column as it is)")
     labels: list[str] | None = Field(None, min_length=2, description="the label set in the order of the model's "
                                      "outputs; None takes the train split's labels, sorted (numerically when all "
                                      "are integers)")
@@ -84,7 +88,8 @@ class DataSpec(Spec):
             raise ValueError("set either task (a GLUE preset) or train_file (your own data), not both" if self.task
                              else "set task (a GLUE preset such as sst2) or train_file (your own data)")
         if self.task is not None:
-            own = [f for f in ("dev_file", "dev_fraction", "columns", "labels", "name") if getattr(self, f)]
+            own = [f for f in ("dev_file", "dev_fraction", "columns", "labels", "name", "template")
+                   if getattr(self, f)] + (["task_type"] if self.task_type == "causal_lm" else [])
             if own:
                 raise ValueError(f"{', '.join(own)} describe your own data (train_file); a GLUE preset (task) "
                                  "has its own")
@@ -95,8 +100,12 @@ class DataSpec(Spec):
             raise ValueError("with train_file, set dev_file or dev_fraction (a held-out share of train_file), "
                              "not both" if self.dev_file else "with train_file, set dev_file or dev_fraction (a "
                              "held-out share of train_file, e.g. 0.1)")
-        if self.task_type == "regression" and self.labels is not None:
-            raise ValueError("labels name classes; a regression task has none")
+        if self.task_type != "classification" and self.labels is not None:
+            raise ValueError(f"labels name classes; a {self.task_type} task has none")
+        if self.template is not None and self.task_type != "causal_lm":
+            raise ValueError("template builds a causal_lm prompt; set task_type: causal_lm or leave template out")
+        if self.task_type == "causal_lm" and self.k_shot is not None:
+            raise ValueError("k_shot draws k examples per class; a causal_lm task has none (use train_subset)")
         return self
 
     def resolve_paths(self) -> None:
@@ -118,7 +127,7 @@ class DataSpec(Spec):
         return self.name or Path(self.train_file.rstrip("/")).stem or "data"
 
 
-COLUMN_ROLES = ("text", "text_pair", "label")
+COLUMN_ROLES = ("text", "text_pair", "label", "prompt", "response")
 
 
 class TrainingSpec(Spec):
@@ -204,6 +213,10 @@ class JobSpec(Spec):
         if method.loop == "first_order" and self.training.batch_size % self.scaling.num_workers:
             raise ValueError(f"training.batch_size ({self.training.batch_size}) must be a multiple of "
                              f"scaling.num_workers ({self.scaling.num_workers})")
+        if self.data.task_type not in method.task_types:
+            raise ValueError(f"method {method.name} cannot train a {self.data.task_type} task (data.task_type) yet; "
+                             f"it trains {', '.join(method.task_types)}. For {self.data.task_type}, use "
+                             f"{' or '.join(m for m in METHODS if self.data.task_type in METHODS[m].task_types)}")
         if method.check_job is not None:
             method.check_job(self.method, self)
         return self

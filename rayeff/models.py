@@ -142,16 +142,21 @@ def _config_dropout(config) -> float:
     return 0.0
 
 
+def tiny_config(source: ModelSource):
+    """A tiny alias's config, its vocabulary the size of the tokenizer it shares."""
+    from transformers import CONFIG_MAPPING, AutoTokenizer
+
+    spec = dict(TINY_CONFIGS[source.tiny_config])
+    vocab = len(AutoTokenizer.from_pretrained(source.tokenizer))
+    return CONFIG_MAPPING[spec.pop("model_type")](vocab_size=vocab, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                                                  **spec)
+
+
 def load_backbone(source: ModelSource, dropout: float | None = None) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
     if source.tiny_config is not None:
-        from transformers import CONFIG_MAPPING, AutoTokenizer
-
-        spec = dict(TINY_CONFIGS[source.tiny_config])
-        vocab = len(AutoTokenizer.from_pretrained(source.tokenizer))
-        config = CONFIG_MAPPING[spec.pop("model_type")](vocab_size=vocab, pad_token_id=0, bos_token_id=0,
-                                                         eos_token_id=0, **spec)
+        config = tiny_config(source)
         if dropout is not None:
             _set_dropout(config, dropout)
         return AutoModel.from_config(config)
@@ -190,7 +195,10 @@ class ClassificationHead(nn.Module):
 
 
 class SequenceClassifier(nn.Module):
-    """backbone -> pool one position per sequence -> head. `forward(**batch)` returns logits."""
+    """backbone -> pool one position per sequence -> head. `forward(**batch)` returns logits. The head is new, so
+    every method trains it (`trains_head`)."""
+
+    trains_head = True
 
     def __init__(self, backbone: nn.Module, num_labels: int, dropout: float | None = None, pooling: str = "auto",
                  head: str = "mlp"):
@@ -244,3 +252,50 @@ class SequenceClassifier(nn.Module):
 def build_classifier(source: ModelSource, num_labels: int, dropout: float | None = None,
                      pooling: str = "auto", head: str = "mlp") -> SequenceClassifier:
     return SequenceClassifier(load_backbone(source, dropout), num_labels, dropout, pooling, head)
+
+
+class CausalLM(nn.Module):
+    """A decoder (`backbone`) and its pretrained LM head (`head`), taken apart from the Hugging Face model so that
+    every method sees the layout a classifier has. `forward(**batch)` returns next-token logits, (batch, tokens,
+    vocabulary). The head is the pretrained one (tied to the input embeddings where the model ties them), so it
+    does not train unless the method trains everything (`trains_head` False)."""
+
+    trains_head = False
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.kind = backbone_kind(lm.config)
+        if self.kind != "decoder":
+            raise UserError(f"model.name: a causal-LM task needs a decoder-only model; {lm.config.model_type} is an "
+                            f"{self.kind}")
+        self.config = lm.config
+        self.backbone = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.base_model
+        self.head = lm.get_output_embeddings()
+        self.uses_token_types = False
+
+    def freeze_backbone(self) -> None:
+        self.requires_grad_(False)
+
+    def run_backbone(self, input_ids, attention_mask, token_type_ids=None, output_hidden_states=False):
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                             output_hidden_states=output_hidden_states)
+
+    def forward(self, input_ids, attention_mask, **_unused) -> torch.Tensor:
+        return self.head(self.run_backbone(input_ids, attention_mask).last_hidden_state)
+
+
+def load_causal_lm(source: ModelSource, dropout: float | None = None) -> nn.Module:
+    """The model's Hugging Face causal-LM form (AutoModelForCausalLM): pretrained weights, or a tiny config's random
+    ones (seeded by the caller)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = tiny_config(source) if source.tiny_config is not None else AutoConfig.from_pretrained(source.weights)
+    if dropout is not None:
+        _set_dropout(config, dropout)
+    if source.tiny_config is not None:
+        return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_pretrained(source.weights, config=config)
+
+
+def build_causal_lm(source: ModelSource, dropout: float | None = None) -> CausalLM:
+    return CausalLM(load_causal_lm(source, dropout))

@@ -1,8 +1,9 @@
-"""What a classification or regression run learns, and its examples, whether they come from a GLUE preset or from
-your own files (rayeff/data/files.py):
+"""What a run learns, and its examples, whether they come from a GLUE preset or from your own files
+(rayeff/data/files.py):
 
-    task = task_of(job.data)                    # name, label set (None: regression), metrics, texts per example
+    task = task_of(job.data)                    # a LabelledTask (classification, regression) or a CausalLMTask
     examples = load_examples(job.data, "dev")   # {"text_a": [...], "text_b": [...] or None, "label": [...]}
+                                                # or, causal_lm: {"prompt": [...], "response": [...]}
 
 Labels come out as class indices in the order of `task.labels` (the model's outputs), or as floats for regression.
 """
@@ -21,6 +22,8 @@ from rayeff.errors import UserError
 
 @dataclass(frozen=True)
 class LabelledTask:
+    """Classify a text (or a pair) into a label set, or score it (regression: `labels` None)."""
+    kind = "labelled"
     name: str
     labels: tuple[str, ...] | None   # None: regression
     metrics: tuple[str, ...]         # the first is the one runs are compared on
@@ -35,10 +38,24 @@ class LabelledTask:
         return self.labels is None
 
 
+@dataclass(frozen=True)
+class CausalLMTask:
+    """Write the response to a prompt: next-token cross-entropy on the response tokens only, scored on dev by that
+    loss (lower is better) and its perplexity."""
+    name: str
+    template: str | None
+    metrics: tuple[str, ...] = ("eval_loss", "perplexity")
+    is_regression = False
+    kind = "causal_lm"
+    text_fields = 2   # prompt and response
+
+
 OWN_METRICS = {"classification": ("accuracy", "macro_f1"), "regression": ("pearson", "spearmanr")}
 
 
-def task_of(spec: DataSpec) -> LabelledTask:
+def task_of(spec: DataSpec) -> LabelledTask | CausalLMTask:
+    if spec.task_type == "causal_lm":
+        return CausalLMTask(spec.display_name, spec.template)
     if not spec.own:
         preset = glue.get_task(spec.task)
         return LabelledTask(preset.name, preset.labels, preset.metrics, len(preset.text_columns))
@@ -59,12 +76,13 @@ def load_examples(spec: DataSpec, split: str) -> dict:
     if not spec.own:
         return glue.load_split(spec.task, split, spec.data_dir)
     task = task_of(spec)
+    build = _prompts_and_responses if task.kind == "causal_lm" else _examples
     if spec.dev_file is not None:
         if split == "train":
-            return _examples(_train_table(spec), spec, task, "data.train_file", spec.train_file)
-        return _examples(files.read_table(spec.dev_file, "data.dev_file"), spec, task, "data.dev_file", spec.dev_file)
-    examples = _examples(_train_table(spec), spec, task, "data.train_file", spec.train_file)
-    keep = _held_out(len(examples["text_a"]), spec, split)
+            return build(_train_table(spec), spec, task, "data.train_file", spec.train_file)
+        return build(files.read_table(spec.dev_file, "data.dev_file"), spec, task, "data.dev_file", spec.dev_file)
+    examples = build(_train_table(spec), spec, task, "data.train_file", spec.train_file)
+    keep = _held_out(len(next(iter(examples.values()))), spec, split)
     return {name: None if values is None else [values[i] for i in keep] for name, values in examples.items()}
 
 
@@ -115,6 +133,38 @@ def _examples(table: dict[str, list], spec: DataSpec, task: LabelledTask, field:
         pair = _texts(_column(table, spec, "text_pair", field), "text_pair", field, path)
     raw = _column(table, spec, "label", field)
     return {"text_a": text, "text_b": pair, "label": _labels(raw, task, field, path)}
+
+
+def _prompts_and_responses(table: dict[str, list], spec: DataSpec, task: CausalLMTask, field: str,
+                           path: str) -> dict:
+    """Each example's prompt (the prompt column, or the template filled from the example's columns) and response."""
+    response = _texts(_column(table, spec, "response", field), "response", field, path)
+    if task.template is None:
+        return {"prompt": _texts(_column(table, spec, "prompt", field), "prompt", field, path), "response": response}
+    names = _template_fields(task.template)
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise UserError(f"data.template names {', '.join(map(repr, missing))}, which {field} {path} lacks (its "
+                        f"columns: {', '.join(map(str, table))}); use its columns' names in braces")
+    rows = range(len(response))
+    values = {n: _texts(table[n], n, field, path) for n in names}
+    return {"prompt": [task.template.format_map({n: values[n][i] for n in names}) for i in rows],
+            "response": response}
+
+
+def _template_fields(template: str) -> list[str]:
+    """The column names a template fills, e.g. ['question'] for 'Q: {question}'; `{{` is a literal brace."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        raise UserError(f"data.template: {err}; write a column's name in braces, and {{{{ for a brace") from None
+    bad = [f for f in fields if not f.isidentifier() and not f.replace("-", "_").isidentifier()]
+    if bad or "" in fields:
+        raise UserError(f"data.template: {{{bad[0] if bad else ''}}} is not a column name; write a column's name in "
+                        "braces, and {{ for a brace")
+    return list(dict.fromkeys(fields))
 
 
 def _texts(values: list, role: str, field: str, path: str) -> list[str]:

@@ -55,9 +55,8 @@ def _source_fingerprint(spec: DataSpec, split: str) -> str:
     if spec.own:
         task = task_of(spec)
         files = [content_hash(spec.train_file)] + ([content_hash(spec.dev_file)] if spec.dev_file else [])
-        return json.dumps({"files": files, "columns": spec.columns, "labels": task.labels,
-                           "text_fields": task.text_fields, "held_out": [spec.dev_fraction, spec.seed]},
-                          sort_keys=True)
+        return json.dumps({"files": files, "columns": spec.columns, "task": repr(task), "format": 2,
+                           "held_out": [spec.dev_fraction, spec.seed]}, sort_keys=True)
     if spec.data_dir is None:
         return "hub"
     path = split_file(get_task(spec.task), split, spec.data_dir)
@@ -75,11 +74,37 @@ def _cache_path(spec: DataSpec, split: str, tokenizer, max_length: int) -> Path:
 
 
 def _tokenize(columns: dict, tokenizer, max_length: int) -> datasets.Dataset:
+    if "prompt" in columns:
+        return _tokenize_prompts_and_responses(columns, tokenizer, max_length)
     encoded = tokenizer(columns["text_a"], columns["text_b"], truncation=True, max_length=max_length)
     data = {"input_ids": encoded["input_ids"], "label": columns["label"]}
     if "token_type_ids" in encoded:
         data["token_type_ids"] = encoded["token_type_ids"]
     return datasets.Dataset.from_dict(data)
+
+
+IGNORE_INDEX = -100   # a label position the loss skips (torch's cross_entropy default ignore_index)
+
+
+def _tokenize_prompts_and_responses(columns: dict, tokenizer, max_length: int) -> datasets.Dataset:
+    """input_ids = [bos] prompt response [eos]; labels the same with every prompt position IGNORE_INDEX, so only the
+    response (and its end) is learned. Prompt and response are tokenised apart, as LLaMA-Factory and torchtune do,
+    so the boundary is where the data puts it. Too long: the response keeps at least half of max_length, the prompt
+    loses its start."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and \
+        tokenizer.bos_token_id != tokenizer.eos_token_id else []
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    prompts = tokenizer(columns["prompt"], add_special_tokens=False)["input_ids"]
+    responses = tokenizer(columns["response"], add_special_tokens=False)["input_ids"]
+    ids, labels = [], []
+    for prompt, response in zip(prompts, responses):
+        prompt, response = bos + prompt, response + ([end] if end is not None else [])
+        if len(prompt) + len(response) > max_length:
+            response = response[:max(max_length - len(prompt), max_length // 2)]
+            prompt = prompt[len(prompt) - (max_length - len(response)):]
+        ids.append(prompt + response)
+        labels.append([IGNORE_INDEX] * len(prompt) + response)
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
 def tokenized_split(spec: DataSpec, split: str, tokenizer, max_length: int) -> datasets.Dataset:
@@ -119,7 +144,9 @@ def sample_indices(labels: list, spec: DataSpec, is_regression: bool) -> np.ndar
 def load_train_and_dev(spec: DataSpec, tokenizer, max_length: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     task = task_of(spec)
     train = tokenized_split(spec, "train", tokenizer, max_length)
-    keep = sample_indices(train["label"], spec, task.is_regression)
+    # a causal-LM set has no labels; only train_subset (by count) applies to it
+    labels = train["label"] if "label" in train.column_names else [None] * len(train)
+    keep = sample_indices(labels, spec, task.is_regression)
     if keep is not None:
         train = train.select(keep)
     dev = tokenized_split(spec, "dev", tokenizer, max_length)
@@ -129,7 +156,8 @@ def load_train_and_dev(spec: DataSpec, tokenizer, max_length: int) -> tuple[data
 
 
 class Collator:
-    """Pads a list of examples into a batch; `index` carries each example's position for de-duplicated eval."""
+    """Pads a list of examples into a batch; `index` carries each example's position for de-duplicated eval. A
+    causal-LM example's `labels` (token ids, IGNORE_INDEX where not learned) are padded with IGNORE_INDEX."""
 
     def __init__(self, pad_token_id: int, max_length: int, pad_to_max: bool, use_token_types: bool,
                  regression: bool):
@@ -147,9 +175,14 @@ class Collator:
             mask[row, :n] = 1
             if self.use_token_types and "token_type_ids" in ex:
                 types[row, :n] = torch.tensor(ex["token_type_ids"])
-        batch = {"input_ids": ids, "attention_mask": mask,
-                 "labels": torch.tensor([e["label"] for e in examples],
-                                        dtype=torch.float32 if self.regression else torch.long),
+        if "labels" in examples[0]:
+            labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+            for row, ex in enumerate(examples):
+                labels[row, :len(ex["labels"])] = torch.tensor(ex["labels"])
+        else:
+            dtype = torch.float32 if self.regression else torch.long
+            labels = torch.tensor([e["label"] for e in examples], dtype=dtype)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
                  "index": torch.tensor([e["index"] for e in examples], dtype=torch.long)}
         if self.use_token_types:
             batch["token_type_ids"] = types

@@ -18,4 +18,5 @@ def build(classifier: nn.Module, config: FullConfig) -> nn.Module:
     return classifier
 
 
-register_method(MethodDefinition("full", FullConfig, build, loop="first_order"))
+register_method(MethodDefinition("full", FullConfig, build, loop="first_order",
+                                 task_types=("classification", "regression", "causal_lm")))

@@ -27,8 +27,9 @@ def build(classifier: nn.Module, config: LoraMethodConfig) -> nn.Module:
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=config.target_modules)
     classifier.backbone = get_peft_model(classifier.backbone, lora)  # freezes the backbone, adds trainable A/B
-    classifier.head.requires_grad_(True)
+    classifier.head.requires_grad_(classifier.trains_head)   # a new classifier head trains; a pretrained LM head not
     return classifier
 
 
-register_method(MethodDefinition("lora", LoraMethodConfig, build, loop="first_order"))
+register_method(MethodDefinition("lora", LoraMethodConfig, build, loop="first_order",
+                                 task_types=("classification", "regression", "causal_lm")))

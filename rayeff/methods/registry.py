@@ -3,8 +3,10 @@
 A definition names everything rayeff needs of a method, in one place:
 
     config       the pydantic config, whose fields are the job file's `method:` section (base: MethodConfig)
-    build        (classifier, config) -> the module to train: it calls like the classifier
-                 (`model(**batch) -> logits`) and marks what trains with `requires_grad`
+    build        (model, config) -> the module to train: it calls like the model it is given (`model(**batch) ->
+                 logits`) and marks what trains with `requires_grad`. The model is a SequenceClassifier or, for a
+                 causal-LM task, a CausalLM (rayeff/models.py): both have `backbone`, `head`, `run_backbone`
+    task_types   the data task types it trains (data.task_type): classification and regression unless it says more
     loop         the training loop that steps it: "first_order" (rayeff/train/first_order.py, backward + DeepSpeed)
                  or "zeroth_order" (rayeff/train/zeroth_order.py, SPSA from forward passes)
     check_job    optional: (config, job) -> None, raising ValueError when the rest of the job does not suit the method
@@ -43,6 +45,7 @@ class MethodDefinition:
     check_model: Callable[[Any, nn.Module], None] | None = None
     figures: Callable[[nn.Module], dict] | None = None
     routing: Callable[[nn.Module], list] | None = None
+    task_types: tuple[str, ...] = ("classification", "regression")
 
     def __post_init__(self):
         if self.loop not in LOOPS:

@@ -109,6 +109,19 @@ def check_model_folder(source) -> None:
                             "complete Hugging Face model folder")
 
 
+def check_model_suits_task(job, source) -> None:
+    """A causal-LM task trains a decoder-only model: it predicts each next token from those before it."""
+    if job.data.task_type != "causal_lm":
+        return
+    from rayeff.models import backbone_kind, backbone_skeleton
+
+    config = backbone_skeleton(source).config
+    kind = backbone_kind(config)
+    if kind != "decoder":
+        raise UserError(f"model.name: a causal-LM task needs a decoder-only model; {config.model_type} is an "
+                        f"{kind} (use e.g. tiny-llama, tiny-gpt2 or a Llama, Qwen or Mistral checkpoint)")
+
+
 def check_job_inputs(job, source) -> None:
     """A job's paths and sizes beyond what its spec validates: output folder creatable and writable, tokenised-data
     cache writable, max_seq_length within the model's positions, and on --resume every checkpoint file safe to
@@ -118,6 +131,7 @@ def check_job_inputs(job, source) -> None:
     check_output_location(job.output_dir)
     check_cache_dir(job.data.cache_dir)
     check_model_folder(source)
+    check_model_suits_task(job, source)
     check_sequence_length(job, source)
     if job.resume and not is_uri(job.output_dir):
         from rayeff.train.checkpoint_safety import check_checkpoint_files

@@ -10,18 +10,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from rayeff.config import JobSpec
-from rayeff.data.task import LabelledTask, task_of
-from rayeff.data.tokenized import Collator, load_train_and_dev
+from rayeff.data.task import CausalLMTask, LabelledTask, task_of
+from rayeff.data.tokenized import IGNORE_INDEX, Collator, load_train_and_dev
 from rayeff.measure.memory import DevicePeak
 from rayeff.methods import MethodDefinition, get_method
-from rayeff.models import ModelSource, build_classifier, load_tokenizer
+from rayeff.models import ModelSource, build_causal_lm, build_classifier, load_tokenizer
 
 
 @dataclass
 class RunSetup:
     job: JobSpec
     method: MethodDefinition
-    task: LabelledTask
+    task: LabelledTask | CausalLMTask
     train_set: object     # tokenised datasets (Hugging Face `datasets`), indexed by example
     dev_set: object
     collate: Collator
@@ -36,10 +36,13 @@ class RunSetup:
         torch.manual_seed(job.training.seed)  # the same initial weights on every worker
         tokenizer = load_tokenizer(source)
         train_set, dev_set = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
-        classifier = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling, job.model.head)
+        if task.kind == "causal_lm":
+            base = build_causal_lm(source, job.model.dropout)
+        else:
+            base = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling, job.model.head)
         collate = Collator(tokenizer.pad_token_id, job.training.max_seq_length, job.training.padding == "max_length",
-                           classifier.uses_token_types, task.is_regression)
-        model = method.build(classifier, job.method)
+                           base.uses_token_types, task.is_regression)
+        model = method.build(base, job.method)
         routing = method.routing(model) if method.routing is not None else []
         return cls(job, method, task, train_set, dev_set, collate, model, routing, device_peak)
 
@@ -50,7 +53,17 @@ class RunSetup:
         return {k: v.to(device, non_blocking=True) for k, v in collated.items()}
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The task's training loss: mean squared error for regression (STS-B), else cross-entropy."""
+        """The task's training loss: mean squared error for regression (STS-B), cross-entropy of the class for
+        classification, and for a causal LM the mean cross-entropy of each learned token given those before it."""
+        if self.task.kind == "causal_lm":
+            return token_losses(logits, labels).sum() / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
         if self.task.is_regression:
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
         return F.cross_entropy(logits.float(), labels)
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(batch, tokens - 1) cross-entropy of each next token (position t predicts t + 1), 0 where it is not learned."""
+    shifted, targets = logits[:, :-1].float(), labels[:, 1:]
+    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="none").view(targets.shape)
