@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help=_ADDRESS_HELP)
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
 
+    export = commands.add_parser("export", help="write a finished run as a Hugging Face model folder")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder")
+    export.add_argument("--output", required=True, help="a new (or empty) folder to write the model to")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="LoRA: write a PEFT adapter folder for the base model instead of merged weights")
+
     tune = commands.add_parser("tune", help="run a hyper-parameter sweep (Ray Tune + Optuna)")
     tune.add_argument("sweep", help="sweep YAML file (see jobs/sweep-*.yaml)")
     _file_options(tune, "sweep", "continue the sweep in the output folder",
@@ -176,6 +182,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = job_from_args(args.job, args, args.output)
     result = run_job(job, address=args.address, show_progress=not args.no_progress)
     print(f"rayeff: wrote {result['output_dir']}/result.json")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rayeff.export import export_run
+
+    out = export_run(args.run_dir, args.output, adapter_only=args.adapter_only)
+    kind = "a PEFT adapter" if args.adapter_only else "a Hugging Face model"
+    print(f"rayeff: wrote {kind} to {out}")
     return 0
 
 
@@ -316,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     try:
-        commands = {"run": cmd_run, "tune": cmd_tune, "priors": cmd_priors, "submit": cmd_submit, "jobs": cmd_jobs,
-                    "status": cmd_status, "bench": cmd_bench}
+        commands = {"run": cmd_run, "export": cmd_export, "tune": cmd_tune, "priors": cmd_priors,
+                    "submit": cmd_submit, "jobs": cmd_jobs, "status": cmd_status, "bench": cmd_bench}
         return commands[args.command](args)
     except UserError as err:
         print(f"rayeff: error: {err}", file=sys.stderr)

@@ -1,0 +1,148 @@
+"""A finished run as a folder that Hugging Face loads:
+
+    rayeff export RUN_DIR --output DIR                 # AutoModelForCausalLM.from_pretrained(DIR) and its tokenizer
+    rayeff export RUN_DIR --output DIR --adapter-only  # LoRA: a PEFT adapter folder for the base model
+
+The run's model is rebuilt as its workers built it (the job it ran, the same seed), its trained tensors
+(`final/trainable.safetensors`) put back, LoRA merged into the weights, and the result written with the tokenizer,
+the job and a model card (method, data, dev metrics, energy, memory). Causal-LM runs of `full` and `lora` for now.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rayeff.errors import UserError
+
+EXPORTABLE = ("full", "lora")
+
+
+def export_run(run_dir: str, output: str, adapter_only: bool = False) -> Path:
+    run, out = Path(run_dir), Path(output)
+    job, result = _finished_run(run)
+    _check_output(out)
+    if job.data.task_type != "causal_lm":
+        raise UserError(f"{run}: a {job.data.task_type} run; rayeff export writes causal-LM runs for now "
+                        "(classification heads come next)")
+    if job.method.name not in EXPORTABLE:
+        raise UserError(f"{run}: a {job.method.name} run; rayeff export writes {' and '.join(EXPORTABLE)} runs for "
+                        "now (READ and AdaZeta do not merge into the backbone; their export comes next)")
+    if adapter_only and job.method.name != "lora":
+        raise UserError(f"--adapter-only: a {job.method.name} run has no adapter; leave --adapter-only out")
+    lm, model = rebuild_trained(run, job)
+    out.mkdir(parents=True, exist_ok=True)
+    if adapter_only:
+        _save_adapter(lm, model, job, out)
+    else:
+        if job.method.name == "lora":
+            model.backbone = model.backbone.merge_and_unload()   # the decoder inside `lm`, merged in place
+        lm.save_pretrained(str(out), safe_serialization=True)
+    from rayeff.models import load_tokenizer, resolve_model
+
+    load_tokenizer(resolve_model(job.model.name)).save_pretrained(str(out))
+    (out / "rayeff_job.yaml").write_text((run / "job.yaml").read_text())
+    (out / "README.md").write_text(model_card(job, result, adapter_only))
+    return out
+
+
+def rebuild_trained(run: Path, job) -> tuple[nn.Module, nn.Module]:
+    """(the Hugging Face model, rayeff's model around it) with the run's trained tensors in place, in eval mode.
+    Built after seeding as each worker seeds, so a tiny random-weight backbone comes out as it trained."""
+    from safetensors.torch import load_file
+
+    from rayeff.methods import get_method
+    from rayeff.models import CausalLM, load_causal_lm, resolve_model
+    from rayeff.train.checkpointer import TRAINABLE_FILE
+
+    torch.manual_seed(job.training.seed)
+    lm = load_causal_lm(resolve_model(job.model.name), job.model.dropout)
+    model = get_method(job.method.name).build(CausalLM(lm), job.method)
+    path = run / "final" / TRAINABLE_FILE
+    weights = load_file(str(path))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        raise UserError(f"{path}: its tensors are not those a {job.method.name} model of {job.model.name} trains "
+                        f"({len(weights)} saved, {len(trainable)} expected); was the run's job.yaml changed?")
+    model.load_state_dict(weights, strict=False)
+    return lm.eval(), model.eval()
+
+
+def _save_adapter(lm: nn.Module, model: nn.Module, job, out: Path) -> None:
+    """The trained LoRA factors as PEFT saves them for the whole causal LM (not the decoder rayeff wrapped), so that
+    `PeftModel.from_pretrained(AutoModelForCausalLM..., DIR)` finds each under its name."""
+    from peft import LoraConfig, get_peft_model
+
+    from rayeff.models import load_causal_lm, resolve_model
+
+    source = resolve_model(job.model.name)
+    config = LoraConfig(r=job.method.rank, lora_alpha=job.method.alpha, lora_dropout=job.method.dropout,
+                        target_modules=job.method.target_modules, task_type="CAUSAL_LM",
+                        base_model_name_or_path=source.weights or job.model.name)
+    torch.manual_seed(job.training.seed)
+    base = load_causal_lm(source, job.model.dropout)
+    decoder = next(name for name, module in base.named_modules() if module is base.base_model)
+    peft_lm = get_peft_model(base, config)
+    inner = "backbone.base_model.model."   # where rayeff's LoRA factors sit: its decoder wrapped by PEFT
+    factors = {f"base_model.model.{decoder}.{n[len(inner):]}": p.detach()
+               for n, p in model.named_parameters() if p.requires_grad and n.startswith(inner)}
+    missing = set(factors) - {n for n, _ in peft_lm.named_parameters()}
+    if missing or not factors:
+        raise UserError(f"the LoRA factors of {job.model.name} do not map onto PEFT's causal-LM model "
+                        f"({sorted(missing)[:2]}); export without --adapter-only")
+    peft_lm.load_state_dict(factors, strict=False)
+    peft_lm.save_pretrained(str(out))
+
+
+def model_card(job, result: dict, adapter_only: bool) -> str:
+    data = job.data
+    source = f"`{Path(data.train_file).name}`" if data.train_file else f"GLUE {data.task}"
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.get("metrics", {}).items())
+    energy, memory, timing = result.get("energy", {}), result.get("memory", {}), result.get("time", {})
+    estimate = f" (an estimate: {energy['formula']})" if energy.get("source") == "estimate" else ""
+    what = "a LoRA adapter (PEFT) for" if adapter_only else "fine-tuned from"
+    training = (f"{timing.get('steps')} steps, batch {job.training.batch_size}, lr {job.training.lr:g}, seed "
+                f"{job.training.seed}, {result.get('workers')} worker(s)")
+    peak = (f"{memory.get('trainable_params')} trainable of {memory.get('total_params')} parameters; peak device "
+            f"{memory.get('peak_device_bytes')} bytes, tensor account {memory.get('tensor_account_bytes')} bytes")
+    template = f", template {data.template!r}" if data.template else ""
+    return f"""# {job.method.name} · {job.model.name} · {result.get('task', data.display_name)}
+
+This folder is {what} `{job.model.name}`, exported by `rayeff export` from a rayeff run.
+
+| | |
+|---|---|
+| method | {job.method.name} ({json.dumps(job.method.model_dump(exclude={'name'}))}) |
+| data | {source}, task type {data.task_type}{template} |
+| training | {training} |
+| dev metrics | {metrics} |
+| energy | {energy.get('joules', 0):.4g} J, source {energy.get('source')}{estimate} |
+| memory | {peak} |
+
+The job as it ran is `rayeff_job.yaml`.
+"""
+
+
+def _finished_run(run: Path):
+    from rayeff.config import load_job
+    from rayeff.train.checkpointer import TRAINABLE_FILE
+
+    if not run.is_dir():
+        raise UserError(f"RUN_DIR: {run} is not a folder; give a run's output folder (its output_dir)")
+    for name in ("job.yaml", "result.json", f"final/{TRAINABLE_FILE}"):
+        if not (run / name).is_file():
+            raise UserError(f"RUN_DIR: {run} has no {name}; export a finished run (or finish it with "
+                            "`rayeff run JOB --output RUN_DIR --resume`)")
+    try:
+        result = json.loads((run / "result.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"RUN_DIR: {run}/result.json cannot be read ({err}); is this a rayeff run?") from None
+    return load_job(run / "job.yaml"), result
+
+
+def _check_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--output: {out} already exists and is not an empty folder; choose another --output")

@@ -1,0 +1,113 @@
+"""`rayeff export`: a finished causal-LM run as a folder that `AutoModelForCausalLM.from_pretrained` loads (full, and
+LoRA merged), or a PEFT adapter folder (LoRA), each giving the trained model's outputs; bad runs and folders are
+one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayeff.cli import main
+from rayeff.config import load_job, validate_job
+from rayeff.data.tokenized import Collator, load_train_and_dev
+from rayeff.export import rebuild_trained
+from rayeff.models import load_causal_lm, load_tokenizer, resolve_model
+from rayeff.train.run_setup import token_losses
+from rayeff.train.runner import run_in_process
+
+SUMS = [{"question": f"What is {a} plus {b}?", "answer": f"{a + b}"} for a in range(6) for b in range(6)]
+
+
+def trained_run(tmp_path: Path, model: str, method: str) -> tuple[Path, dict]:
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in SUMS))
+    out = tmp_path / f"{model}-{method}"
+    result = run_in_process(validate_job({
+        "model": {"name": model}, "method": {"name": method, **({"rank": 4} if method == "lora" else {})},
+        "output_dir": str(out), "training": {"max_steps": 6, "batch_size": 8, "lr": 1e-2, "log_every": 3},
+        "data": {"train_file": str(data), "dev_fraction": 0.25, "task_type": "causal_lm",
+                 "template": "Q: {question}\nA: ", "columns": {"response": "answer"}}}))
+    return out, result
+
+
+def dev_loss(lm, run_dir: Path) -> float:
+    """The mean loss per response token over the run's dev set, computed here with `lm` alone."""
+    job = load_job(run_dir / "job.yaml")
+    tokenizer = load_tokenizer(resolve_model(job.model.name))
+    _, dev = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
+    batch = Collator(tokenizer.pad_token_id, 128, False, False, False)([dict(dev[i], index=i) for i in range(len(dev))])
+    with torch.no_grad():
+        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return (token_losses(logits, batch["labels"]).sum() / (batch["labels"][:, 1:] != -100).sum()).item()
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_an_exported_run_loads_with_from_pretrained_and_gives_the_trained_models_outputs(tmp_path, capsys, model,
+                                                                                        method):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, result = trained_run(tmp_path, model, method)
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), "--output", str(out)]) == 0, capsys.readouterr().err
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    # the worker's own dev figure, measured again on the exported model
+    assert dev_loss(exported, run_dir) == pytest.approx(result["metrics"]["eval_loss"], rel=1e-5)
+    _, trained = rebuild_trained(run_dir, load_job(run_dir / "job.yaml"))   # LoRA unmerged
+    ids = torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.allclose(exported(input_ids=ids, attention_mask=mask).logits, trained(ids, mask), atol=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer("What is 2 plus 3?")["input_ids"] == load_tokenizer(resolve_model(model))("What is 2 plus 3?")[
+        "input_ids"]
+    card = (out / "README.md").read_text()
+    assert f"# {method} · {model} · sums" in card and f"eval_loss {result['metrics']['eval_loss']:.4g}" in card
+    assert f"source {result['energy']['source']}" in card and (out / "rayeff_job.yaml").is_file()
+
+
+def test_a_lora_run_exports_as_a_peft_adapter_that_peft_loads(tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = trained_run(tmp_path, "tiny-llama", "lora")
+    assert main(["export", str(run_dir), "--output", str(tmp_path / "merged")]) == 0
+    assert main(["export", str(run_dir), "--output", str(tmp_path / "adapter"), "--adapter-only"]) == 0
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    torch.manual_seed(load_job(run_dir / "job.yaml").training.seed)   # the tiny base, as the run built it
+    base = load_causal_lm(resolve_model("tiny-llama")).eval()
+    ids = torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        a, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(plain, a, atol=1e-3)   # the adapter is the trained one, not an untrained (zero) B
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("no result", "has no result.json; export a finished run"),
+    ("output in use", "already exists and is not an empty folder"),
+    ("adapter of full", "--adapter-only: a full run has no adapter"),
+    ("not a folder", "is not a folder"),
+])
+def test_bad_exports_are_one_line_exit_2(tmp_path, capsys, case, needle):
+    run_dir, _ = trained_run(tmp_path, "tiny-gpt2", "full")
+    out, extra = tmp_path / "export", []
+    if case == "no result":
+        (run_dir / "result.json").unlink()
+    elif case == "output in use":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "adapter of full":
+        extra = ["--adapter-only"]
+    elif case == "not a folder":
+        run_dir = tmp_path / "nowhere"
+    code = main(["export", str(run_dir), "--output", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert case == "output in use" and (out / "keep.txt").read_text() == "mine" or not out.exists()
