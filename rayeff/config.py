@@ -216,7 +216,7 @@ class JobSpec(Spec):
         if self.data.task_type not in method.task_types:
             raise ValueError(f"method {method.name} cannot train a {self.data.task_type} task (data.task_type) yet; "
                              f"it trains {', '.join(method.task_types)}. For {self.data.task_type}, use "
-                             f"{' or '.join(m for m in METHODS if self.data.task_type in METHODS[m].task_types)}")
+                             f"{', '.join(sorted(m for m in METHODS if self.data.task_type in METHODS[m].task_types))}")
         if method.check_job is not None:
             method.check_job(self.method, self)
         return self

@@ -1,6 +1,8 @@
 """Supervised fine-tuning of decoders on prompt/response data (data.task_type: causal_lm): the prompt's tokens are
-never learned, the loss falls for full and LoRA on tiny-llama and tiny-gpt2, dev is scored by loss and perplexity,
-a run goes through `rayeff run` on two Ray workers, and what cannot work is a one-line error before Ray starts."""
+never learned, the loss falls for every method on tiny-llama and tiny-gpt2 (MoE: tiny-mixtral, and upcycled), READ
+runs the decoder without autograd, dev is scored by loss and perplexity, AdaZeta's queries split over two Ray
+workers through `rayeff run` end bit-exact with one worker, and what cannot work is a one-line error before Ray
+starts."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rayeff.cli import main
 from rayeff.config import DataSpec, validate_job
@@ -75,45 +78,122 @@ def test_only_the_response_is_learned_whatever_the_prompt(tmp_path):
     assert all(torch.count_nonzero(g[t]) > 0 for t in range(prompt_len - 1, len(a["input_ids"]) - 1))
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_full_and_lora_lower_the_response_loss_on_decoders(tmp_path, sums, model, method):
+EVERY_METHOD = [  # (model, method section, lr): every registered method, on both tiny decoders (MoE: native, upcycled)
+    *[(model, method, lr) for model in ("tiny-llama", "tiny-gpt2") for method, lr in [
+        ({"name": "full"}, 1e-2), ({"name": "lora"}, 1e-2), ({"name": "read", "hidden_size": 16}, 1e-2),
+        ({"name": "adazeta", "q_target": 2, "q_max": 4, "bottleneck": 16, "tt_rank": 3}, 1e-2),
+        ({"name": "mezo"}, 1e-4), ({"name": "mezo", "target": "lora"}, 1e-2)]],
+    ("tiny-mixtral", {"name": "moe"}, 1e-2),
+    ("tiny-llama", {"name": "moe", "upcycle": {"experts": 4, "top_k": 2}, "trainable": "experts"}, 1e-2),
+]
+
+
+def test_every_registered_method_is_run_on_a_decoder_here():
+    from rayeff.methods import METHODS
+
+    assert {m["name"] for _, m, _ in EVERY_METHOD} == {n for n, d in METHODS.items() if "causal_lm" in d.task_types}
+    assert set(METHODS) == {m["name"] for _, m, _ in EVERY_METHOD}
+
+
+@pytest.mark.parametrize("model,method,lr", EVERY_METHOD,
+                         ids=[f"{m['name']}{'-' + m.get('target', '') if 'target' in m else ''}"
+                              f"{'-upcycled' if 'upcycle' in m else ''}-{model}" for model, m, _ in EVERY_METHOD])
+def test_every_method_lowers_the_response_loss_on_decoders(tmp_path, sums, model, method, lr):
     result = run_in_process(validate_job({
-        "model": {"name": model}, "method": {"name": method}, "output_dir": str(tmp_path / "out"),
+        "model": {"name": model}, "method": method, "output_dir": str(tmp_path / "out"),
         "data": lm_data(sums, train_subset=8),   # one batch, every step: its loss must fall
-        "training": {"max_steps": 12, "batch_size": 8, "lr": 1e-2, "log_every": 4}}))
+        "training": {"max_steps": 12, "batch_size": 8, "lr": lr, "log_every": 4}}))
     losses = result["loss_history"]
-    assert losses[-1] < losses[0] - (0.5 if method == "full" else 0.02), losses
+    assert losses[-1] < losses[0] - (0.5 if method["name"] == "full" else 0.0), losses
     assert set(result["metrics"]) == {"eval_loss", "perplexity"}
     assert result["metrics"]["perplexity"] == pytest.approx(math.exp(result["metrics"]["eval_loss"]), rel=1e-12)
     uniform = math.log(30522)   # the loss of a uniform guess over the vocabulary, where random weights start
-    if method == "full":   # it learned what answers look like, not only the 8 examples it saw
+    if method["name"] == "full":   # it learned what answers look like, not only the 8 examples it saw
         assert result["metrics"]["eval_loss"] < uniform - 1
     memory = result["memory"]
-    if method == "lora":   # the pretrained LM head (tied to the embeddings in GPT-2) stays frozen
+    if method["name"] in ("lora", "read", "adazeta") or method.get("target") == "lora":
+        # the pretrained LM head (tied to the embeddings in GPT-2) stays frozen with the backbone
         assert memory["trainable_params"] < 0.01 * memory["total_params"]
-    else:
+    elif method["name"] in ("full", "mezo"):
         assert memory["trainable_params"] == memory["total_params"]
 
 
+def test_read_on_a_decoder_starts_as_the_backbone_and_builds_no_graph_through_it():
+    """W_o starts at zero, so READ's logits equal the frozen decoder's at every position; the backbone runs without
+    autograd (no layer output needs a gradient, so none is saved), and only the side network gets gradients."""
+    from rayeff.methods import get_method
+    from rayeff.methods.read import ReadConfig
+    from rayeff.models import build_causal_lm
+
+    torch.manual_seed(0)
+    base = build_causal_lm(resolve_model("tiny-llama")).eval()
+    ids = torch.randint(5, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0   # padding in the second row
+    with torch.no_grad():
+        plain = base(ids, mask)
+    model = get_method("read").build(base, ReadConfig(hidden_size=8)).train()
+    outputs_needing_grad = []
+    for layer in base.backbone.layers:
+        layer.register_forward_hook(lambda _m, _i, out: outputs_needing_grad.append(
+            (out[0] if isinstance(out, tuple) else out).requires_grad))
+    logits = model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(logits, plain)
+    assert outputs_needing_grad == [False, False]
+    logits[mask.bool()].logsumexp(-1).sum().backward()
+    assert all(p.grad is None for p in base.parameters())
+    assert torch.count_nonzero(model.side.out.weight.grad) > 0
+
+
+@pytest.mark.parametrize("method", [{"name": "lora"}, {"name": "adazeta", "q_max": 2, "bottleneck": 8,
+                                                                  "tt_rank": 2}], ids=["lora", "adazeta"])
+def test_a_causal_lm_run_stopped_half_way_resumes_to_the_same_weights(tmp_path, sums, method):
+    def job(name, **extra):
+        return validate_job({"model": {"name": "tiny-gpt2"}, "method": method, "data": lm_data(sums),
+                             "training": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "log_every": 2},
+                             "output_dir": str(tmp_path / name), **extra})
+
+    straight = run_in_process(job("straight"))
+    stopped = run_in_process(job("resumed", energy={"budget_j": 1e-9}))   # spent at the first report, step 2
+    assert stopped["status"] == "stopped: energy budget" and stopped["time"]["steps"] == 2
+    resumed = run_in_process(job("resumed", resume=True))
+    assert resumed["status"] == "finished" and resumed["time"]["steps"] == 4
+    assert resumed["loss_history"] == straight["loss_history"]
+    a, b = (load_file(r["weights"]) for r in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+ZO_JOB = {"model": {"name": "tiny-llama"}, "training": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "log_every": 1},
+          # Q over steps 1, 2, 3, 3: a step with fewer queries than workers, and steps with more
+          "method": {"name": "adazeta", "alpha": 1.0, "beta": 1.0, "q_max": 3, "schedule_over": "steps",
+                     "bottleneck": 8, "tt_rank": 2},
+          "scaling": {"num_workers": 2, "threads_per_worker": 1}}
+
+
 @pytest.mark.slow
-def test_rayeff_run_fine_tunes_a_decoder_on_two_workers(tmp_path):
-    """The shipped example job (tiny-llama, LoRA, its sums file) through the command line on a local Ray."""
-    out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "rayeff.cli", "run", "jobs/sums-causal-lm.yaml", "--output",
-                           str(out), "--no-progress", "--set", "training.epochs=1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+def test_rayeff_run_splits_a_decoders_queries_over_two_ray_workers_bit_exactly(tmp_path, sums):
+    """AdaZeta on a causal-LM job through the command line on a local Ray, its queries split over 2 workers, ends
+    with the same weights and losses, bit for bit, as the same job on one worker in process."""
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({**ZO_JOB, "data": lm_data(sums)}))
+    done = subprocess.run([sys.executable, "-m", "rayeff.cli", "run", str(job), "--output", str(tmp_path / "two"),
+                           "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((out / "result.json").read_text())
-    assert result["workers"] == 2 and result["task"] == "sums" and result["method"] == "lora"
-    assert result["time"]["steps"] == math.ceil(90 / 8)   # 100 examples, 10 held out
-    assert set(result["metrics"]) == {"eval_loss", "perplexity"} and result["status"] == "finished"
-    assert result["loss_history"][-1] < result["loss_history"][0]
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    one = run_in_process(validate_job({**ZO_JOB, "data": lm_data(sums), "output_dir": str(tmp_path / "one"),
+                                       "scaling": {"num_workers": 1, "threads_per_worker": 1}}))
+    assert two["workers"] == 2 and two["task"] == "sums" and two["status"] == "finished"
+    assert two["zeroth_order"]["queries_total"] == 1 + 2 + 3 + 3
+    assert two["loss_history"] == one["loss_history"] and two["metrics"] == one["metrics"]
+    a, b = load_file(str(tmp_path / "two" / "final" / "trainable.safetensors")), load_file(one["weights"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last_up_cores = [t for n, t in a.items() if ".up.cores.2" in n]   # zero at the start: it trained
+    assert len(last_up_cores) == 2 and all(torch.count_nonzero(t) for t in last_up_cores)
 
 
 @pytest.mark.parametrize("change,needle", [
-    ({"method": {"name": "read"}}, "method read cannot train a causal_lm task (data.task_type) yet"),
-    ({"method": {"name": "adazeta"}}, "method adazeta cannot train a causal_lm task"),
+    ({"method": {"name": "labelled-only"}}, "method labelled-only cannot train a causal_lm task (data.task_type) yet; "
+                                            "it trains classification, regression. For causal_lm, use adazeta, full"),
     ({"data": {"template": "Q: {query}\nA: "}}, "data.template names 'query', which data.train_file"),
     ({"data": {"template": "Q: {}"}}, "data.template: {} is not a column name"),
     ({"data": {"template": None, "columns": {"response": "answer"}}}, "data.columns.prompt: data.train_file"),
@@ -121,7 +201,16 @@ def test_rayeff_run_fine_tunes_a_decoder_on_two_workers(tmp_path):
     ({"data": {"task_type": "regression"}}, "template builds a causal_lm prompt"),
     ({"model": {"name": "tiny-bert"}}, "a causal-LM task needs a decoder-only model; bert is an encoder"),
 ])
-def test_what_cannot_work_is_one_line_exit_2_before_ray(tmp_path, sums, capsys, ray_calls, change, needle):
+def test_what_cannot_work_is_one_line_exit_2_before_ray(tmp_path, sums, capsys, ray_calls, monkeypatch, change,
+                                                         needle):
+    from rayeff.methods import METHODS, MethodDefinition
+    from rayeff.methods.full import FullConfig
+
+    class LabelledOnly(FullConfig):   # a method that, as every method does by default, trains labelled tasks only
+        name: str = "labelled-only"
+
+    monkeypatch.setitem(METHODS, "labelled-only", MethodDefinition("labelled-only", LabelledOnly, lambda m, c: m,
+                                                                   loop="first_order"))
     job = {"model": {"name": "tiny-llama"}, "method": {"name": "full"}, "data": lm_data(sums),
            "training": {"max_steps": 2, "batch_size": 4}}
     for section, fields in change.items():

@@ -22,7 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from rayeff.errors import UserError
-from rayeff.methods.registry import MethodDefinition, register_method
+from rayeff.methods.registry import EVERY_TASK_TYPE, MethodDefinition, register_method
 from rayeff.methods.zeroth_order_config import ZerothOrderConfig, check_zeroth_order_job
 from rayeff.models import SequenceClassifier
 from rayeff.tensor_train import TTLinear, dense_flops
@@ -127,4 +127,5 @@ def build(classifier: SequenceClassifier, config: AdaZetaConfig) -> nn.Module:
 
 
 register_method(MethodDefinition("adazeta", AdaZetaConfig, build, loop="zeroth_order", check_job=check_zeroth_order_job,
-                                 figures=AdaZetaModel.figures))
+                                 figures=AdaZetaModel.figures,
+                                 task_types=EVERY_TASK_TYPE))

@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import nn
 
-from rayeff.methods.registry import MethodConfig, MethodDefinition, register_method
+from rayeff.methods.registry import EVERY_TASK_TYPE, MethodConfig, MethodDefinition, register_method
 
 
 class FullConfig(MethodConfig):
@@ -19,4 +19,4 @@ def build(classifier: nn.Module, config: FullConfig) -> nn.Module:
 
 
 register_method(MethodDefinition("full", FullConfig, build, loop="first_order",
-                                 task_types=("classification", "regression", "causal_lm")))
+                                 task_types=EVERY_TASK_TYPE))

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from rayeff.methods.registry import MethodConfig, MethodDefinition, register_method
+from rayeff.methods.registry import EVERY_TASK_TYPE, MethodConfig, MethodDefinition, register_method
 
 
 class LoraMethodConfig(MethodConfig):
@@ -32,4 +32,4 @@ def build(classifier: nn.Module, config: LoraMethodConfig) -> nn.Module:
 
 
 register_method(MethodDefinition("lora", LoraMethodConfig, build, loop="first_order",
-                                 task_types=("classification", "regression", "causal_lm")))
+                                 task_types=EVERY_TASK_TYPE))

@@ -18,7 +18,7 @@ from torch import nn
 
 from rayeff.methods.lora import LoraMethodConfig
 from rayeff.methods.lora import build as build_lora
-from rayeff.methods.registry import MethodDefinition, register_method
+from rayeff.methods.registry import EVERY_TASK_TYPE, MethodDefinition, register_method
 from rayeff.methods.zeroth_order_config import ZerothOrderConfig, check_zeroth_order_job
 from rayeff.models import SequenceClassifier
 
@@ -40,4 +40,5 @@ def build(classifier: SequenceClassifier, config: MezoConfig) -> nn.Module:
     return classifier
 
 
-register_method(MethodDefinition("mezo", MezoConfig, build, loop="zeroth_order", check_job=check_zeroth_order_job))
+register_method(MethodDefinition("mezo", MezoConfig, build, loop="zeroth_order", check_job=check_zeroth_order_job,
+                                 task_types=EVERY_TASK_TYPE))

@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from rayeff.errors import UserError
-from rayeff.methods.registry import MethodConfig, MethodDefinition, register_method
+from rayeff.methods.registry import EVERY_TASK_TYPE, MethodConfig, MethodDefinition, register_method
 from rayeff.mixture_of_experts import MoEFeedForward, NativeRouter, RouterStatistics, moe_layers
 from rayeff.spec_base import Spec
 
@@ -198,7 +198,7 @@ def build(classifier: nn.Module, config: MoEConfig) -> nn.Module:
             module.requires_grad_(True)
     for router in routers:
         router.requires_grad_(not config.freeze_router)
-    classifier.head.requires_grad_(True)
+    classifier.head.requires_grad_(classifier.trains_head)   # a new classifier head trains; a pretrained LM head not
     return classifier
 
 
@@ -244,4 +244,4 @@ def check(config: MoEConfig, backbone: nn.Module) -> None:
 
 
 register_method(MethodDefinition("moe", MoEConfig, build, loop="first_order", check_job=check_job, check_model=check,
-                                 routing=moe_layers))
+                                 routing=moe_layers, task_types=EVERY_TASK_TYPE))

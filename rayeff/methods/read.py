@@ -27,8 +27,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from rayeff.methods.registry import MethodConfig, MethodDefinition, register_method
-from rayeff.models import SequenceClassifier, hidden_size
+from rayeff.methods.registry import EVERY_TASK_TYPE, MethodConfig, MethodDefinition, register_method
+from rayeff.models import CausalLM, SequenceClassifier, hidden_size
 
 CELLS = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
 
@@ -105,10 +105,22 @@ class ReadModel(nn.Module):
         total = per_token.new_zeros(real.shape[0], per_token.shape[1]).index_add(0, sequence, per_token)
         return total / real.sum(1, keepdim=True).to(total.dtype).clamp(min=1)
 
+    def _every_token_corrected(self, out, attention_mask: torch.Tensor) -> torch.Tensor:
+        """A causal LM's head reads every position: each real token's final state gets its own correction, from
+        the side network's run over that token's states across the layers; padding is left as it is."""
+        real = attention_mask.bool()
+        per_token = self.side.correction(self.side.summary([x[real] for x in out.hidden_states[1:]]))
+        final = out.last_hidden_state
+        correction = final.new_zeros(final.shape)
+        correction[real] = per_token.to(final.dtype)
+        return self.classifier.head(final + correction)
+
     def forward(self, input_ids, attention_mask, token_type_ids=None, **_unused) -> torch.Tensor:
         clf = self.classifier
         with torch.no_grad():  # the backbone runs once, building no graph: nothing saved, no gradient
             out = clf.run_backbone(input_ids, attention_mask, token_type_ids, output_hidden_states=True)
+        if isinstance(clf, CausalLM):
+            return self._every_token_corrected(out, attention_mask)
         if clf.kind == "encoder-decoder":
             layers, h0 = out.decoder_hidden_states[1:], self._decoder_h0(out, attention_mask)
         else:
@@ -131,4 +143,5 @@ def build(classifier: SequenceClassifier, config: ReadConfig) -> nn.Module:
     return ReadModel(classifier, config)
 
 
-register_method(MethodDefinition("read", ReadConfig, build, loop="first_order"))
+register_method(MethodDefinition("read", ReadConfig, build, loop="first_order",
+                                 task_types=EVERY_TASK_TYPE))

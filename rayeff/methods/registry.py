@@ -27,6 +27,8 @@ from torch import nn
 from rayeff.spec_base import Spec
 
 LOOPS = ("first_order", "zeroth_order")
+LABELLED_TASKS = ("classification", "regression")
+EVERY_TASK_TYPE = (*LABELLED_TASKS, "causal_lm")
 
 
 class MethodConfig(Spec):
@@ -45,7 +47,7 @@ class MethodDefinition:
     check_model: Callable[[Any, nn.Module], None] | None = None
     figures: Callable[[nn.Module], dict] | None = None
     routing: Callable[[nn.Module], list] | None = None
-    task_types: tuple[str, ...] = ("classification", "regression")
+    task_types: tuple[str, ...] = LABELLED_TASKS
 
     def __post_init__(self):
         if self.loop not in LOOPS:
