@@ -48,8 +48,11 @@ class DataSpec(Spec):
                                       "(causal_lm) to write the response to a prompt, its loss on the response only")
     columns: dict[str, str] = Field(default_factory=dict, description="your data's column for each role: text, "
                                     "text_pair (optional), label for classification and regression; prompt, "
-                                    "response for causal_lm. e.g. {text: sentence, label: label}. Roles left out "
+                                    "response, or messages (OpenAI chat format) for causal_lm. e.g. {text: sentence, "
+                                    "label: label}. Roles left out "
                                     "read the column of the role's own name")
+    chat_template: str | None = Field(None, description="causal_lm on chat `messages`: a Jinja chat template (as "
+                                      "tokenizer_config.json holds one); default: the tokenizer's own")
     template: str | None = Field(None, description="causal_lm: the prompt built from each example's columns, e.g. "
                                  "'Question: {question}\\nAnswer: ' (default: the prompt column as it is)")
     labels: list[str] | None = Field(None, min_length=2, description="the label set in the order of the model's "
@@ -88,7 +91,7 @@ class DataSpec(Spec):
             raise ValueError("set either task (a GLUE preset) or train_file (your own data), not both" if self.task
                              else "set task (a GLUE preset such as sst2) or train_file (your own data)")
         if self.task is not None:
-            own = [f for f in ("dev_file", "dev_fraction", "columns", "labels", "name", "template")
+            own = [f for f in ("dev_file", "dev_fraction", "columns", "labels", "name", "template", "chat_template")
                    if getattr(self, f)] + (["task_type"] if self.task_type == "causal_lm" else [])
             if own:
                 raise ValueError(f"{', '.join(own)} describe your own data (train_file); a GLUE preset (task) "
@@ -102,8 +105,9 @@ class DataSpec(Spec):
                              "held-out share of train_file, e.g. 0.1)")
         if self.task_type != "classification" and self.labels is not None:
             raise ValueError(f"labels name classes; a {self.task_type} task has none")
-        if self.template is not None and self.task_type != "causal_lm":
-            raise ValueError("template builds a causal_lm prompt; set task_type: causal_lm or leave template out")
+        for field in ("template", "chat_template"):
+            if getattr(self, field) is not None and self.task_type != "causal_lm":
+                raise ValueError(f"{field} builds a causal_lm prompt; set task_type: causal_lm or leave {field} out")
         if self.task_type == "causal_lm" and self.k_shot is not None:
             raise ValueError("k_shot draws k examples per class; a causal_lm task has none (use train_subset)")
         return self
@@ -127,7 +131,7 @@ class DataSpec(Spec):
         return self.name or Path(self.train_file.rstrip("/")).stem or "data"
 
 
-COLUMN_ROLES = ("text", "text_pair", "label", "prompt", "response")
+COLUMN_ROLES = ("text", "text_pair", "label", "prompt", "response", "messages")
 
 
 class TrainingSpec(Spec):

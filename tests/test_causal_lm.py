@@ -1,8 +1,8 @@
-"""Supervised fine-tuning of decoders on prompt/response data (data.task_type: causal_lm): the prompt's tokens are
-never learned, the loss falls for every method on tiny-llama and tiny-gpt2 (MoE: tiny-mixtral, and upcycled), READ
-runs the decoder without autograd, dev is scored by loss and perplexity, AdaZeta's queries split over two Ray
-workers through `rayeff run` end bit-exact with one worker, and what cannot work is a one-line error before Ray
-starts."""
+"""Supervised fine-tuning of decoders on prompt/response or chat data (data.task_type: causal_lm): the prompt's
+tokens are never learned (in chat data, only the assistant's replies are), the loss falls for every method on
+tiny-llama and tiny-gpt2 (MoE: tiny-mixtral, and upcycled), READ runs the decoder without autograd, dev is scored
+by loss and perplexity, runs resume exactly, AdaZeta's queries split over two Ray workers through `rayeff run` end
+bit-exact with one worker, and what cannot work is a one-line error before Ray starts."""
 
 from __future__ import annotations
 
@@ -189,6 +189,61 @@ def test_rayeff_run_splits_a_decoders_queries_over_two_ray_workers_bit_exactly(t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     last_up_cores = [t for n, t in a.items() if ".up.cores.2" in n]   # zero at the start: it trained
     assert len(last_up_cores) == 2 and all(torch.count_nonzero(t) for t in last_up_cores)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+CHATS = [{"messages": [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": f"{a} + {b}?"},
+                       {"role": "assistant", "content": f"{a + b}"}, {"role": "user", "content": "Doubled?"},
+                       {"role": "assistant", "content": f"twice that is {2 * (a + b)}"}]}
+         for a in range(5) for b in range(5)]
+
+
+def test_chat_messages_learn_the_assistants_replies_only(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
+    spec = DataSpec(train_file=str(path), dev_file=str(path), task_type="causal_lm", chat_template=CHAT_TEMPLATE)
+    tokenizer = load_tokenizer(resolve_model("tiny-llama"))
+    example = tokenized_split(spec, "dev", tokenizer, 128)[7]   # 1 + 2
+    learned = tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
+    assert learned == "3 twice that is 6"
+    assert "you add numbers" in tokenizer.decode(example["input_ids"])   # in the input, not learned
+    result = run_in_process(validate_job({
+        "model": {"name": "tiny-llama"}, "method": {"name": "full"}, "output_dir": str(tmp_path / "out"),
+        "data": {"train_file": str(path), "dev_fraction": 0.2, "task_type": "causal_lm",
+                 "chat_template": CHAT_TEMPLATE, "train_subset": 8},
+        "training": {"max_steps": 6, "batch_size": 8, "lr": 1e-2, "log_every": 2}}))
+    assert result["loss_history"][-1] < result["loss_history"][0] - 0.5 and "eval_loss" in result["metrics"]
+
+
+@pytest.mark.parametrize("conversation,needle", [
+    ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}], 'message 2 ({"role": "bot"'),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant"}], "message 2"),
+    ([{"role": "user", "content": "hi"}], "no assistant message, so nothing to learn"),
+    ("hi there", "messages is str, not a list of {role, content} messages"),
+])
+def test_a_malformed_chat_is_one_line_exit_2_before_ray(tmp_path, capsys, ray_calls, conversation, needle):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in [*CHATS[:3], {"messages": conversation}]))
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({"model": {"name": "tiny-llama"}, "method": {"name": "lora"},
+                               "data": {"train_file": str(path), "dev_fraction": 0.25, "task_type": "causal_lm",
+                                        "chat_template": CHAT_TEMPLATE}, "training": {"max_steps": 1}}))
+    code = main(["run", str(job), "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not ray_calls and len(err.splitlines()) == 1, err
+    assert "chat.jsonl example 4: " in err and needle in err, err
+
+
+def test_chat_data_without_a_chat_template_is_one_line_exit_2(tmp_path, capsys, ray_calls):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({"model": {"name": "tiny-llama"}, "method": {"name": "lora"},
+                               "training": {"max_steps": 1},
+                               "data": {"train_file": str(path), "dev_fraction": 0.25, "task_type": "causal_lm"}}))
+    assert main(["run", str(job), "--output", str(tmp_path / "out"), "--no-progress"]) == 2 and not ray_calls
+    assert "data.chat_template: the tokenizer has no chat template" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change,needle", [

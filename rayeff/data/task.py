@@ -4,6 +4,7 @@
     task = task_of(job.data)                    # a LabelledTask (classification, regression) or a CausalLMTask
     examples = load_examples(job.data, "dev")   # {"text_a": [...], "text_b": [...] or None, "label": [...]}
                                                 # or, causal_lm: {"prompt": [...], "response": [...]}
+                                                # or {"messages": [[{role, content}, ...], ...]} (chat)
 
 Labels come out as class indices in the order of `task.labels` (the model's outputs), or as floats for regression.
 """
@@ -137,7 +138,13 @@ def _examples(table: dict[str, list], spec: DataSpec, task: LabelledTask, field:
 
 def _prompts_and_responses(table: dict[str, list], spec: DataSpec, task: CausalLMTask, field: str,
                            path: str) -> dict:
-    """Each example's prompt (the prompt column, or the template filled from the example's columns) and response."""
+    """Each example's prompt (the prompt column, or the template filled from the example's columns) and response;
+    or, for chat data (a `messages` column), each example's conversation."""
+    if _is_chat(table, spec):
+        conversations = _column(table, spec, "messages", field)
+        for i, conversation in enumerate(conversations):
+            _check_conversation(conversation, f"{field}: {path} example {i + 1}")
+        return {"messages": conversations}
     response = _texts(_column(table, spec, "response", field), "response", field, path)
     if task.template is None:
         return {"prompt": _texts(_column(table, spec, "prompt", field), "prompt", field, path), "response": response}
@@ -150,6 +157,38 @@ def _prompts_and_responses(table: dict[str, list], spec: DataSpec, task: CausalL
     values = {n: _texts(table[n], n, field, path) for n in names}
     return {"prompt": [task.template.format_map({n: values[n][i] for n in names}) for i in rows],
             "response": response}
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _is_chat(table: dict[str, list], spec: DataSpec) -> bool:
+    """Chat data: the job maps `messages`, or the file has a messages column and no prompt/response mapping."""
+    if "messages" in spec.columns:
+        return True
+    return "messages" in table and not {"prompt", "response"} & set(spec.columns) and spec.template is None
+
+
+def _check_conversation(conversation, where: str) -> None:
+    """The OpenAI chat format: a list of {role, content} with roles system, user, assistant, and something for the
+    model to learn (an assistant message)."""
+    if not isinstance(conversation, list) or not conversation:
+        raise UserError(f"{where}: messages is {type(conversation).__name__}, not a list of {{role, content}} "
+                        "messages (the OpenAI chat format)")
+    for j, message in enumerate(conversation):
+        if not isinstance(message, dict) or set(message) - {"role", "content", "name"} or \
+                message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
+            raise UserError(f"{where}: message {j + 1} ({json_preview(message)}) is not {{role: system|user|assistant"
+                            ", content: text}}; fix the file")
+    if not any(m["role"] == "assistant" for m in conversation):
+        raise UserError(f"{where}: no assistant message, so nothing to learn; every conversation needs at least one")
+
+
+def json_preview(value, limit: int = 60) -> str:
+    import json
+
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _template_fields(template: str) -> list[str]:

@@ -73,7 +73,9 @@ def _cache_path(spec: DataSpec, split: str, tokenizer, max_length: int) -> Path:
     return root / "tokenized" / f"{name}-{split}-{max_length}-{digest}"
 
 
-def _tokenize(columns: dict, tokenizer, max_length: int) -> datasets.Dataset:
+def _tokenize(columns: dict, tokenizer, max_length: int, chat_template: str | None) -> datasets.Dataset:
+    if "messages" in columns:
+        return _tokenize_conversations(columns["messages"], tokenizer, max_length, chat_template)
     if "prompt" in columns:
         return _tokenize_prompts_and_responses(columns, tokenizer, max_length)
     encoded = tokenizer(columns["text_a"], columns["text_b"], truncation=True, max_length=max_length)
@@ -107,13 +109,54 @@ def _tokenize_prompts_and_responses(columns: dict, tokenizer, max_length: int) -
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
+def _tokenize_conversations(conversations: list, tokenizer, max_length: int,
+                            chat_template: str | None) -> datasets.Dataset:
+    """Each conversation rendered by the chat template (the job's, else the tokenizer's) and tokenised once; the
+    tokens of each assistant message's reply are learned, everything else (system and user turns, and the header
+    that opens the assistant's turn) is IGNORE_INDEX. Where a reply lies is found by rendering the conversation up to
+    it (with the generation prompt) and through it: a template that does not render a conversation's beginning as
+    the beginning of its rendering is refused. Too long: cut at max_length."""
+    from rayeff.errors import UserError
+
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise UserError("data.chat_template: the tokenizer has no chat template; give one in the job (a Jinja "
+                        "template, as tokenizer_config.json holds)")
+
+    def render(messages, generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except Exception as err:  # noqa: BLE001  (Jinja raises several types)
+            raise UserError(f"data.chat_template: it cannot render a conversation ({str(err)[:160]})") from None
+
+    ids, labels = [], []
+    for conversation in conversations:
+        text, spans = render(conversation, False), []
+        for i, message in enumerate(conversation):
+            if message["role"] != "assistant":
+                continue
+            start, end = len(render(conversation[:i], True)), len(render(conversation[:i + 1], False))
+            if not (text.startswith(render(conversation[:i], True)) and text.startswith(
+                    render(conversation[:i + 1], False))):
+                raise UserError("data.chat_template: it renders a conversation's first turns differently from the "
+                                "start of the whole conversation, so the assistant's replies cannot be located")
+            spans.append((start, end))
+        encoded = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length,
+                            return_offsets_mapping=True)
+        learned = [any(a <= lo < b for a, b in spans) for lo, _ in encoded["offset_mapping"]]
+        ids.append(encoded["input_ids"])
+        labels.append([t if keep else IGNORE_INDEX for t, keep in zip(encoded["input_ids"], learned)])
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+
 def tokenized_split(spec: DataSpec, split: str, tokenizer, max_length: int) -> datasets.Dataset:
     """The whole split, tokenised (from the cache when it holds this key)."""
     path = _cache_path(spec, split, tokenizer, max_length)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.is_dir():
-            dataset = _tokenize(load_examples(spec, split), tokenizer, max_length)
+            dataset = _tokenize(load_examples(spec, split), tokenizer, max_length, spec.chat_template)
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             dataset.save_to_disk(str(tmp))
