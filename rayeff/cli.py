@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--adapter-only", action="store_true",
                         help="LoRA: write a PEFT adapter folder for the base model instead of merged weights")
 
+    predict = commands.add_parser("predict", help="batch inference over a JSON-lines file, through Ray Data")
+    predict.add_argument("source", metavar="RUN_OR_EXPORT", help="a finished run's folder, or a `rayeff export` folder")
+    predict.add_argument("--input", required=True, help="JSON-lines file, one example object per line")
+    predict.add_argument("--output", required=True, help="new JSON-lines file: each input line plus `prediction`")
+    predict.add_argument("--workers", type=int, help="model replicas (default: the job's scaling.num_workers)")
+    predict.add_argument("--batch-size", type=int, default=64, help="lines per forward (default 64)")
+    predict.add_argument("--max-new-tokens", type=int, default=32, help="causal LM: tokens generated per line")
+    predict.add_argument("--address", help=_ADDRESS_HELP)
+
     tune = commands.add_parser("tune", help="run a hyper-parameter sweep (Ray Tune + Optuna)")
     tune.add_argument("sweep", help="sweep YAML file (see jobs/sweep-*.yaml)")
     _file_options(tune, "sweep", "continue the sweep in the output folder",
@@ -191,6 +200,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_run(args.run_dir, args.output, adapter_only=args.adapter_only)
     kind = "a PEFT adapter" if args.adapter_only else "a Hugging Face model"
     print(f"rayeff: wrote {kind} to {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from rayeff.predict import predict_file
+
+    for name in ("workers", "batch_size", "max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')}: {getattr(args, name)} must be at least 1")
+    report = predict_file(args.source, args.input, args.output, args.workers, args.batch_size, args.max_new_tokens,
+                          args.address)
+    print(f"rayeff: wrote {report['lines']} predictions to {args.output} in {report['seconds']:.1f} s "
+          f"({report['lines_per_second']:.1f} lines/s on {report['workers']} worker(s))")
     return 0
 
 
@@ -331,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     try:
-        commands = {"run": cmd_run, "export": cmd_export, "tune": cmd_tune, "priors": cmd_priors,
-                    "submit": cmd_submit, "jobs": cmd_jobs, "status": cmd_status, "bench": cmd_bench}
+        commands = {"run": cmd_run, "export": cmd_export, "predict": cmd_predict, "tune": cmd_tune,
+                    "priors": cmd_priors, "submit": cmd_submit, "jobs": cmd_jobs, "status": cmd_status,
+                    "bench": cmd_bench}
         return commands[args.command](args)
     except UserError as err:
         print(f"rayeff: error: {err}", file=sys.stderr)

@@ -23,7 +23,7 @@ EXPORTABLE = ("full", "lora")
 
 def export_run(run_dir: str, output: str, adapter_only: bool = False) -> Path:
     run, out = Path(run_dir), Path(output)
-    job, result = _finished_run(run)
+    job, result = finished_run(run)
     _check_output(out)
     if job.data.task_type != "causal_lm":
         raise UserError(f"{run}: a {job.data.task_type} run; rayeff export writes causal-LM runs for now "
@@ -49,18 +49,26 @@ def export_run(run_dir: str, output: str, adapter_only: bool = False) -> Path:
     return out
 
 
-def rebuild_trained(run: Path, job) -> tuple[nn.Module, nn.Module]:
-    """(the Hugging Face model, rayeff's model around it) with the run's trained tensors in place, in eval mode.
-    Built after seeding as each worker seeds, so a tiny random-weight backbone comes out as it trained."""
+def rebuild_trained(run: Path, job) -> tuple[nn.Module | None, nn.Module]:
+    """(the Hugging Face causal LM, or None for a classifier; rayeff's model) with the run's trained tensors in
+    place, in eval mode. Built after seeding as each worker seeds, so a tiny random-weight backbone (and a classifier
+    head's untrained parts) come out as they trained."""
     from safetensors.torch import load_file
 
+    from rayeff.data.task import task_of
     from rayeff.methods import get_method
-    from rayeff.models import CausalLM, load_causal_lm, resolve_model
+    from rayeff.models import CausalLM, build_classifier, load_causal_lm, resolve_model
     from rayeff.train.checkpointer import TRAINABLE_FILE
 
+    source, task = resolve_model(job.model.name), task_of(job.data)
     torch.manual_seed(job.training.seed)
-    lm = load_causal_lm(resolve_model(job.model.name), job.model.dropout)
-    model = get_method(job.method.name).build(CausalLM(lm), job.method)
+    lm = None
+    if task.kind == "causal_lm":
+        lm = load_causal_lm(source, job.model.dropout)
+        base = CausalLM(lm)
+    else:
+        base = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling, job.model.head)
+    model = get_method(job.method.name).build(base, job.method)
     path = run / "final" / TRAINABLE_FILE
     weights = load_file(str(path))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -68,7 +76,7 @@ def rebuild_trained(run: Path, job) -> tuple[nn.Module, nn.Module]:
         raise UserError(f"{path}: its tensors are not those a {job.method.name} model of {job.model.name} trains "
                         f"({len(weights)} saved, {len(trainable)} expected); was the run's job.yaml changed?")
     model.load_state_dict(weights, strict=False)
-    return lm.eval(), model.eval()
+    return (lm.eval() if lm is not None else None), model.eval()
 
 
 def _save_adapter(lm: nn.Module, model: nn.Module, job, out: Path) -> None:
@@ -126,7 +134,8 @@ The job as it ran is `rayeff_job.yaml`.
 """
 
 
-def _finished_run(run: Path):
+def finished_run(run: Path):
+    """(the job it ran, its result) of a finished run's folder; a one-line error for anything else."""
     from rayeff.config import load_job
     from rayeff.train.checkpointer import TRAINABLE_FILE
 

@@ -277,7 +277,10 @@ class CausalLM(nn.Module):
         self.requires_grad_(False)
 
     def run_backbone(self, input_ids, attention_mask, token_type_ids=None, output_hidden_states=False):
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+        # positions counted over real tokens, so a left-padded prompt (generation) is read as the unpadded one; with
+        # right padding (training) every real token keeps its index
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                              output_hidden_states=output_hidden_states)
 
     def forward(self, input_ids, attention_mask, **_unused) -> torch.Tensor:

@@ -148,7 +148,7 @@ def _prompts_and_responses(table: dict[str, list], spec: DataSpec, task: CausalL
     response = _texts(_column(table, spec, "response", field), "response", field, path)
     if task.template is None:
         return {"prompt": _texts(_column(table, spec, "prompt", field), "prompt", field, path), "response": response}
-    names = _template_fields(task.template)
+    names = template_fields(task.template)
     missing = [n for n in names if n not in table]
     if missing:
         raise UserError(f"data.template names {', '.join(map(repr, missing))}, which {field} {path} lacks (its "
@@ -191,7 +191,7 @@ def json_preview(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _template_fields(template: str) -> list[str]:
+def template_fields(template: str) -> list[str]:
     """The column names a template fills, e.g. ['question'] for 'Q: {question}'; `{{` is a literal brace."""
     import string
 

@@ -88,14 +88,24 @@ def _tokenize(columns: dict, tokenizer, max_length: int, chat_template: str | No
 IGNORE_INDEX = -100   # a label position the loss skips (torch's cross_entropy default ignore_index)
 
 
+def start_tokens(tokenizer) -> list[int]:
+    """What a prompt starts with: the tokenizer's BOS where it has its own (Llama's), else nothing (GPT-2's BOS is
+    its EOS)."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and bos != tokenizer.eos_token_id else []
+
+
+def end_token(tokenizer) -> int | None:
+    """What ends a response: EOS, or SEP for a tokenizer without one (the tiny models share MiniLM's)."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
 def _tokenize_prompts_and_responses(columns: dict, tokenizer, max_length: int) -> datasets.Dataset:
     """input_ids = [bos] prompt response [eos]; labels the same with every prompt position IGNORE_INDEX, so only the
     response (and its end) is learned. Prompt and response are tokenised apart, as LLaMA-Factory and torchtune do,
     so the boundary is where the data puts it. Too long: the response keeps at least half of max_length, the prompt
     loses its start."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and \
-        tokenizer.bos_token_id != tokenizer.eos_token_id else []
-    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    bos, end = start_tokens(tokenizer), end_token(tokenizer)
     prompts = tokenizer(columns["prompt"], add_special_tokens=False)["input_ids"]
     responses = tokenizer(columns["response"], add_special_tokens=False)["input_ids"]
     ids, labels = [], []
@@ -109,6 +119,22 @@ def _tokenize_prompts_and_responses(columns: dict, tokenizer, max_length: int) -
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
+def render_chat(tokenizer, chat_template: str | None, messages: list[dict], generation_prompt: bool) -> str:
+    """A conversation as the chat template (the job's, else the tokenizer's) writes it; with `generation_prompt`,
+    followed by the header that opens the assistant's turn."""
+    from rayeff.errors import UserError
+
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise UserError("data.chat_template: the tokenizer has no chat template; give one in the job (a Jinja "
+                        "template, as tokenizer_config.json holds)")
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as err:  # noqa: BLE001  (Jinja raises several types)
+        raise UserError(f"data.chat_template: it cannot render a conversation ({str(err)[:160]})") from None
+
+
 def _tokenize_conversations(conversations: list, tokenizer, max_length: int,
                             chat_template: str | None) -> datasets.Dataset:
     """Each conversation rendered by the chat template (the job's, else the tokenizer's) and tokenised once; the
@@ -118,17 +144,8 @@ def _tokenize_conversations(conversations: list, tokenizer, max_length: int,
     the beginning of its rendering is refused. Too long: cut at max_length."""
     from rayeff.errors import UserError
 
-    template = chat_template or getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise UserError("data.chat_template: the tokenizer has no chat template; give one in the job (a Jinja "
-                        "template, as tokenizer_config.json holds)")
-
     def render(messages, generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
-        except Exception as err:  # noqa: BLE001  (Jinja raises several types)
-            raise UserError(f"data.chat_template: it cannot render a conversation ({str(err)[:160]})") from None
+        return render_chat(tokenizer, chat_template, messages, generation_prompt)
 
     ids, labels = [], []
     for conversation in conversations:

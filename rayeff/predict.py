@@ -1,0 +1,222 @@
+"""Batch inference over a JSON-lines file of any size, through Ray Data:
+
+    rayeff predict RUN_OR_EXPORT --input FILE --output FILE [--workers N]
+
+RUN_OR_EXPORT is a finished run's folder (its model is rebuilt from the job and its trained tensors) or a folder
+`rayeff export` wrote. Each output line is the input line's object plus a `prediction`: the label (classification),
+the number (regression), or the greedy continuation of the prompt (causal LM; the prompt built as in training, from
+the prompt column, the template, or the chat `messages`). Lines keep their order. The file is read in blocks and
+predicted by a pool of actors, one model each (as many as the job's workers, or --workers), and written to a
+temporary name renamed at the end, so an interrupted run leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rayeff.errors import UserError
+
+
+@dataclass
+class InferenceModel:
+    """What predicting needs, loaded once per actor."""
+    job: object
+    task: object
+    model: nn.Module     # model(input_ids, attention_mask[, token_type_ids]) -> logits
+    tokenizer: object
+
+
+def source_job(source: Path):
+    """The job behind a run folder (job.yaml, checked finished) or an export folder (rayeff_job.yaml)."""
+    from rayeff.config import load_job
+    from rayeff.export import finished_run
+
+    if (source / "rayeff_job.yaml").is_file() and (source / "config.json").is_file():
+        return load_job(source / "rayeff_job.yaml")
+    if (source / "job.yaml").is_file():
+        return finished_run(source)[0]
+    raise UserError(f"RUN_OR_EXPORT: {source} is neither a run's folder (job.yaml, result.json, final/) nor one "
+                    "`rayeff export` wrote; give one of those")
+
+
+def load_for_inference(source: Path) -> InferenceModel:
+    from rayeff.data.task import task_of
+    from rayeff.models import CausalLM, load_tokenizer, resolve_model
+
+    job = source_job(source)
+    task = task_of(job.data)
+    if (source / "rayeff_job.yaml").is_file():   # an export: the folder is the model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        lm = AutoModelForCausalLM.from_pretrained(str(source)).eval()
+        return InferenceModel(job, task, CausalLM(lm).eval(), AutoTokenizer.from_pretrained(str(source)))
+    from rayeff.export import rebuild_trained
+
+    _, model = rebuild_trained(source, job)
+    return InferenceModel(job, task, model, load_tokenizer(resolve_model(job.model.name)))
+
+
+def predict_records(loaded: InferenceModel, records: list[dict], max_new_tokens: int) -> list:
+    """The prediction for each record, in order."""
+    if loaded.task.kind == "causal_lm":
+        return _generate(loaded, records, max_new_tokens)
+    job, task, tokenizer = loaded.job, loaded.task, loaded.tokenizer
+    columns = job.data.columns
+    texts = [r[columns.get("text", "text")] for r in records]
+    pairs = [r[columns.get("text_pair", "text_pair")] for r in records] if task.text_fields == 2 else None
+    batch = tokenizer(texts, pairs, truncation=True, max_length=job.training.max_seq_length, padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        logits = loaded.model(**{k: v for k, v in batch.items()}).float()
+    if task.is_regression:
+        return logits.squeeze(-1).tolist()
+    return [task.labels[i] for i in logits.argmax(-1).tolist()]
+
+
+def prompt_ids(loaded: InferenceModel, record: dict) -> list[int]:
+    """A record's prompt tokens, as training built them (rayeff/data/tokenized.py)."""
+    from rayeff.data.tokenized import render_chat, start_tokens
+
+    data, tokenizer = loaded.job.data, loaded.tokenizer
+    messages = record.get(data.columns.get("messages", "messages"))
+    if isinstance(messages, list):
+        if messages and messages[-1].get("role") == "assistant":   # the reply to predict
+            messages = messages[:-1]
+        text = render_chat(tokenizer, data.chat_template, messages, generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt = data.template.format_map(record) if data.template else record[data.columns.get("prompt", "prompt")]
+    return start_tokens(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def _generate(loaded: InferenceModel, records: list[dict], max_new_tokens: int) -> list[str]:
+    from rayeff.data.tokenized import end_token
+
+    prompts = [prompt_ids(loaded, r) for r in records]
+    new = greedy_generate(loaded.model, prompts, loaded.tokenizer.pad_token_id, end_token(loaded.tokenizer),
+                          max_new_tokens)
+    return [loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
+
+
+def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, end_id: int | None,
+                    max_new_tokens: int) -> list[list[int]]:
+    """Greedy decoding of a batch of prompts, left-padded (the model counts positions over real tokens): each
+    prompt's new tokens, up to (not including) `end_id`. Every step runs the whole sequence again (no cache): one
+    code path for every method's model, at the price of speed on long outputs."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    new: list[list[int]] = [[] for _ in prompts]
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            step = model(input_ids=ids, attention_mask=mask)[:, -1].float().argmax(-1)
+            for row, token in enumerate(step.tolist()):
+                if not done[row]:
+                    if token == end_id:
+                        done[row] = True
+                    else:
+                        new[row].append(token)
+            if bool(done.all()):
+                break
+            ids = torch.cat([ids, step.unsqueeze(1)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(step).unsqueeze(1)], dim=1)
+    return new
+
+
+class Predictor:
+    """One Ray Data actor: loads the model once, then turns blocks of input lines into output lines."""
+
+    def __init__(self, source: str, max_new_tokens: int):
+        from rayeff.quiet import quiet_libraries
+
+        quiet_libraries()
+        self.loaded = load_for_inference(Path(source))
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, batch: dict) -> dict:
+        records = [json.loads(line) for line in batch["text"]]
+        predictions = predict_records(self.loaded, records, self.max_new_tokens)
+        return {"line": [json.dumps({**r, "prediction": p}, ensure_ascii=False)
+                         for r, p in zip(records, predictions)]}
+
+
+def check_input(path: Path, job) -> int:
+    """Every non-blank line a JSON object holding what the job's examples need; returns how many lines there are.
+    Read once through, before Ray starts (a bad line found by an actor would end the job half-way)."""
+    if not path.is_file():
+        raise UserError(f"--input: {path} not found; give a JSON-lines file (one object per line)")
+    needed = _needed_columns(job)
+    lines = 0
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                raise UserError(f"--input: {path} line {number} is blank; every line must be one JSON object")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"--input: {path} line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"--input: {path} line {number}: not a JSON object")
+            if not any(all(c in record for c in option) for option in needed):
+                wanted = " or ".join("+".join(option) for option in needed)
+                raise UserError(f"--input: {path} line {number} has none of the columns the model reads ({wanted})")
+            lines += 1
+    if not lines:
+        raise UserError(f"--input: {path} holds no lines")
+    return lines
+
+
+def _needed_columns(job) -> list[tuple[str, ...]]:
+    """The alternative sets of columns one input line must hold."""
+    from rayeff.data.task import task_of, template_fields
+
+    data, columns = job.data, job.data.columns
+    if data.task_type == "causal_lm":
+        if data.template:
+            return [tuple(template_fields(data.template)), (columns.get("messages", "messages"),)]
+        return [(columns.get("prompt", "prompt"),), (columns.get("messages", "messages"),)]
+    text = (columns.get("text", "text"),)
+    return [text + ((columns.get("text_pair", "text_pair"),) if task_of(data).text_fields == 2 else ())]
+
+
+def predict_file(source: str, input_path: str, output_path: str, workers: int | None = None,
+                 batch_size: int = 64, max_new_tokens: int = 32, address: str | None = None) -> dict:
+    from rayeff.cluster.connect import init_ray
+
+    src, inp, out = Path(source).resolve(), Path(input_path).resolve(), Path(output_path).resolve()
+    if not src.is_dir():
+        raise UserError(f"RUN_OR_EXPORT: {source} is not a folder; give a run's folder or an export")
+    job = source_job(src)
+    lines = check_input(inp, job)
+    if out.exists():
+        raise UserError(f"--output: {out} already exists; choose another file")
+    if not out.parent.is_dir():
+        raise UserError(f"--output: {out.parent} is not a folder; create it first")
+    workers = workers or job.scaling.num_workers
+    init_ray(address, workers + 1)   # one CPU beyond the model actors, for Ray Data's tasks that read the file
+    import ray
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    gpus = 1 if job.scaling.gpus_per_worker > 0 else 0
+    predicted = ray.data.read_text(str(inp)).map_batches(
+        Predictor, fn_constructor_kwargs={"source": str(src), "max_new_tokens": max_new_tokens},
+        batch_size=batch_size, concurrency=workers, num_cpus=1, num_gpus=gpus)
+    start, written = time.perf_counter(), 0
+    partial = out.with_name(out.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as f:
+        for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):
+            for line in batch["line"]:
+                f.write(str(line) + "\n")
+            written += len(batch["line"])
+    seconds = time.perf_counter() - start
+    if written != lines:
+        raise RuntimeError(f"{lines} input lines but {written} predictions; the partial output is {partial}")
+    os.replace(partial, out)
+    return {"lines": written, "seconds": seconds, "lines_per_second": written / seconds, "workers": workers}

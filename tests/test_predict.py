@@ -1,0 +1,108 @@
+"""`rayeff predict`: greedy generation that equals transformers' `generate` on the exported model, 10,000 lines
+through Ray Data on two workers with the same predictions as the model in process, and bad input refused before
+Ray starts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayeff.cli import main
+from rayeff.config import validate_job
+from rayeff.predict import load_for_inference, predict_records, prompt_ids
+from rayeff.train.runner import run_in_process
+
+ROOT = Path(__file__).resolve().parents[1]
+ANSWER = "the answer is easy"
+
+
+def write_lines(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_greedy_generation_equals_transformers_generate_on_the_export(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    questions = [{"question": f"What is {a} plus {b}?", "answer": ANSWER} for a in range(6) for b in range(6)]
+    data = write_lines(tmp_path / "qa.jsonl", questions)
+    run = tmp_path / "run"
+    run_in_process(validate_job({   # one answer for every question: a model that learned it says it
+        "model": {"name": "tiny-llama"}, "method": {"name": "full"}, "output_dir": str(run),
+        "data": {"train_file": str(data), "dev_fraction": 0.25, "task_type": "causal_lm",
+                 "template": "Q: {question}\nA: ", "columns": {"response": "answer"}},
+        "training": {"max_steps": 30, "batch_size": 8, "lr": 1e-2, "log_every": 10}}))
+    assert main(["export", str(run), "--output", str(tmp_path / "export")]) == 0
+    records = [{"question": "What is 7 plus 9?"}, {"question": "Is it easy?"}, {"question": "What is 12 plus 30?"}]
+    from_run = predict_records(load_for_inference(run), records, 8)
+    loaded = load_for_inference(tmp_path / "export")
+    from_export = predict_records(loaded, records, 8)
+    assert from_run == from_export == [ANSWER] * 3
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    prompts = [prompt_ids(loaded, r) for r in records]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (ids != 0).long()
+    generated = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                            eos_token_id=loaded.tokenizer.sep_token_id, pad_token_id=0)
+    assert [loaded.tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in generated] == from_export
+
+
+def trained_classifier(tmp_path: Path) -> Path:
+    reviews = [{"review": f"{'a fine' if i % 2 else 'a dull'} film number {i}", "stars": ["neg", "pos"][i % 2]}
+               for i in range(64)]
+    run = tmp_path / "run"
+    run_in_process(validate_job({
+        "model": {"name": "tiny-bert"}, "method": {"name": "full"}, "output_dir": str(run),
+        "data": {"train_file": str(write_lines(tmp_path / "reviews.jsonl", reviews)), "dev_fraction": 0.25,
+                 "columns": {"text": "review", "label": "stars"}},
+        "training": {"max_steps": 20, "batch_size": 16, "lr": 1e-3, "log_every": 10}}))
+    return run
+
+
+@pytest.mark.slow
+def test_rayeff_predict_runs_10000_lines_on_two_ray_workers_as_the_model_does_in_process(tmp_path):
+    run = trained_classifier(tmp_path)
+    lines = [{"id": i, "review": f"{['a fine', 'a dull', 'an odd'][i % 3]} film, take {i}"} for i in range(10_000)]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run([sys.executable, "-m", "rayeff.cli", "predict", str(run), "--input", str(source),
+                           "--output", str(out), "--batch-size", "500", "--workers", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "wrote 10000 predictions" in done.stdout and "on 2 worker(s)" in done.stdout, done.stdout
+    predicted = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [{k: v for k, v in p.items() if k != "prediction"} for p in predicted] == lines   # in order, kept
+    assert {p["prediction"] for p in predicted} <= {"neg", "pos"}
+    sample = lines[::50]
+    assert [p["prediction"] for p in predicted[::50]] == predict_records(load_for_inference(run), sample, 1)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("blank line", "line 2 is blank"),
+    ("not json", "line 2: not valid JSON"),
+    ("missing column", "line 2 has none of the columns the model reads (review)"),
+    ("output exists", "already exists; choose another file"),
+    ("not a run", "is neither a run's folder"),
+])
+def test_bad_predict_input_is_one_line_exit_2_before_ray(tmp_path, capsys, ray_calls, case, needle):
+    run = trained_classifier(tmp_path)
+    body = '{"review": "fine"}\n' + {"blank line": "\n", "not json": "{review: 1}\n",
+                                     "missing column": '{"text": "x"}\n'}.get(case, '{"review": "ok"}\n')
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(body)
+    if case == "output exists":
+        out.write_text("kept\n")
+    if case == "not a run":
+        run = tmp_path
+    code = main(["predict", str(run), "--input", str(source), "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not ray_calls and len(err.splitlines()) == 1 and needle in err, err
+    assert (out.read_text() == "kept\n") if case == "output exists" else not out.exists()
