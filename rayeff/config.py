@@ -53,6 +53,9 @@ class DataSpec(Spec):
                                     "read the column of the role's own name")
     chat_template: str | None = Field(None, description="causal_lm on chat `messages`: a Jinja chat template (as "
                                       "tokenizer_config.json holds one); default: the tokenizer's own")
+    eval_max_new_tokens: int | None = Field(None, gt=0, description="causal_lm: also generate (greedy) up to this "
+                                            "many tokens for each dev prompt and score them against its response: "
+                                            "exact_match and token_f1, as SQuAD defines them")
     template: str | None = Field(None, description="causal_lm: the prompt built from each example's columns, e.g. "
                                  "'Question: {question}\\nAnswer: ' (default: the prompt column as it is)")
     labels: list[str] | None = Field(None, min_length=2, description="the label set in the order of the model's "
@@ -105,9 +108,9 @@ class DataSpec(Spec):
                              "held-out share of train_file, e.g. 0.1)")
         if self.task_type != "classification" and self.labels is not None:
             raise ValueError(f"labels name classes; a {self.task_type} task has none")
-        for field in ("template", "chat_template"):
+        for field in ("template", "chat_template", "eval_max_new_tokens"):
             if getattr(self, field) is not None and self.task_type != "causal_lm":
-                raise ValueError(f"{field} builds a causal_lm prompt; set task_type: causal_lm or leave {field} out")
+                raise ValueError(f"{field} is for causal_lm data; set task_type: causal_lm or leave {field} out")
         if self.task_type == "causal_lm" and self.k_shot is not None:
             raise ValueError("k_shot draws k examples per class; a causal_lm task has none (use train_subset)")
         return self

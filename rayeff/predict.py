@@ -97,37 +97,12 @@ def prompt_ids(loaded: InferenceModel, record: dict) -> list[int]:
 
 def _generate(loaded: InferenceModel, records: list[dict], max_new_tokens: int) -> list[str]:
     from rayeff.data.tokenized import end_token
+    from rayeff.generation import greedy_generate
 
     prompts = [prompt_ids(loaded, r) for r in records]
     new = greedy_generate(loaded.model, prompts, loaded.tokenizer.pad_token_id, end_token(loaded.tokenizer),
                           max_new_tokens)
     return [loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
-
-
-def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, end_id: int | None,
-                    max_new_tokens: int) -> list[list[int]]:
-    """Greedy decoding of a batch of prompts, left-padded (the model counts positions over real tokens): each
-    prompt's new tokens, up to (not including) `end_id`. Every step runs the whole sequence again (no cache): one
-    code path for every method's model, at the price of speed on long outputs."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    done = torch.zeros(len(prompts), dtype=torch.bool)
-    new: list[list[int]] = [[] for _ in prompts]
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            step = model(input_ids=ids, attention_mask=mask)[:, -1].float().argmax(-1)
-            for row, token in enumerate(step.tolist()):
-                if not done[row]:
-                    if token == end_id:
-                        done[row] = True
-                    else:
-                        new[row].append(token)
-            if bool(done.all()):
-                break
-            ids = torch.cat([ids, step.unsqueeze(1)], dim=1)
-            mask = torch.cat([mask, torch.ones_like(step).unsqueeze(1)], dim=1)
-    return new
 
 
 class Predictor:

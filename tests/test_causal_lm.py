@@ -191,6 +191,29 @@ def test_rayeff_run_splits_a_decoders_queries_over_two_ray_workers_bit_exactly(t
     assert len(last_up_cores) == 2 and all(torch.count_nonzero(t) for t in last_up_cores)
 
 
+def test_squad_exact_match_and_token_f1():
+    from rayeff.generation import exact_match, normalise_answer, token_f1
+
+    assert normalise_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert exact_match("the eiffel tower", "Eiffel Tower.") == 1.0 and exact_match("eiffel", "Eiffel Tower") == 0.0
+    assert token_f1("eiffel tower in paris", "the Eiffel Tower") == pytest.approx(2 * 0.5 * 1.0 / 1.5)
+    assert token_f1("", "") == 1.0 and token_f1("paris", "") == 0.0 and token_f1("rome", "paris") == 0.0
+
+
+def test_dev_generation_scores_a_model_that_learned_its_answer_perfectly(tmp_path):
+    rows = [{"question": f"What is {a} plus {b}?", "answer": "the answer is easy"} for a in range(6) for b in range(6)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"model": {"name": "tiny-llama"}, "method": {"name": "full"},
+              "data": {**lm_data(data), "eval_max_new_tokens": 8},
+              "training": {"max_steps": 30, "batch_size": 8, "lr": 1e-2, "log_every": 10}}
+    trained = run_in_process(validate_job({**common, "output_dir": str(tmp_path / "trained")}))
+    assert trained["metrics"]["exact_match"] == 1.0 and trained["metrics"]["token_f1"] == 1.0
+    untrained = run_in_process(validate_job({**common, "output_dir": str(tmp_path / "untrained"),
+                                             "training": {**common["training"], "max_steps": 1, "lr": 1e-9}}))
+    assert untrained["metrics"]["exact_match"] == 0.0 and untrained["metrics"]["token_f1"] == 0.0
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 CHATS = [{"messages": [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": f"{a} + {b}?"},
@@ -253,7 +276,7 @@ def test_chat_data_without_a_chat_template_is_one_line_exit_2(tmp_path, capsys, 
     ({"data": {"template": "Q: {}"}}, "data.template: {} is not a column name"),
     ({"data": {"template": None, "columns": {"response": "answer"}}}, "data.columns.prompt: data.train_file"),
     ({"data": {"k_shot": 2}}, "k_shot draws k examples per class"),
-    ({"data": {"task_type": "regression"}}, "template builds a causal_lm prompt"),
+    ({"data": {"task_type": "regression"}}, "template is for causal_lm data; set task_type: causal_lm"),
     ({"model": {"name": "tiny-bert"}}, "a causal-LM task needs a decoder-only model; bert is an encoder"),
 ])
 def test_what_cannot_work_is_one_line_exit_2_before_ray(tmp_path, sums, capsys, ray_calls, monkeypatch, change,

@@ -28,6 +28,7 @@ class RunSetup:
     model: nn.Module      # the method's module, on the CPU as built
     routing_layers: list  # its Mixture-of-Experts layers (the method's `routing` hook), else empty
     device_peak: DevicePeak   # peak device memory from before the data and model were loaded
+    tokenizer: object     # to read generated text back (causal LM)
 
     @classmethod
     def build(cls, job: JobSpec, source: ModelSource, device: torch.device) -> RunSetup:
@@ -44,7 +45,7 @@ class RunSetup:
                            base.uses_token_types, task.is_regression)
         model = method.build(base, job.method)
         routing = method.routing(model) if method.routing is not None else []
-        return cls(job, method, task, train_set, dev_set, collate, model, routing, device_peak)
+        return cls(job, method, task, train_set, dev_set, collate, model, routing, device_peak, tokenizer)
 
     def batch(self, idx: list[int], device: torch.device, split: str = "train") -> dict:
         """The examples `idx` of the train (or dev) set as one padded batch on `device`."""
