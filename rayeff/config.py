@@ -90,6 +90,9 @@ class DataSpec(Spec):
     def _one_source(self) -> DataSpec:
         if self.train_subset is not None and self.k_shot is not None:
             raise ValueError("set either train_subset or k_shot, not both")
+        for field in ("template", "chat_template", "eval_max_new_tokens"):
+            if getattr(self, field) is not None and self.task_type != "causal_lm":
+                raise ValueError(f"{field} is for causal_lm data; set task_type: causal_lm or leave {field} out")
         if (self.task is None) == (self.train_file is None):
             raise ValueError("set either task (a GLUE preset) or train_file (your own data), not both" if self.task
                              else "set task (a GLUE preset such as sst2) or train_file (your own data)")
@@ -108,9 +111,6 @@ class DataSpec(Spec):
                              "held-out share of train_file, e.g. 0.1)")
         if self.task_type != "classification" and self.labels is not None:
             raise ValueError(f"labels name classes; a {self.task_type} task has none")
-        for field in ("template", "chat_template", "eval_max_new_tokens"):
-            if getattr(self, field) is not None and self.task_type != "causal_lm":
-                raise ValueError(f"{field} is for causal_lm data; set task_type: causal_lm or leave {field} out")
         if self.task_type == "causal_lm" and self.k_shot is not None:
             raise ValueError("k_shot draws k examples per class; a causal_lm task has none (use train_subset)")
         return self

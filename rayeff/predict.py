@@ -31,6 +31,7 @@ class InferenceModel:
     task: object
     model: nn.Module     # model(input_ids, attention_mask[, token_type_ids]) -> logits
     tokenizer: object
+    positions: int | None   # the most tokens the model reads (None: no learned position table)
 
 
 def source_job(source: Path):
@@ -42,25 +43,42 @@ def source_job(source: Path):
         return load_job(source / "rayeff_job.yaml")
     if (source / "job.yaml").is_file():
         return finished_run(source)[0]
+    if (source / "adapter_config.json").is_file():
+        raise UserError(f"RUN_OR_EXPORT: {source} is an adapter-only export; predict from the run's folder or from "
+                        "an export without --adapter-only")
     raise UserError(f"RUN_OR_EXPORT: {source} is neither a run's folder (job.yaml, result.json, final/) nor one "
                     "`rayeff export` wrote; give one of those")
 
 
 def load_for_inference(source: Path) -> InferenceModel:
+    """The model on this process's GPU when it has one, else on the CPU."""
     from rayeff.data.task import task_of
     from rayeff.models import CausalLM, load_tokenizer, resolve_model
 
     job = source_job(source)
     task = task_of(job.data)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if (source / "rayeff_job.yaml").is_file():   # an export: the folder is the model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         lm = AutoModelForCausalLM.from_pretrained(str(source)).eval()
-        return InferenceModel(job, task, CausalLM(lm).eval(), AutoTokenizer.from_pretrained(str(source)))
-    from rayeff.export import rebuild_trained
+        model, tokenizer = CausalLM(lm).eval(), AutoTokenizer.from_pretrained(str(source))
+    else:
+        from rayeff.export import rebuild_trained
 
-    _, model = rebuild_trained(source, job)
-    return InferenceModel(job, task, model, load_tokenizer(resolve_model(job.model.name)))
+        _, model = rebuild_trained(source, job)
+        tokenizer = load_tokenizer(resolve_model(job.model.name))
+    tokenizer.padding_side = "right"   # the classifier reads the last real token where padding follows it
+    return InferenceModel(job, task, model.to(device), tokenizer, model_positions(source, job))
+
+
+def model_positions(source: Path, job) -> int | None:
+    from rayeff.models import ModelSource, resolve_model
+    from rayeff.train.preflight import max_positions
+
+    if (source / "rayeff_job.yaml").is_file():
+        return max_positions(ModelSource(job.model.name, str(source), str(source)))
+    return max_positions(resolve_model(job.model.name))
 
 
 def predict_records(loaded: InferenceModel, records: list[dict], max_new_tokens: int) -> list:
@@ -73,8 +91,9 @@ def predict_records(loaded: InferenceModel, records: list[dict], max_new_tokens:
     pairs = [r[columns.get("text_pair", "text_pair")] for r in records] if task.text_fields == 2 else None
     batch = tokenizer(texts, pairs, truncation=True, max_length=job.training.max_seq_length, padding=True,
                       return_tensors="pt")
+    device = next(loaded.model.parameters()).device
     with torch.no_grad():
-        logits = loaded.model(**{k: v for k, v in batch.items()}).float()
+        logits = loaded.model(**{k: v.to(device) for k, v in batch.items()}).float().cpu()
     if task.is_regression:
         return logits.squeeze(-1).tolist()
     return [task.labels[i] for i in logits.argmax(-1).tolist()]
@@ -96,10 +115,18 @@ def prompt_ids(loaded: InferenceModel, record: dict) -> list[int]:
 
 
 def _generate(loaded: InferenceModel, records: list[dict], max_new_tokens: int) -> list[str]:
-    from rayeff.data.tokenized import end_token
+    from rayeff.data.tokenized import end_token, start_tokens
     from rayeff.generation import greedy_generate
 
-    prompts = [prompt_ids(loaded, r) for r in records]
+    # a prompt longer than training's max_seq_length (or than the model's positions leave beside what it
+    # generates) keeps its start tokens and its end, as training kept it
+    room = loaded.job.training.max_seq_length
+    if loaded.positions is not None:
+        room = min(room, loaded.positions - max_new_tokens)
+    start, prompts = len(start_tokens(loaded.tokenizer)), []
+    for record in records:
+        ids = prompt_ids(loaded, record)
+        prompts.append(ids if len(ids) <= room else ids[:start] + ids[len(ids) - (room - start):])
     new = greedy_generate(loaded.model, prompts, loaded.tokenizer.pad_token_id, end_token(loaded.tokenizer),
                           max_new_tokens)
     return [loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
@@ -174,6 +201,10 @@ def predict_file(source: str, input_path: str, output_path: str, workers: int | 
         raise UserError(f"--output: {out} already exists; choose another file")
     if not out.parent.is_dir():
         raise UserError(f"--output: {out.parent} is not a folder; create it first")
+    positions = model_positions(src, job) if job.data.task_type == "causal_lm" else None
+    if positions is not None and max_new_tokens >= positions:
+        raise UserError(f"--max-new-tokens: {max_new_tokens} leaves no room for a prompt in the model's {positions} "
+                        "positions; lower it")
     workers = workers or job.scaling.num_workers
     init_ray(address, workers + 1)   # one CPU beyond the model actors, for Ray Data's tasks that read the file
     import ray

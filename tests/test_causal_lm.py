@@ -191,6 +191,18 @@ def test_rayeff_run_splits_a_decoders_queries_over_two_ray_workers_bit_exactly(t
     assert len(last_up_cores) == 2 and all(torch.count_nonzero(t) for t in last_up_cores)
 
 
+def test_a_prompt_too_long_loses_its_start_but_keeps_bos(tmp_path):
+    from rayeff.data.tokenized import _tokenize_prompts_and_responses
+
+    tokenizer = load_tokenizer(resolve_model("tiny-llama"))
+    tokenizer.bos_token = "[CLS]"   # a tokenizer with a BOS of its own, as Llama's
+    prompt = " ".join(f"w{i}" for i in range(100))
+    example = _tokenize_prompts_and_responses({"prompt": [prompt], "response": ["the end"]}, tokenizer, 16)[0]
+    assert len(example["input_ids"]) == 16 and example["input_ids"][0] == tokenizer.cls_token_id
+    assert tokenizer.decode(example["input_ids"][1:]).endswith("w99 the end [SEP]")
+    assert example["labels"][-3:] == example["input_ids"][-3:] and example["labels"][-4] == IGNORE_INDEX
+
+
 def test_squad_exact_match_and_token_f1():
     from rayeff.generation import exact_match, normalise_answer, token_f1
 
@@ -214,6 +226,17 @@ def test_dev_generation_scores_a_model_that_learned_its_answer_perfectly(tmp_pat
     assert untrained["metrics"]["exact_match"] == 0.0 and untrained["metrics"]["token_f1"] == 0.0
 
 
+def test_a_sweep_that_maximises_eval_loss_is_refused(tmp_path, sums, capsys, ray_calls):
+    job, space, sweep = tmp_path / "job.yaml", tmp_path / "space.yaml", tmp_path / "sweep.yaml"
+    job.write_text(json.dumps({"model": {"name": "tiny-llama"}, "method": {"name": "lora"}, "data": lm_data(sums),
+                               "training": {"max_steps": 2, "batch_size": 4}}))
+    space.write_text("method: lora\nparams:\n  training.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    sweep.write_text(json.dumps({"base_job": str(job), "search_space": str(space), "num_trials": 2,
+                                 "output_dir": str(tmp_path / "sweep")}))
+    assert main(["tune", str(sweep)]) == 2 and not ray_calls
+    assert "objective.mode is max but eval_loss is lower-is-better; set objective.mode: min" in capsys.readouterr().err
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 CHATS = [{"messages": [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": f"{a} + {b}?"},
@@ -230,6 +253,8 @@ def test_chat_messages_learn_the_assistants_replies_only(tmp_path):
     example = tokenized_split(spec, "dev", tokenizer, 128)[7]   # 1 + 2
     learned = tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
     assert learned == "3 twice that is 6"
+    other = DataSpec(**{**spec.model_dump(), "chat_template": CHAT_TEMPLATE.replace("<|", "[[").replace("|>", "]]")})
+    assert "[ [ system ] ]" in tokenizer.decode(tokenized_split(other, "dev", tokenizer, 128)[7]["input_ids"])
     assert "you add numbers" in tokenizer.decode(example["input_ids"])   # in the input, not learned
     result = run_in_process(validate_job({
         "model": {"name": "tiny-llama"}, "method": {"name": "full"}, "output_dir": str(tmp_path / "out"),
@@ -277,6 +302,8 @@ def test_chat_data_without_a_chat_template_is_one_line_exit_2(tmp_path, capsys, 
     ({"data": {"template": None, "columns": {"response": "answer"}}}, "data.columns.prompt: data.train_file"),
     ({"data": {"k_shot": 2}}, "k_shot draws k examples per class"),
     ({"data": {"task_type": "regression"}}, "template is for causal_lm data; set task_type: causal_lm"),
+    ({"model": {"name": "tiny-gpt2"}, "data": {"eval_max_new_tokens": 8}, "training": {"max_seq_length": 512}},
+     "data.eval_max_new_tokens: 8 tokens after a dev prompt of up to 512"),
     ({"model": {"name": "tiny-bert"}}, "a causal-LM task needs a decoder-only model; bert is an encoder"),
 ])
 def test_what_cannot_work_is_one_line_exit_2_before_ray(tmp_path, sums, capsys, ray_calls, monkeypatch, change,

@@ -147,3 +147,11 @@ def test_a_file_in_another_encoding_is_one_line_naming_it(synthetic_glue, encodi
     message = str(err.value)
     assert message.startswith(f"{path}: ") and says in message and "UTF-8" in message
     assert len(message.splitlines()) == 1
+
+
+def test_every_worker_gets_dev_examples_even_when_they_are_fewer_than_the_workers():
+    from rayeff.train.state import epoch_order
+
+    assert [epoch_order(1, r, 4, 0, 0, shuffle=False) for r in range(4)] == [[0], [0], [0], [0]]
+    assert [epoch_order(5, r, 4, 0, 0, shuffle=False) for r in range(4)] == [[0, 4], [1, 0], [2, 1], [3, 2]]
+    assert [epoch_order(3, r, 2, 0, 0, shuffle=False) for r in range(2)] == [[0, 2], [1, 0]]

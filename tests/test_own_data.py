@@ -79,6 +79,9 @@ def test_labels_are_sorted_numerically_or_taken_in_the_order_data_labels_gives(t
     as_json = own(write(tmp_path / "n.jsonl", numbers), dev_fraction=0.25, columns={})
     as_csv = own(write(tmp_path / "n.csv", numbers), dev_fraction=0.25, columns={})
     assert task_of(as_json).labels == task_of(as_csv).labels == ("1", "2", "10")   # not "1", "10", "2"
+    flags = [{"text": f"t{i}", "label": i % 2 == 0} for i in range(4)]
+    assert task_of(own(write(tmp_path / "b.jsonl", flags), dev_fraction=0.25, columns={})).labels == \
+        task_of(own(write(tmp_path / "b.csv", flags), dev_fraction=0.25, columns={})).labels == ("false", "true")
     assert load_examples(as_json, "train")["label"] == load_examples(as_csv, "train")["label"]
     given = own(write(tmp_path / "t.jsonl", RECORDS), dev_fraction=0.2, labels=["pos", "neg", "mid"])
     examples = load_examples(given, "train")

@@ -49,6 +49,7 @@ class CausalLMTask:
     is_regression = False
     kind = "causal_lm"
     text_fields = 2   # prompt and response
+    num_labels = 0
 
 
 OWN_METRICS = {"classification": ("accuracy", "macro_f1"), "regression": ("pearson", "spearmanr")}
@@ -117,7 +118,8 @@ def _label_name(value) -> str | None:
         return None if value is None else str(value).lower()
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return str(value).strip()
+    text = str(value).strip()
+    return text.lower() if text.lower() in ("true", "false") else text   # a CSV's "True" is JSON's true
 
 
 def _label_set(values: list) -> tuple[str, ...]:

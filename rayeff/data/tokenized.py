@@ -56,7 +56,8 @@ def _source_fingerprint(spec: DataSpec, split: str) -> str:
         task = task_of(spec)
         files = [content_hash(spec.train_file)] + ([content_hash(spec.dev_file)] if spec.dev_file else [])
         return json.dumps({"files": files, "columns": spec.columns, "task": repr(task), "format": 2,
-                           "held_out": [spec.dev_fraction, spec.seed]}, sort_keys=True)
+                           "held_out": [spec.dev_fraction, spec.seed], "chat_template": spec.chat_template},
+                          sort_keys=True)
     if spec.data_dir is None:
         return "hub"
     path = split_file(get_task(spec.task), split, spec.data_dir)
@@ -65,7 +66,11 @@ def _source_fingerprint(spec: DataSpec, split: str) -> str:
 
 
 def _cache_path(spec: DataSpec, split: str, tokenizer, max_length: int) -> Path:
-    key = "|".join([_tokenizer_fingerprint(tokenizer), spec.display_name, split, str(max_length),
+    # what else decides the tokens beyond the vocabulary: the special tokens a prompt starts and a response ends
+    # with, and the chat template (two checkpoints may share tokenizer.json and differ in these)
+    special = json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.sep_token_id,
+                          getattr(tokenizer, "chat_template", None)])
+    key = "|".join([_tokenizer_fingerprint(tokenizer), special, spec.display_name, split, str(max_length),
                     _source_fingerprint(spec, split)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     root = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
@@ -104,16 +109,17 @@ def _tokenize_prompts_and_responses(columns: dict, tokenizer, max_length: int) -
     """input_ids = [bos] prompt response [eos]; labels the same with every prompt position IGNORE_INDEX, so only the
     response (and its end) is learned. Prompt and response are tokenised apart, as LLaMA-Factory and torchtune do,
     so the boundary is where the data puts it. Too long: the response keeps at least half of max_length, the prompt
-    loses its start."""
+    loses its start (after BOS, which stays)."""
     bos, end = start_tokens(tokenizer), end_token(tokenizer)
     prompts = tokenizer(columns["prompt"], add_special_tokens=False)["input_ids"]
     responses = tokenizer(columns["response"], add_special_tokens=False)["input_ids"]
     ids, labels = [], []
     for prompt, response in zip(prompts, responses):
-        prompt, response = bos + prompt, response + ([end] if end is not None else [])
-        if len(prompt) + len(response) > max_length:
-            response = response[:max(max_length - len(prompt), max_length // 2)]
-            prompt = prompt[len(prompt) - (max_length - len(response)):]
+        response = response + ([end] if end is not None else [])
+        if len(bos) + len(prompt) + len(response) > max_length:
+            response = response[:max(max_length - len(bos) - len(prompt), max_length // 2)]
+            prompt = prompt[len(prompt) - (max_length - len(bos) - len(response)):]   # its start goes, not BOS
+        prompt = bos + prompt
         ids.append(prompt + response)
         labels.append([IGNORE_INDEX] * len(prompt) + response)
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})

@@ -63,7 +63,8 @@ def prompt_and_reference(example: dict) -> tuple[list[int], list[int]]:
     """A tokenised dev example's prompt (every token before the first learned one) and reference (that first run of
     learned tokens, its end token dropped by the caller's decoding): the response, or a chat's first reply."""
     labels = example["labels"]
-    first = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
+    # none learned (a chat whose reply truncation cut off): the whole example is prompt, the reference empty
+    first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
     last = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
     return example["input_ids"][:first], labels[first:last]
 

@@ -66,6 +66,11 @@ def check_sequence_length(job, source) -> None:
     if limit is not None and length > limit:
         raise UserError(f"training.max_seq_length: {length} exceeds the {limit} positions of model "
                         f"{job.model.name}; set it to at most {limit}")
+    generated = job.data.eval_max_new_tokens or 0
+    if limit is not None and length + generated > limit:
+        raise UserError(f"data.eval_max_new_tokens: {generated} tokens after a dev prompt of up to {length} "
+                        f"(training.max_seq_length) exceed the {limit} positions of model {job.model.name}; lower "
+                        "one of them")
     texts = task_of(job.data).text_fields
     try:
         tokenizer = load_tokenizer(source)

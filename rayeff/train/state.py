@@ -53,7 +53,9 @@ def epoch_order(n: int, rank: int, world: int, seed: int, epoch: int, shuffle: b
         order = torch.randperm(n, generator=g).tolist()
     else:
         order = list(range(n))
-    padded = order + order[: (-n) % world]
+    # wrapping around as often as needed: a dev set smaller than half the workers still gives every worker a batch
+    # (with ZeRO-3 every worker must run the same forwards); for n >= world this is order + order[:extra]
+    padded = order + [order[i % n] for i in range((-n) % world)] if n else []
     return padded[rank::world]
 
 

@@ -30,6 +30,7 @@ from rayeff.spec_base import Spec
 from rayeff.tune.space import SearchSpace, check_fields, load_search_space
 
 ENERGY_METRIC = "energy_j"
+LOWER_IS_BETTER = ("eval_loss", "perplexity")   # a causal LM's dev metrics; every other dev metric is higher-better
 
 
 class ObjectiveSpec(Spec):
@@ -132,6 +133,10 @@ def load_sweep(path: str | Path, overrides: list[str] = (), data_dir: str | None
             where = "objective" if len(sweep.objectives) == 1 else f"objective.{i}"
             raise UserError(f"{path}: {where}.metric {objective.metric!r} is not a dev metric of "
                             f"{job.data.display_name}; use dev, {ENERGY_METRIC} or one of the task's metrics")
+        metric = metric_name(objective, job)
+        if metric in LOWER_IS_BETTER and objective.mode == "max":
+            where = "objective" if len(sweep.objectives) == 1 else f"objective.{i}"
+            raise UserError(f"{path}: {where}.mode is max but {metric} is lower-is-better; set {where}.mode: min")
     return sweep, job, space
 
 
