@@ -43,9 +43,12 @@ class DataSpec(Spec):
     dev_file: str | None = Field(None, description="your dev examples, in the same forms as train_file")
     dev_fraction: float | None = Field(None, gt=0.0, lt=1.0, description="without dev_file: hold out this fraction "
                                                                          "of train_file as dev, drawn with `seed`")
-    task_type: Literal["classification", "regression", "causal_lm"] = Field(
-        "classification", description="what the model learns from your data: a label from a set, a number, or "
-                                      "(causal_lm) to write the response to a prompt, its loss on the response only")
+    task_type: Literal["classification", "regression", "causal_lm", "prompted_classification"] = Field(
+        "classification", description="what the model learns: a label from a set, a number, (causal_lm) to write "
+                                      "the response to a prompt, its loss on the response only, or "
+                                      "(prompted_classification) a label scored by the LM head's logits of its "
+                                      "label words after a prompt (MeZO's, LM-BFF's setting); a GLUE preset takes "
+                                      "classification (its own) or prompted_classification")
     columns: dict[str, str] = Field(default_factory=dict, description="your data's column for each role: text, "
                                     "text_pair (optional), label for classification and regression; prompt, "
                                     "response, or messages (OpenAI chat format) for causal_lm. e.g. {text: sentence, "
@@ -57,7 +60,14 @@ class DataSpec(Spec):
                                             "many tokens for each dev prompt and score them against its response: "
                                             "exact_match and token_f1, as SQuAD defines them")
     template: str | None = Field(None, description="causal_lm: the prompt built from each example's columns, e.g. "
-                                 "'Question: {question}\\nAnswer: ' (default: the prompt column as it is)")
+                                 "'Question: {question}\\nAnswer: ' (default: the prompt column as it is); "
+                                 "prompted_classification: the prompt, {mask} where the label word goes, e.g. "
+                                 "'{sentence} It was {mask}.' (a decoder predicts it next, so {mask} ends the "
+                                 "template); {text} and {text_pair} name the mapped columns")
+    label_words: dict[str, str | list[str]] | None = Field(
+        None, description="prompted_classification: each label's word (or words, whose probabilities add up), one "
+                          "token each, e.g. {negative: terrible, positive: great}; a decoder's BPE words usually "
+                          "start with a space (' great')")
     labels: list[str] | None = Field(None, min_length=2, description="the label set in the order of the model's "
                                      "outputs; None takes the train split's labels, sorted (numerically when all "
                                      "are integers)")
@@ -78,6 +88,14 @@ class DataSpec(Spec):
 
         return None if task is None else canonical_task_name(task)
 
+    @field_validator("label_words", mode="before")
+    @classmethod
+    def _labels_as_text(cls, words):
+        """YAML reads a label 1 as a number and true as a boolean; labels are names (see data/task.py)."""
+        if isinstance(words, dict):
+            return {(str(k).lower() if isinstance(k, bool) else str(k)): v for k, v in words.items()}
+        return words
+
     @field_validator("columns")
     @classmethod
     def _known_roles(cls, columns: dict[str, str]) -> dict[str, str]:
@@ -90,15 +108,27 @@ class DataSpec(Spec):
     def _one_source(self) -> DataSpec:
         if self.train_subset is not None and self.k_shot is not None:
             raise ValueError("set either train_subset or k_shot, not both")
-        for field in ("template", "chat_template", "eval_max_new_tokens"):
+        for field in ("chat_template", "eval_max_new_tokens"):
             if getattr(self, field) is not None and self.task_type != "causal_lm":
                 raise ValueError(f"{field} is for causal_lm data; set task_type: causal_lm or leave {field} out")
+        prompted = self.task_type == "prompted_classification"
+        if self.template is not None and self.task_type not in ("causal_lm", "prompted_classification"):
+            raise ValueError("template is for causal_lm and prompted_classification data; set task_type or leave "
+                             "template out")
+        if (self.label_words is not None) != prompted:
+            raise ValueError("prompted_classification scores labels by their words: set label_words (e.g. "
+                             "{negative: terrible, positive: great})" if prompted else
+                             "label_words are for prompted_classification; set task_type: prompted_classification "
+                             "or leave label_words out")
+        if prompted and self.template is None:
+            raise ValueError("prompted_classification turns each example into a prompt: set template (e.g. "
+                             "'{text} It was {mask}.')")
         if (self.task is None) == (self.train_file is None):
             raise ValueError("set either task (a GLUE preset) or train_file (your own data), not both" if self.task
                              else "set task (a GLUE preset such as sst2) or train_file (your own data)")
         if self.task is not None:
-            own = [f for f in ("dev_file", "dev_fraction", "columns", "labels", "name", "template", "chat_template")
-                   if getattr(self, f)] + (["task_type"] if self.task_type == "causal_lm" else [])
+            own = [f for f in ("dev_file", "dev_fraction", "columns", "labels", "name", "chat_template")
+                   if getattr(self, f)] + (["task_type"] if self.task_type in ("causal_lm", "regression") else [])
             if own:
                 raise ValueError(f"{', '.join(own)} describe your own data (train_file); a GLUE preset (task) "
                                  "has its own")
@@ -109,7 +139,7 @@ class DataSpec(Spec):
             raise ValueError("with train_file, set dev_file or dev_fraction (a held-out share of train_file), "
                              "not both" if self.dev_file else "with train_file, set dev_file or dev_fraction (a "
                              "held-out share of train_file, e.g. 0.1)")
-        if self.task_type != "classification" and self.labels is not None:
+        if self.task_type not in ("classification", "prompted_classification") and self.labels is not None:
             raise ValueError(f"labels name classes; a {self.task_type} task has none")
         if self.task_type == "causal_lm" and self.k_shot is not None:
             raise ValueError("k_shot draws k examples per class; a causal_lm task has none (use train_subset)")

@@ -5,7 +5,10 @@
 
 The run's model is rebuilt as its workers built it (the job it ran, the same seed), its trained tensors
 (`final/trainable.safetensors`) put back, LoRA merged into the weights, and the result written with the tokenizer,
-the job and a model card (method, data, dev metrics, energy, memory). Causal-LM runs of `full` and `lora` for now.
+the job and a model card (method, data, dev metrics, energy, memory). For now: causal_lm and
+prompted_classification runs of `full` and `lora`, whose model is the language model with its own head
+(AutoModelForCausalLM, or AutoModelForMaskedLM for a masked-LM encoder; the label words and template are in the
+card and the job).
 """
 
 from __future__ import annotations
@@ -18,19 +21,24 @@ from torch import nn
 
 from rayeff.errors import UserError
 
-EXPORTABLE = ("full", "lora")
+EXPORTABLE = ("full", "lora", "moe")
+LANGUAGE_MODEL_TASKS = ("causal_lm", "prompted_classification")   # the model is the language model, its head kept
 
 
 def export_run(run_dir: str, output: str, adapter_only: bool = False) -> Path:
     run, out = Path(run_dir), Path(output)
     job, result = finished_run(run)
     _check_output(out)
-    if job.data.task_type != "causal_lm":
-        raise UserError(f"{run}: a {job.data.task_type} run; rayeff export writes causal-LM runs for now "
-                        "(classification heads come next)")
+    if job.data.task_type not in LANGUAGE_MODEL_TASKS:
+        raise UserError(f"{run}: a {job.data.task_type} run; rayeff export writes causal_lm and "
+                        "prompted_classification runs for now (a classifier's own head has no Hugging Face form yet)")
     if job.method.name not in EXPORTABLE:
-        raise UserError(f"{run}: a {job.method.name} run; rayeff export writes {' and '.join(EXPORTABLE)} runs for "
+        raise UserError(f"{run}: a {job.method.name} run; rayeff export writes {', '.join(EXPORTABLE)} runs for "
                         "now (READ and AdaZeta do not merge into the backbone; their export comes next)")
+    if job.method.name == "moe" and (job.method.upcycle is not None or job.method.trainable == "lora"):
+        raise UserError(f"{run}: an {'upcycled' if job.method.upcycle else 'expert-LoRA'} MoE run; rayeff export "
+                        "writes MoE runs that fine-tuned a native MoE model's own weights (trainable: all or experts)"
+                        ", whose architecture Hugging Face knows")
     if adapter_only and job.method.name != "lora":
         raise UserError(f"--adapter-only: a {job.method.name} run has no adapter; leave --adapter-only out")
     lm, model = rebuild_trained(run, job)
@@ -57,17 +65,13 @@ def rebuild_trained(run: Path, job) -> tuple[nn.Module | None, nn.Module]:
 
     from rayeff.data.task import task_of
     from rayeff.methods import get_method
-    from rayeff.models import CausalLM, build_classifier, load_causal_lm, resolve_model
+    from rayeff.models import load_tokenizer, resolve_model
     from rayeff.train.checkpointer import TRAINABLE_FILE
+    from rayeff.train.run_setup import build_base
 
     source, task = resolve_model(job.model.name), task_of(job.data)
     torch.manual_seed(job.training.seed)
-    lm = None
-    if task.kind == "causal_lm":
-        lm = load_causal_lm(source, job.model.dropout)
-        base = CausalLM(lm)
-    else:
-        base = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling, job.model.head)
+    lm, base = build_base(source, task, job, load_tokenizer(source))
     model = get_method(job.method.name).build(base, job.method)
     path = run / "final" / TRAINABLE_FILE
     weights = load_file(str(path))
@@ -80,18 +84,20 @@ def rebuild_trained(run: Path, job) -> tuple[nn.Module | None, nn.Module]:
 
 
 def _save_adapter(lm: nn.Module, model: nn.Module, job, out: Path) -> None:
-    """The trained LoRA factors as PEFT saves them for the whole causal LM (not the decoder rayeff wrapped), so that
-    `PeftModel.from_pretrained(AutoModelForCausalLM..., DIR)` finds each under its name."""
+    """The trained LoRA factors as PEFT saves them for the whole language model (not the decoder or encoder rayeff
+    wrapped), so that `PeftModel.from_pretrained(AutoModelForCausalLM..., DIR)` (or AutoModelForMaskedLM) finds
+    each under its name."""
     from peft import LoraConfig, get_peft_model
 
-    from rayeff.models import load_causal_lm, resolve_model
+    from rayeff.models import backbone_kind, load_language_model, resolve_model
 
     source = resolve_model(job.model.name)
-    config = LoraConfig(r=job.method.rank, lora_alpha=job.method.alpha, lora_dropout=job.method.dropout,
-                        target_modules=job.method.target_modules, task_type="CAUSAL_LM",
-                        base_model_name_or_path=source.weights or job.model.name)
     torch.manual_seed(job.training.seed)
-    base = load_causal_lm(source, job.model.dropout)
+    base = load_language_model(source, job.model.dropout)
+    config = LoraConfig(r=job.method.rank, lora_alpha=job.method.alpha, lora_dropout=job.method.dropout,
+                        target_modules=job.method.target_modules,
+                        task_type="CAUSAL_LM" if backbone_kind(base.config) == "decoder" else None,
+                        base_model_name_or_path=source.weights or job.model.name)
     decoder = next(name for name, module in base.named_modules() if module is base.base_model)
     peft_lm = get_peft_model(base, config)
     inner = "backbone.base_model.model."   # where rayeff's LoRA factors sit: its decoder wrapped by PEFT
@@ -99,7 +105,7 @@ def _save_adapter(lm: nn.Module, model: nn.Module, job, out: Path) -> None:
                for n, p in model.named_parameters() if p.requires_grad and n.startswith(inner)}
     missing = set(factors) - {n for n, _ in peft_lm.named_parameters()}
     if missing or not factors:
-        raise UserError(f"the LoRA factors of {job.model.name} do not map onto PEFT's causal-LM model "
+        raise UserError(f"the LoRA factors of {job.model.name} do not map onto PEFT's language model "
                         f"({sorted(missing)[:2]}); export without --adapter-only")
     peft_lm.load_state_dict(factors, strict=False)
     peft_lm.save_pretrained(str(out))
@@ -117,6 +123,8 @@ def model_card(job, result: dict, adapter_only: bool) -> str:
     peak = (f"{memory.get('trainable_params')} trainable of {memory.get('total_params')} parameters; peak device "
             f"{memory.get('peak_device_bytes')} bytes, tensor account {memory.get('tensor_account_bytes')} bytes")
     template = f", template {data.template!r}" if data.template else ""
+    if data.label_words:
+        template += f", label words {json.dumps(data.label_words)}"
     return f"""# {job.method.name} · {job.model.name} · {result.get('task', data.display_name)}
 
 This folder is {what} `{job.model.name}`, exported by `rayeff export` from a rayeff run.

@@ -234,8 +234,9 @@ class SequenceClassifier(nn.Module):
                                                      dtype=torch.long, device=input_ids.device)
         return self.backbone(**kwargs)
 
-    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens, width) -> (batch, width): what the head reads. Linear in `states`."""
+    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens, width) -> (batch, width): what the head reads. Linear in `states`; the tokens do not
+        matter here (they do to a PromptedClassifier's pool)."""
         if self.pooling == "last":
             last = attention_mask.sum(dim=1) - 1  # right padding: the last real token
             return states[torch.arange(states.shape[0], device=states.device), last]
@@ -246,7 +247,7 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, **_unused) -> torch.Tensor:
         out = self.run_backbone(input_ids, attention_mask, token_type_ids)
-        return self.head(self.pool(out.last_hidden_state, attention_mask))
+        return self.head(self.pool(out.last_hidden_state, attention_mask, input_ids))
 
 
 def build_classifier(source: ModelSource, num_labels: int, dropout: float | None = None,
@@ -287,18 +288,107 @@ class CausalLM(nn.Module):
         return self.head(self.run_backbone(input_ids, attention_mask).last_hidden_state)
 
 
-def load_causal_lm(source: ModelSource, dropout: float | None = None) -> nn.Module:
-    """The model's Hugging Face causal-LM form (AutoModelForCausalLM): pretrained weights, or a tiny config's random
-    ones (seeded by the caller)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_language_model(source: ModelSource, dropout: float | None = None) -> nn.Module:
+    """The model's Hugging Face language-model form, with its pretrained LM head: AutoModelForCausalLM for a
+    decoder, AutoModelForMaskedLM for an encoder; pretrained weights, or a tiny config's random ones (seeded by the
+    caller)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     config = tiny_config(source) if source.tiny_config is not None else AutoConfig.from_pretrained(source.weights)
     if dropout is not None:
         _set_dropout(config, dropout)
+    auto = AutoModelForCausalLM if backbone_kind(config) == "decoder" else AutoModelForMaskedLM
     if source.tiny_config is not None:
-        return AutoModelForCausalLM.from_config(config)
-    return AutoModelForCausalLM.from_pretrained(source.weights, config=config)
+        return auto.from_config(config)
+    return auto.from_pretrained(source.weights, config=config)
 
 
 def build_causal_lm(source: ModelSource, dropout: float | None = None) -> CausalLM:
-    return CausalLM(load_causal_lm(source, dropout))
+    return CausalLM(load_language_model(source, dropout))
+
+
+class LabelWordHead(nn.Module):
+    """The LM head read at one position, kept to each label's words: a label's logit is the log of the summed
+    probability-mass of its words (logsumexp of their logits), so one word per label gives that word's logit."""
+
+    def __init__(self, vocabulary_head: nn.Module, word_ids: list[list[int]]):
+        super().__init__()
+        self.vocabulary_head = vocabulary_head
+        flat = [i for words in word_ids for i in words]
+        self.register_buffer("word_ids", torch.tensor(flat, dtype=torch.long), persistent=False)
+        self.register_buffer("label_of_word", torch.tensor([label for label, words in enumerate(word_ids)
+                                                            for _ in words]), persistent=False)
+        self.num_labels = len(word_ids)
+        self.one_word_each = len(flat) == len(word_ids)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        words = self.vocabulary_head(states)[..., self.word_ids].float()
+        if self.one_word_each:
+            return words
+        out = words.new_full((*words.shape[:-1], self.num_labels), float("-inf"))
+        for label in range(self.num_labels):
+            out[..., label] = words[..., self.label_of_word == label].logsumexp(-1)
+        return out
+
+
+def masked_lm_head(lm: nn.Module) -> nn.Module:
+    """A masked LM's head (hidden state -> vocabulary logits): the one child module beside the base model that holds
+    weights (BERT's `cls`, RoBERTa's `lm_head`, ALBERT's `predictions`)."""
+    children = [m for name, m in lm.named_children()
+                if name != lm.base_model_prefix and any(True for _ in m.parameters())]
+    if len(children) != 1:
+        raise UserError(f"model.name: cannot tell the masked-LM head of a {lm.config.model_type} model apart (it "
+                        "has several modules beside the encoder); prompted_classification supports BERT-, RoBERTa- "
+                        "and ALBERT-style masked LMs, and decoders")
+    return children[0]
+
+
+class PromptedClassifier(nn.Module):
+    """A language model that classifies by its label words: a decoder's LM head read at the prompt's last real token
+    (the next token), or a masked LM's at its mask token. `forward(**batch)` returns class logits (batch, labels), so
+    it trains and scores as a classifier does. The head is the pretrained one, so it does not train unless the
+    method trains everything (`trains_head` False). `pool` picks the scored position, as a classifier's does."""
+
+    trains_head = False
+
+    def __init__(self, lm: nn.Module, word_ids: list[list[int]], mask_token_id: int | None):
+        super().__init__()
+        self.kind = backbone_kind(lm.config)
+        if self.kind == "encoder-decoder":
+            raise UserError(f"model.name: prompted_classification reads a decoder's next token or a masked LM's mask "
+                            f"token; {lm.config.model_type} is an encoder-decoder")
+        self.config = lm.config
+        if self.kind == "decoder":
+            self.backbone = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.base_model
+            self.head = LabelWordHead(lm.get_output_embeddings(), word_ids)
+            self.pooling = "last"
+        else:
+            self.backbone = lm.base_model
+            self.head = LabelWordHead(masked_lm_head(lm), word_ids)
+            self.pooling = "mask"
+        self.mask_token_id = mask_token_id
+        self.uses_token_types = False
+
+    def freeze_backbone(self) -> None:
+        self.requires_grad_(False)
+
+    def run_backbone(self, input_ids, attention_mask, token_type_ids=None, output_hidden_states=False):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "output_hidden_states": output_hidden_states}
+        if self.kind == "decoder":   # positions over real tokens, as CausalLM counts them
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.backbone(**kwargs)
+
+    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens, width) -> (batch, width) at the scored position: the last real token, or the mask token
+        (the last one, should the text itself hold the mask token's string)."""
+        if self.pooling == "last":
+            position = attention_mask.sum(dim=1) - 1
+        else:
+            is_mask = (input_ids == self.mask_token_id).long()
+            position = (is_mask * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(1)
+        return states[torch.arange(states.shape[0], device=states.device), position]
+
+    def forward(self, input_ids, attention_mask, **_unused) -> torch.Tensor:
+        states = self.run_backbone(input_ids, attention_mask).last_hidden_state
+        return self.head(self.pool(states, attention_mask, input_ids))

@@ -53,16 +53,19 @@ def source_job(source: Path):
 def load_for_inference(source: Path) -> InferenceModel:
     """The model on this process's GPU when it has one, else on the CPU."""
     from rayeff.data.task import task_of
-    from rayeff.models import CausalLM, load_tokenizer, resolve_model
+    from rayeff.models import load_tokenizer, resolve_model
 
     job = source_job(source)
     task = task_of(job.data)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if (source / "rayeff_job.yaml").is_file():   # an export: the folder is the model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    if (source / "rayeff_job.yaml").is_file():   # an export: the folder is the model (its language-model form)
+        from rayeff.models import ModelSource
+        from rayeff.train.run_setup import build_base
 
-        lm = AutoModelForCausalLM.from_pretrained(str(source)).eval()
-        model, tokenizer = CausalLM(lm).eval(), AutoTokenizer.from_pretrained(str(source))
+        exported = ModelSource(job.model.name, str(source), str(source))
+        tokenizer = load_tokenizer(exported)
+        _, model = build_base(exported, task, job, tokenizer)
+        model.eval()
     else:
         from rayeff.export import rebuild_trained
 
@@ -86,11 +89,14 @@ def predict_records(loaded: InferenceModel, records: list[dict], max_new_tokens:
     if loaded.task.kind == "causal_lm":
         return _generate(loaded, records, max_new_tokens)
     job, task, tokenizer = loaded.job, loaded.task, loaded.tokenizer
-    columns = job.data.columns
-    texts = [r[columns.get("text", "text")] for r in records]
-    pairs = [r[columns.get("text_pair", "text_pair")] for r in records] if task.text_fields == 2 else None
-    batch = tokenizer(texts, pairs, truncation=True, max_length=job.training.max_seq_length, padding=True,
-                      return_tensors="pt")
+    if task.kind == "prompted":
+        batch = _prompted_batch(loaded, records)
+    else:
+        columns = job.data.columns
+        texts = [r[columns.get("text", "text")] for r in records]
+        pairs = [r[columns.get("text_pair", "text_pair")] for r in records] if task.text_fields == 2 else None
+        batch = tokenizer(texts, pairs, truncation=True, max_length=job.training.max_seq_length, padding=True,
+                          return_tensors="pt")
     device = next(loaded.model.parameters()).device
     with torch.no_grad():
         logits = loaded.model(**{k: v.to(device) for k, v in batch.items()}).float().cpu()
@@ -99,7 +105,20 @@ def predict_records(loaded: InferenceModel, records: list[dict], max_new_tokens:
     return [task.labels[i] for i in logits.argmax(-1).tolist()]
 
 
-def prompt_ids(loaded: InferenceModel, record: dict) -> list[int]:
+def _prompted_batch(loaded: InferenceModel, records: list[dict]) -> dict:
+    """The records' prompts as training tokenised them, right-padded."""
+    from rayeff.data.task import prompted_record
+    from rayeff.data.tokenized import Collator, prompt_ids, prompt_scoring
+
+    job, scoring = loaded.job, prompt_scoring(loaded.model.kind)
+    examples = [{"input_ids": prompt_ids(prompted_record(loaded.task, job.data, r), loaded.tokenizer,
+                                         job.training.max_seq_length, scoring), "label": 0, "index": i}
+                for i, r in enumerate(records)]
+    batch = Collator(loaded.tokenizer.pad_token_id, job.training.max_seq_length, False, False, False)(examples)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def generation_prompt(loaded: InferenceModel, record: dict) -> list[int]:
     """A record's prompt tokens, as training built them (rayeff/data/tokenized.py)."""
     from rayeff.data.tokenized import render_chat, start_tokens
 
@@ -125,7 +144,7 @@ def _generate(loaded: InferenceModel, records: list[dict], max_new_tokens: int) 
         room = min(room, loaded.positions - max_new_tokens)
     start, prompts = len(start_tokens(loaded.tokenizer)), []
     for record in records:
-        ids = prompt_ids(loaded, record)
+        ids = generation_prompt(loaded, record)
         prompts.append(ids if len(ids) <= room else ids[:start] + ids[len(ids) - (room - start):])
     new = greedy_generate(loaded.model, prompts, loaded.tokenizer.pad_token_id, end_token(loaded.tokenizer),
                           max_new_tokens)
@@ -154,7 +173,9 @@ def check_input(path: Path, job) -> int:
     Read once through, before Ray starts (a bad line found by an actor would end the job half-way)."""
     if not path.is_file():
         raise UserError(f"--input: {path} not found; give a JSON-lines file (one object per line)")
-    needed = _needed_columns(job)
+    from rayeff.data.task import input_columns
+
+    needed = input_columns(job.data)
     lines = 0
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -173,19 +194,6 @@ def check_input(path: Path, job) -> int:
     if not lines:
         raise UserError(f"--input: {path} holds no lines")
     return lines
-
-
-def _needed_columns(job) -> list[tuple[str, ...]]:
-    """The alternative sets of columns one input line must hold."""
-    from rayeff.data.task import task_of, template_fields
-
-    data, columns = job.data, job.data.columns
-    if data.task_type == "causal_lm":
-        if data.template:
-            return [tuple(template_fields(data.template)), (columns.get("messages", "messages"),)]
-        return [(columns.get("prompt", "prompt"),), (columns.get("messages", "messages"),)]
-    text = (columns.get("text", "text"),)
-    return [text + ((columns.get("text_pair", "text_pair"),) if task_of(data).text_fields == 2 else ())]
 
 
 def predict_file(source: str, input_path: str, output_path: str, workers: int | None = None,

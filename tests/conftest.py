@@ -67,6 +67,26 @@ def ray_calls(monkeypatch) -> list:
 
 
 @pytest.fixture
+def refused_run(tmp_path, capsys, ray_calls):
+    """`refused_run(job)` runs `rayeff run` on the job (a dict) and returns its error line, having checked that the
+    run was refused before Ray started: exit 2, one line, no output folder."""
+    import json
+
+    from rayeff.cli import main
+
+    def run(job: dict) -> str:
+        path = tmp_path / "job.yaml"
+        path.write_text(json.dumps(job))
+        code = main(["run", str(path), "--output", str(tmp_path / "out"), "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert not ray_calls and code == 2 and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()
+        return err
+
+    return run
+
+
+@pytest.fixture
 def one_worker_runs_in_process(monkeypatch):
     """A benchmark's one-worker runs go through `run_in_process` (the same loop, checkpoints and result.json, without
     starting Ray Train, about 20 s a run here); its runs of more workers still go through Ray. For tests whose

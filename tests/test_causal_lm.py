@@ -301,13 +301,12 @@ def test_chat_data_without_a_chat_template_is_one_line_exit_2(tmp_path, capsys, 
     ({"data": {"template": "Q: {}"}}, "data.template: {} is not a column name"),
     ({"data": {"template": None, "columns": {"response": "answer"}}}, "data.columns.prompt: data.train_file"),
     ({"data": {"k_shot": 2}}, "k_shot draws k examples per class"),
-    ({"data": {"task_type": "regression"}}, "template is for causal_lm data; set task_type: causal_lm"),
+    ({"data": {"task_type": "regression"}}, "template is for causal_lm and prompted_classification data"),
     ({"model": {"name": "tiny-gpt2"}, "data": {"eval_max_new_tokens": 8}, "training": {"max_seq_length": 512}},
      "data.eval_max_new_tokens: 8 tokens after a dev prompt of up to 512"),
     ({"model": {"name": "tiny-bert"}}, "a causal-LM task needs a decoder-only model; bert is an encoder"),
 ])
-def test_what_cannot_work_is_one_line_exit_2_before_ray(tmp_path, sums, capsys, ray_calls, monkeypatch, change,
-                                                         needle):
+def test_what_cannot_work_is_one_line_exit_2_before_ray(sums, refused_run, monkeypatch, change, needle):
     from rayeff.methods import METHODS, MethodDefinition
     from rayeff.methods.full import FullConfig
 
@@ -321,10 +320,5 @@ def test_what_cannot_work_is_one_line_exit_2_before_ray(tmp_path, sums, capsys, 
     for section, fields in change.items():
         job[section] = {**job[section], **fields} if section == "data" else fields
     job["data"] = {k: v for k, v in job["data"].items() if v is not None}
-    path = tmp_path / "job.yaml"
-    path.write_text(json.dumps(job))
-    code = main(["run", str(path), "--output", str(tmp_path / "out"), "--no-progress"])
-    err = capsys.readouterr().err.strip()
-    assert not ray_calls and code == 2 and len(err.splitlines()) == 1, err
+    err = refused_run(job)
     assert needle in err, err
-    assert not (tmp_path / "out").exists()

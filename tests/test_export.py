@@ -1,6 +1,7 @@
-"""`rayeff export`: a finished causal-LM run as a folder that `AutoModelForCausalLM.from_pretrained` loads (full, and
-LoRA merged), or a PEFT adapter folder (LoRA), each giving the trained model's outputs; bad runs and folders are
-one-line errors."""
+"""`rayeff export`: a finished causal-LM run as a folder that `AutoModelForCausalLM.from_pretrained` loads (full,
+LoRA merged, a native MoE model's), or a PEFT adapter folder (LoRA), each giving the trained model's outputs; a
+prompted-classification run of a masked LM as an `AutoModelForMaskedLM` folder that `rayeff predict` reads as the run;
+bad runs and folders are one-line errors."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from rayeff.cli import main
 from rayeff.config import load_job, validate_job
 from rayeff.data.tokenized import Collator, load_train_and_dev
 from rayeff.export import rebuild_trained
-from rayeff.models import load_causal_lm, load_tokenizer, resolve_model
+from rayeff.models import load_language_model, load_tokenizer, resolve_model
 from rayeff.train.run_setup import token_losses
 from rayeff.train.runner import run_in_process
 
@@ -44,8 +45,8 @@ def dev_loss(lm, run_dir: Path) -> float:
     return (token_losses(logits, batch["labels"]).sum() / (batch["labels"][:, 1:] != -100).sum()).item()
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("model,method", [("tiny-llama", "full"), ("tiny-llama", "lora"), ("tiny-gpt2", "full"),
+                                          ("tiny-gpt2", "lora"), ("tiny-mixtral", "moe")])
 def test_an_exported_run_loads_with_from_pretrained_and_gives_the_trained_models_outputs(tmp_path, capsys, model,
                                                                                         method):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,7 +57,7 @@ def test_an_exported_run_loads_with_from_pretrained_and_gives_the_trained_models
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     # the worker's own dev figure, measured again on the exported model
     assert dev_loss(exported, run_dir) == pytest.approx(result["metrics"]["eval_loss"], rel=1e-5)
-    _, trained = rebuild_trained(run_dir, load_job(run_dir / "job.yaml"))   # LoRA unmerged
+    _, trained = rebuild_trained(run_dir, load_job(run_dir / "job.yaml"))   # LoRA unmerged; MoE with its routers
     ids = torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     with torch.no_grad():
@@ -78,7 +79,7 @@ def test_a_lora_run_exports_as_a_peft_adapter_that_peft_loads(tmp_path, capsys):
     assert main(["export", str(run_dir), "--output", str(tmp_path / "adapter"), "--adapter-only"]) == 0
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
     torch.manual_seed(load_job(run_dir / "job.yaml").training.seed)   # the tiny base, as the run built it
-    base = load_causal_lm(resolve_model("tiny-llama")).eval()
+    base = load_language_model(resolve_model("tiny-llama")).eval()
     ids = torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         plain = base(input_ids=ids).logits
@@ -87,6 +88,39 @@ def test_a_lora_run_exports_as_a_peft_adapter_that_peft_loads(tmp_path, capsys):
         a, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(plain, a, atol=1e-3)   # the adapter is the trained one, not an untrained (zero) B
+
+
+def test_a_prompted_masked_lm_run_exports_as_a_masked_lm_whose_label_word_logits_are_the_runs(tmp_path, capsys):
+    from transformers import AutoModelForMaskedLM
+
+    from rayeff.predict import load_for_inference, predict_records
+
+    data = tmp_path / "reviews.jsonl"
+    rows = [{"text": f"the film was {w}", "label": label} for label, words in
+            {"pos": ("good", "great", "fine"), "neg": ("bad", "dull", "poor")}.items() for w in words] * 3
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "run"
+    run_in_process(validate_job({
+        "model": {"name": "tiny-bert"}, "method": {"name": "full"}, "output_dir": str(run_dir),
+        "training": {"max_steps": 6, "batch_size": 6, "lr": 1e-2, "log_every": 3},
+        "data": {"train_file": str(data), "dev_fraction": 0.3, "task_type": "prompted_classification",
+                 "template": "{text}. It was {mask}!", "label_words": {"pos": "yes", "neg": "no"}}}))
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), "--output", str(out)]) == 0, capsys.readouterr().err
+    exported = AutoModelForMaskedLM.from_pretrained(out).eval()
+    from_run, from_export = load_for_inference(run_dir), load_for_inference(out)
+    tokenizer = from_run.tokenizer
+    batch = tokenizer(["the film was good. it was [MASK]!", "the film was so dull. it was [MASK]!"], padding=True,
+                      return_tensors="pt")
+    mask_at = (batch["input_ids"] == tokenizer.mask_token_id).nonzero()
+    words = tokenizer.convert_tokens_to_ids(["no", "yes"])
+    with torch.no_grad():
+        trained = from_run.model(batch["input_ids"], batch["attention_mask"])
+        own = exported(**batch).logits[mask_at[:, 0], mask_at[:, 1]][:, words]
+    assert torch.allclose(own, trained, atol=1e-5)
+    records = [{"text": "the film was good"}, {"text": "the film was so dull"}, {"text": "what a fine cast"}]
+    assert predict_records(from_export, records, 0) == predict_records(from_run, records, 0)
+    assert "label words {\"pos\": \"yes\", \"neg\": \"no\"}" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize("case,needle", [

@@ -14,7 +14,7 @@ import torch
 
 from rayeff.cli import main
 from rayeff.config import validate_job
-from rayeff.predict import load_for_inference, predict_records, prompt_ids
+from rayeff.predict import generation_prompt, load_for_inference, predict_records
 from rayeff.train.runner import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_greedy_generation_equals_transformers_generate_on_the_export(tmp_path):
     assert from_run == from_export == [ANSWER] * 3
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
-    prompts = [prompt_ids(loaded, r) for r in records]
+    prompts = [generation_prompt(loaded, r) for r in records]
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = (ids != 0).long()

@@ -279,9 +279,9 @@ def bench_zo(job: JobSpec, output: str, runs_dir: str | None = None, loss_target
         raise UserError(f"--queries: {queries} is more than the {MAX_QUERIES} queries a step can take; use fewer")
     if get_method(job.method.name).loop != "zeroth_order":
         raise UserError(f"{job.method.name}: bench zo needs a job whose method is adazeta or mezo")
-    if job.data.task_type == "causal_lm":
-        raise UserError("data.task_type: bench zo measures classification and regression jobs (its inference pass "
-                        "builds a classifier); give it one")
+    if job.data.task_type in ("causal_lm", "prompted_classification"):
+        raise UserError(f"data.task_type: bench zo measures classification and regression jobs (its inference pass "
+                        f"builds a classifier), not {job.data.task_type}; give it one")
     conv = convergence(job, runs, loss_target, window, show_progress, address)
     report = {
         "task": job.data.display_name, "model": job.model.name, "k_shot": job.data.k_shot,

@@ -1,8 +1,10 @@
 """What a run learns, and its examples, whether they come from a GLUE preset or from your own files
 (rayeff/data/files.py):
 
-    task = task_of(job.data)                    # a LabelledTask (classification, regression) or a CausalLMTask
+    task = task_of(job.data)                    # a LabelledTask (classification, regression), a PromptedTask
+                                                # (prompted_classification) or a CausalLMTask
     examples = load_examples(job.data, "dev")   # {"text_a": [...], "text_b": [...] or None, "label": [...]}
+                                                # or, prompted: {"prompt": [...], "label": [...]}
                                                 # or, causal_lm: {"prompt": [...], "response": [...]}
                                                 # or {"messages": [[{role, content}, ...], ...]} (chat)
 
@@ -40,6 +42,20 @@ class LabelledTask:
 
 
 @dataclass(frozen=True)
+class PromptedTask(LabelledTask):
+    """Classify by prompting: the template turns an example into a prompt, and each label is scored by the LM head's
+    logits of its label words where the template's {mask} is (the next token, for a decoder). The model's outputs
+    are then class logits, so loss, metrics and predictions are a classifier's."""
+    kind = "prompted"
+    template: str = ""
+    label_words: tuple[tuple[str, ...], ...] = ()   # per label, in the order of `labels`
+
+
+MASK_FIELD = "mask"          # the template's {mask}: where the label word goes
+MASK_SENTINEL = "\ue000"     # {mask} in a filled prompt, until tokenisation puts the model's own token there
+
+
+@dataclass(frozen=True)
 class CausalLMTask:
     """Write the response to a prompt: next-token cross-entropy on the response tokens only, scored on dev by that
     loss (lower is better) and its perplexity."""
@@ -55,12 +71,13 @@ class CausalLMTask:
 OWN_METRICS = {"classification": ("accuracy", "macro_f1"), "regression": ("pearson", "spearmanr")}
 
 
-def task_of(spec: DataSpec) -> LabelledTask | CausalLMTask:
+def task_of(spec: DataSpec) -> LabelledTask | PromptedTask | CausalLMTask:
     if spec.task_type == "causal_lm":
         return CausalLMTask(spec.display_name, spec.template)
     if not spec.own:
         preset = glue.get_task(spec.task)
-        return LabelledTask(preset.name, preset.labels, preset.metrics, len(preset.text_columns))
+        task = LabelledTask(preset.name, preset.labels, preset.metrics, len(preset.text_columns))
+        return _prompted(task, spec) if spec.task_type == "prompted_classification" else task
     table = _train_table(spec)
     pair = spec.columns.get("text_pair", "text_pair")
     text_fields = 2 if "text_pair" in spec.columns or pair in table else 1
@@ -70,15 +87,40 @@ def task_of(spec: DataSpec) -> LabelledTask | CausalLMTask:
     if len(labels) < 2:
         raise UserError(f"data.train_file: {spec.train_file} has one label ({labels[0]!r}) only; a classifier "
                         "needs examples of at least two")
-    return LabelledTask(spec.display_name, labels, OWN_METRICS["classification"], text_fields)
+    task = LabelledTask(spec.display_name, labels, OWN_METRICS["classification"], text_fields)
+    return _prompted(task, spec) if spec.task_type == "prompted_classification" else task
 
+
+def _prompted(task: LabelledTask, spec: DataSpec) -> PromptedTask:
+    """The task with its template and each label's words, checked against its label set."""
+    if task.is_regression:
+        raise UserError(f"data.task_type: {task.name} is a regression task; prompted_classification scores labels "
+                        "by their words, so it needs classes")
+    words = {_label_name(k): v for k, v in spec.label_words.items()}
+    missing, unknown = [n for n in task.labels if n not in words], [n for n in words if n not in task.labels]
+    if missing or unknown:
+        fix = (f"label {missing[0]!r} has no word" if missing else f"{unknown[0]!r} is not a label")
+        raise UserError(f"data.label_words: {fix}; give one word (or a list) for each of the labels "
+                        f"[{', '.join(task.labels)}]")
+    per_label = tuple(tuple([words[n]] if isinstance(words[n], str) else words[n]) for n in task.labels)
+    if any(not w or any(not x.strip() for x in w) for w in per_label):
+        raise UserError("data.label_words: a label's word is empty; give each label a word")
+    fields = template_fields(spec.template)
+    if fields.count(MASK_FIELD) > 1:
+        raise UserError("data.template: {mask} appears more than once; the label word goes in one place")
+    return PromptedTask(task.name, task.labels, task.metrics, 1, spec.template, per_label)
 
 def load_examples(spec: DataSpec, split: str) -> dict:
     """The columns of one split ("train" or "dev"): GLUE's from its folder or the hub, yours from your files."""
-    if not spec.own:
-        return glue.load_split(spec.task, split, spec.data_dir)
     task = task_of(spec)
-    build = _prompts_and_responses if task.kind == "causal_lm" else _examples
+    if not spec.own:
+        examples = glue.load_split(spec.task, split, spec.data_dir)
+        if task.kind == "prompted":
+            prompts = _filled_prompts(task, _preset_columns(spec, examples), len(examples["label"]), "data.task",
+                                      spec.task)
+            return {"prompt": prompts, "label": examples["label"]}
+        return examples
+    build = {"causal_lm": _prompts_and_responses, "prompted": _prompted_examples}.get(task.kind, _examples)
     if spec.dev_file is not None:
         if split == "train":
             return build(_train_table(spec), spec, task, "data.train_file", spec.train_file)
@@ -136,6 +178,63 @@ def _examples(table: dict[str, list], spec: DataSpec, task: LabelledTask, field:
         pair = _texts(_column(table, spec, "text_pair", field), "text_pair", field, path)
     raw = _column(table, spec, "label", field)
     return {"text_a": text, "text_b": pair, "label": _labels(raw, task, field, path)}
+
+
+def _preset_columns(spec: DataSpec, examples: dict) -> dict[str, list]:
+    """A GLUE split's texts under the names a template may use: text and text_pair, and the preset's own column
+    names (sentence, question1, ...)."""
+    preset = glue.get_task(spec.task)
+    texts = [examples["text_a"]] + ([examples["text_b"]] if examples["text_b"] is not None else [])
+    columns = {"text": texts[0]} | ({"text_pair": texts[1]} if len(texts) > 1 else {})
+    for names in (preset.text_columns, preset.hub_text_columns):
+        columns |= dict(zip(names, texts))
+    return columns
+
+
+def _prompted_examples(table: dict[str, list], spec: DataSpec, task: PromptedTask, field: str, path: str) -> dict:
+    """Each example's filled template and label."""
+    labels = _labels(_column(table, spec, "label", field), task, field, path)
+    return {"prompt": _filled_prompts(task, _with_roles(table, spec), len(labels), field, path), "label": labels}
+
+
+def _with_roles(table: dict[str, list], spec: DataSpec) -> dict[str, list]:
+    """The columns, plus text and text_pair for the columns they map (a template may name either)."""
+    columns = dict(table)
+    for role in ("text", "text_pair"):
+        if spec.columns.get(role, role) in table:
+            columns[role] = table[spec.columns.get(role, role)]
+    return columns
+
+
+def _filled_prompts(task: PromptedTask, columns: dict[str, list], n: int, field: str, path: str) -> list[str]:
+    names = [name for name in template_fields(task.template) if name != MASK_FIELD]
+    missing = [name for name in names if name not in columns]
+    if missing:
+        raise UserError(f"data.template names {', '.join(map(repr, missing))}, which {field} {path} lacks (its "
+                        f"columns: {', '.join(map(str, columns))}); use its columns' names in braces")
+    values = {name: _texts(columns[name], name, field, path) for name in names}
+    return [task.template.format_map({name: values[name][i] for name in names} | {MASK_FIELD: MASK_SENTINEL})
+            for i in range(n)]
+
+
+def prompted_record(task: PromptedTask, spec: DataSpec, record: dict) -> str:
+    """One record's filled template, as training fills it (predict's input lines)."""
+    return _filled_prompts(task, _with_roles({k: [v] for k, v in record.items()}, spec), 1, "--input", "line")[0]
+
+
+def input_columns(spec: DataSpec) -> list[tuple[str, ...]]:
+    """The alternative sets of columns one record must hold for the model to read it (labels and responses aside)."""
+    columns = spec.columns
+    if spec.task_type == "causal_lm":
+        messages = (columns.get("messages", "messages"),)
+        if spec.template:
+            return [tuple(template_fields(spec.template)), messages]
+        return [(columns.get("prompt", "prompt"),), messages]
+    if spec.task_type == "prompted_classification":
+        roles = {"text": columns.get("text", "text"), "text_pair": columns.get("text_pair", "text_pair")}
+        return [tuple(roles.get(n, n) for n in template_fields(spec.template) if n != MASK_FIELD)]
+    text = (columns.get("text", "text"),)
+    return [text + ((columns.get("text_pair", "text_pair"),) if task_of(spec).text_fields == 2 else ())]
 
 
 def _prompts_and_responses(table: dict[str, list], spec: DataSpec, task: CausalLMTask, field: str,

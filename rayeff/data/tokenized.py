@@ -65,22 +65,27 @@ def _source_fingerprint(spec: DataSpec, split: str) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _cache_path(spec: DataSpec, split: str, tokenizer, max_length: int) -> Path:
+def _cache_path(spec: DataSpec, split: str, tokenizer, max_length: int, scoring: str | None) -> Path:
     # what else decides the tokens beyond the vocabulary: the special tokens a prompt starts and a response ends
     # with, and the chat template (two checkpoints may share tokenizer.json and differ in these)
     special = json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.sep_token_id,
                           getattr(tokenizer, "chat_template", None)])
+    prompting = [spec.template, spec.label_words, scoring, tokenizer.mask_token_id] if scoring else []
     key = "|".join([_tokenizer_fingerprint(tokenizer), special, spec.display_name, split, str(max_length),
-                    _source_fingerprint(spec, split)])
+                    _source_fingerprint(spec, split)] + ([json.dumps(prompting)] if prompting else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     root = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.display_name)[:40]
     return root / "tokenized" / f"{name}-{split}-{max_length}-{digest}"
 
 
-def _tokenize(columns: dict, tokenizer, max_length: int, chat_template: str | None) -> datasets.Dataset:
+def _tokenize(columns: dict, tokenizer, max_length: int, chat_template: str | None,
+              scoring: str | None) -> datasets.Dataset:
     if "messages" in columns:
         return _tokenize_conversations(columns["messages"], tokenizer, max_length, chat_template)
+    if scoring is not None:
+        ids = [prompt_ids(p, tokenizer, max_length, scoring) for p in columns["prompt"]]
+        return datasets.Dataset.from_dict({"input_ids": ids, "label": columns["label"]})
     if "prompt" in columns:
         return _tokenize_prompts_and_responses(columns, tokenizer, max_length)
     encoded = tokenizer(columns["text_a"], columns["text_b"], truncation=True, max_length=max_length)
@@ -123,6 +128,83 @@ def _tokenize_prompts_and_responses(columns: dict, tokenizer, max_length: int) -
         ids.append(prompt + response)
         labels.append([IGNORE_INDEX] * len(prompt) + response)
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+
+SCORINGS = {"decoder": "next_token", "encoder": "mask"}
+
+
+def prompt_scoring(kind: str) -> str | None:
+    """How a model of this kind scores a prompted example's label words: at the next token after the prompt (a
+    decoder), at the mask token (a masked LM); None for an encoder-decoder, which does neither."""
+    return SCORINGS.get(kind)
+
+
+def scoring_of(spec: DataSpec, source) -> str | None:
+    """The prompt scoring a job's data and model take, read from the model's config alone (no weights)."""
+    if spec.task_type != "prompted_classification":
+        return None
+    from rayeff.models import backbone_kind, backbone_skeleton
+
+    return prompt_scoring(backbone_kind(backbone_skeleton(source).config))
+
+
+def prompt_ids(prompt: str, tokenizer, max_length: int, scoring: str) -> list[int]:
+    """A filled prompt's tokens (data/task.py marks its {mask} with MASK_SENTINEL); the text before the mask is
+    right-stripped, the label word bringing its own space. next_token: [bos] text-before-the-mask, the label word
+    predicted after its last token. mask: the tokenizer's special tokens around text-before, its mask token, and
+    text-after. Too long: the text before the mask loses its start, then the text after it its end. (Should a text
+    hold the mask token's own string, the last mask is the scored one, as PromptedClassifier.pool reads it.)"""
+    from rayeff.data.task import MASK_SENTINEL
+
+    before, _, after = prompt.partition(MASK_SENTINEL)
+    if scoring == "next_token":
+        head = tokenizer(before.rstrip(), add_special_tokens=False)["input_ids"]
+        start = start_tokens(tokenizer)
+        return start + head[max(0, len(head) - (max_length - len(start))):]
+    # the mask: the whole text tokenised with the tokenizer's mask token in it, so its special tokens and spacing
+    # are the tokenizer's own
+    ids = tokenizer((before.rstrip() + " " if before.strip() else "") + tokenizer.mask_token + after)["input_ids"]
+    excess = len(ids) - max_length
+    if excess <= 0:
+        return ids
+    lead, trail = special_token_counts(tokenizer)
+    mask_at = len(ids) - 1 - ids[::-1].index(tokenizer.mask_token_id)
+    cut = min(excess, mask_at - lead)             # from the start of the text before the mask
+    ids = ids[:lead] + ids[lead + cut:]
+    excess -= cut
+    if excess > 0:                                # then from the end of the text after it
+        ids = ids[:len(ids) - trail - excess] + ids[len(ids) - trail:]
+    return ids
+
+
+def special_token_counts(tokenizer) -> tuple[int, int]:
+    """How many special tokens the tokenizer puts before and after a text ([CLS] and [SEP]: 1 and 1)."""
+    probe = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    lead = next(i for i in range(len(full)) if full[i:i + len(probe)] == probe)
+    return lead, len(full) - lead - len(probe)
+
+
+def label_word_ids(tokenizer, task) -> list[list[int]]:
+    """Each label's words as token ids, one token each (the LM head scores one position)."""
+    from rayeff.errors import UserError
+
+    out = []
+    for label, words in zip(task.labels, task.label_words):
+        ids = []
+        for word in words:
+            tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if len(tokens) != 1:
+                pieces = tokenizer.convert_ids_to_tokens(tokens)
+                raise UserError(f"data.label_words: {word!r} (label {label}) is {len(tokens)} tokens {pieces} for "
+                                "this tokenizer; choose a word that is one token (with a leading space for a "
+                                "decoder's BPE vocabulary, e.g. ' great')")
+            ids.append(tokens[0])
+        out.append(ids)
+    flat = [i for ids in out for i in ids]
+    if len(set(flat)) != len(flat):
+        raise UserError("data.label_words: two labels share a word (the same token); give each label its own")
+    return out
 
 
 def render_chat(tokenizer, chat_template: str | None, messages: list[dict], generation_prompt: bool) -> str:
@@ -173,13 +255,15 @@ def _tokenize_conversations(conversations: list, tokenizer, max_length: int,
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
-def tokenized_split(spec: DataSpec, split: str, tokenizer, max_length: int) -> datasets.Dataset:
-    """The whole split, tokenised (from the cache when it holds this key)."""
-    path = _cache_path(spec, split, tokenizer, max_length)
+def tokenized_split(spec: DataSpec, split: str, tokenizer, max_length: int,
+                    scoring: str | None = None) -> datasets.Dataset:
+    """The whole split, tokenised (from the cache when it holds this key); `scoring` (prompt_scoring) for a
+    prompted task."""
+    path = _cache_path(spec, split, tokenizer, max_length, scoring)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.is_dir():
-            dataset = _tokenize(load_examples(spec, split), tokenizer, max_length, spec.chat_template)
+            dataset = _tokenize(load_examples(spec, split), tokenizer, max_length, spec.chat_template, scoring)
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             dataset.save_to_disk(str(tmp))
@@ -207,15 +291,16 @@ def sample_indices(labels: list, spec: DataSpec, is_regression: bool) -> np.ndar
     return None
 
 
-def load_train_and_dev(spec: DataSpec, tokenizer, max_length: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+def load_train_and_dev(spec: DataSpec, tokenizer, max_length: int,
+                       scoring: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
     task = task_of(spec)
-    train = tokenized_split(spec, "train", tokenizer, max_length)
+    train = tokenized_split(spec, "train", tokenizer, max_length, scoring)
     # a causal-LM set has no labels; only train_subset (by count) applies to it
     labels = train["label"] if "label" in train.column_names else [None] * len(train)
     keep = sample_indices(labels, spec, task.is_regression)
     if keep is not None:
         train = train.select(keep)
-    dev = tokenized_split(spec, "dev", tokenizer, max_length)
+    dev = tokenized_split(spec, "dev", tokenizer, max_length, scoring)
     if spec.eval_subset is not None and spec.eval_subset < len(dev):
         dev = dev.select(range(spec.eval_subset))
     return train, dev

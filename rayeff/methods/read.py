@@ -128,8 +128,8 @@ class ReadModel(nn.Module):
         if clf.pooling == "mean":
             summary = self._mean_over_real_tokens(layers, attention_mask)
         else:
-            summary = self.side.summary([clf.pool(x, attention_mask) for x in layers], h0)
-        final = clf.pool(out.last_hidden_state, attention_mask)
+            summary = self.side.summary([clf.pool(x, attention_mask, input_ids) for x in layers], h0)
+        final = clf.pool(out.last_hidden_state, attention_mask, input_ids)
         return clf.head(final + self.side.correction(summary).to(final.dtype))
 
 

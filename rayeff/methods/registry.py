@@ -28,7 +28,7 @@ from rayeff.spec_base import Spec
 
 LOOPS = ("first_order", "zeroth_order")
 LABELLED_TASKS = ("classification", "regression")
-EVERY_TASK_TYPE = (*LABELLED_TASKS, "causal_lm")
+EVERY_TASK_TYPE = (*LABELLED_TASKS, "causal_lm", "prompted_classification")
 
 
 class MethodConfig(Spec):

@@ -115,16 +115,49 @@ def check_model_folder(source) -> None:
 
 
 def check_model_suits_task(job, source) -> None:
-    """A causal-LM task trains a decoder-only model: it predicts each next token from those before it."""
-    if job.data.task_type != "causal_lm":
+    """A causal-LM task trains a decoder-only model: it predicts each next token from those before it. A prompted
+    task reads a decoder's next token (so {mask} ends the template) or a masked LM's mask token (so the template has
+    one, and the tokenizer a mask token); each label word is one token."""
+    if job.data.task_type not in ("causal_lm", "prompted_classification"):
         return
     from rayeff.models import backbone_kind, backbone_skeleton
 
     config = backbone_skeleton(source).config
     kind = backbone_kind(config)
-    if kind != "decoder":
-        raise UserError(f"model.name: a causal-LM task needs a decoder-only model; {config.model_type} is an "
-                        f"{kind} (use e.g. tiny-llama, tiny-gpt2 or a Llama, Qwen or Mistral checkpoint)")
+    if job.data.task_type == "causal_lm":
+        if kind != "decoder":
+            raise UserError(f"model.name: a causal-LM task needs a decoder-only model; {config.model_type} is an "
+                            f"{kind} (use e.g. tiny-llama, tiny-gpt2 or a Llama, Qwen or Mistral checkpoint)")
+        return
+    _check_prompting(job, source, config, kind)
+
+
+def _check_prompting(job, source, config, kind: str) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    from rayeff.data.task import MASK_FIELD, task_of
+    from rayeff.data.tokenized import label_word_ids
+    from rayeff.models import load_tokenizer
+
+    template, mask = job.data.template, "{" + MASK_FIELD + "}"
+    if kind == "encoder-decoder":
+        raise UserError(f"model.name: prompted_classification reads a decoder's next token or a masked LM's mask "
+                        f"token; {config.model_type} is an encoder-decoder (use a decoder or a BERT-style encoder)")
+    if kind == "decoder" and mask in template and not template.rstrip().endswith(mask):
+        raise UserError(f"data.template: {template!r} has text after {mask}; a decoder predicts the label word "
+                        f"next, so {mask} ends the template (or leave it out)")
+    tokenizer = load_tokenizer(source)
+    if kind == "encoder":
+        if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+            raise UserError(f"model.name: {config.model_type} has no masked-LM form for prompted_classification; "
+                            "use a BERT-style encoder or a decoder")
+        if mask not in template:
+            raise UserError(f"data.template: {template!r} has no {mask}; a masked LM scores the label words at "
+                            f"its mask token, e.g. '{{text}} It was {mask}.'")
+        if tokenizer.mask_token_id is None:
+            raise UserError(f"model.name: {source.name}'s tokenizer has no mask token, which a masked LM's prompt "
+                            "needs; use a decoder or a model whose tokenizer has one")
+    label_word_ids(tokenizer, task_of(job.data))
 
 
 def check_job_inputs(job, source) -> None:
@@ -168,5 +201,6 @@ def check_sweep_inputs(sweep, job, address: str | None) -> None:
     check_cache_dir(job.data.cache_dir)
     source = resolve_model(job.model.name)
     check_model_folder(source)
+    check_model_suits_task(job, source)
     check_sequence_length(job, source)
     check_local_gpus(job, address)

@@ -10,18 +10,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from rayeff.config import JobSpec
-from rayeff.data.task import CausalLMTask, LabelledTask, task_of
-from rayeff.data.tokenized import IGNORE_INDEX, Collator, load_train_and_dev
+from rayeff.data.task import CausalLMTask, LabelledTask, PromptedTask, task_of
+from rayeff.data.tokenized import IGNORE_INDEX, Collator, label_word_ids, load_train_and_dev, prompt_scoring
 from rayeff.measure.memory import DevicePeak
 from rayeff.methods import MethodDefinition, get_method
-from rayeff.models import ModelSource, build_causal_lm, build_classifier, load_tokenizer
+from rayeff.models import (
+    CausalLM,
+    ModelSource,
+    PromptedClassifier,
+    build_classifier,
+    load_language_model,
+    load_tokenizer,
+)
 
 
 @dataclass
 class RunSetup:
     job: JobSpec
     method: MethodDefinition
-    task: LabelledTask | CausalLMTask
+    task: LabelledTask | PromptedTask | CausalLMTask
     train_set: object     # tokenised datasets (Hugging Face `datasets`), indexed by example
     dev_set: object
     collate: Collator
@@ -36,11 +43,9 @@ class RunSetup:
         method, task = get_method(job.method.name), task_of(job.data)
         torch.manual_seed(job.training.seed)  # the same initial weights on every worker
         tokenizer = load_tokenizer(source)
-        train_set, dev_set = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length)
-        if task.kind == "causal_lm":
-            base = build_causal_lm(source, job.model.dropout)
-        else:
-            base = build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling, job.model.head)
+        _, base = build_base(source, task, job, tokenizer)
+        scoring = prompt_scoring(base.kind) if task.kind == "prompted" else None
+        train_set, dev_set = load_train_and_dev(job.data, tokenizer, job.training.max_seq_length, scoring)
         collate = Collator(tokenizer.pad_token_id, job.training.max_seq_length, job.training.padding == "max_length",
                            base.uses_token_types, task.is_regression)
         model = method.build(base, job.method)
@@ -61,6 +66,19 @@ class RunSetup:
         if self.task.is_regression:
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
         return F.cross_entropy(logits.float(), labels)
+
+
+def build_base(source: ModelSource, task, job: JobSpec, tokenizer) -> tuple[nn.Module | None, nn.Module]:
+    """(the Hugging Face language model inside it, or None for a classifier; the model every method builds on): a
+    SequenceClassifier, a CausalLM, or a PromptedClassifier. The caller seeds first, so a tiny random-weight
+    backbone and a new head come out the same on every worker, and again when a run is rebuilt."""
+    if task.kind == "causal_lm":
+        lm = load_language_model(source, job.model.dropout)
+        return lm, CausalLM(lm)
+    if task.kind == "prompted":
+        lm = load_language_model(source, job.model.dropout)
+        return lm, PromptedClassifier(lm, label_word_ids(tokenizer, task), tokenizer.mask_token_id)
+    return None, build_classifier(source, task.num_labels, job.model.dropout, job.model.pooling, job.model.head)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ def check_output_dir(output: Storage, resume: bool) -> None:
 def prepare(job: JobSpec) -> ModelSource:
     """Every check that needs no Ray: data present, model known, method buildable, output folder free. Also
     tokenises the data once into the on-disk cache that the workers then read."""
-    from rayeff.data.tokenized import load_train_and_dev
+    from rayeff.data.tokenized import load_train_and_dev, scoring_of
 
     check_data(job.data)
     source = resolve_model(job.model.name)
@@ -61,7 +61,8 @@ def prepare(job: JobSpec) -> ModelSource:
     check_job_inputs(job, source)   # output and cache folders writable, model files, sizes, checkpoints safe
     check_output_dir(Storage(job.output_dir), job.resume)
     try:
-        train, _ = load_train_and_dev(job.data, load_tokenizer(source), job.training.max_seq_length)
+        train, _ = load_train_and_dev(job.data, load_tokenizer(source), job.training.max_seq_length,
+                                      scoring_of(job.data, source))
     except ValueError as err:
         raise UserError(f"data: {err}") from None
     if method.loop == "zeroth_order":   # every worker reads the whole global batch

@@ -50,7 +50,7 @@ def describe_setting(job: JobSpec, train_size: int) -> dict:
 
     task = task_of(job.data)
     family, params = model_family_and_size(resolve_model(job.model.name))
-    return {"task": task.name, "task_type": job.data.task_type if task.kind == "causal_lm" else
+    return {"task": task.name, "task_type": job.data.task_type if task.kind in ("causal_lm", "prompted") else
             "regression" if task.is_regression else "classification",
             "input": "pair" if task.text_fields == 2 else "single", "num_labels": task.num_labels,
             "train_size": train_size, "model": job.model.name, "model_family": family, "model_params": params,

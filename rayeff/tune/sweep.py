@@ -67,14 +67,15 @@ def _study_file(output: Storage, resume: bool) -> Path:
 
 def _descriptors(job) -> dict:
     from rayeff.data.task import check_data
-    from rayeff.data.tokenized import load_train_and_dev
+    from rayeff.data.tokenized import load_train_and_dev, scoring_of
     from rayeff.models import load_tokenizer, resolve_model
     from rayeff.tune.priors import describe_setting
 
     check_data(job.data)
     source = resolve_model(job.model.name)
     try:   # also fills the tokenised cache that every trial then reads
-        train, _ = load_train_and_dev(job.data, load_tokenizer(source), job.training.max_seq_length)
+        train, _ = load_train_and_dev(job.data, load_tokenizer(source), job.training.max_seq_length,
+                                      scoring_of(job.data, source))
     except ValueError as err:
         raise UserError(f"data: {err}") from None
     return describe_setting(job, len(train))
