@@ -34,13 +34,21 @@ class ModelSpec(Spec):
 
 
 class DataSpec(Spec):
-    """A GLUE preset (`task`), or the user's own examples (`train_file`, with `dev_file` or `dev_fraction`)."""
+    """A GLUE preset (`task`), or the user's own examples: files (`train_file`, with `dev_file` or `dev_fraction`) or
+    a dataset `datasets.load_dataset` reads (`dataset`, with `dev_split` or `dev_fraction`)."""
     task: str | None = Field(None, description="GLUE preset: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, "
                                                "wnli; leave it out when the data is your own (train_file)")
     data_dir: str | None = Field(None, description="folder in GLUE's download layout; None loads from the hub")
     train_file: str | None = Field(None, description="your training examples: a .jsonl, .json, .csv, .tsv or "
                                                      ".parquet file, or a folder saved by datasets' save_to_disk")
     dev_file: str | None = Field(None, description="your dev examples, in the same forms as train_file")
+    dataset: str | None = Field(None, description="instead of train_file: a dataset datasets.load_dataset reads, a "
+                                                  "hub id (e.g. stanfordnlp/imdb; needs the hub) or a local folder "
+                                                  "of data files")
+    dataset_config: str | None = Field(None, description="the dataset's configuration (subset) name, if it has some")
+    train_split: str = Field("train", description="the dataset's split to train on")
+    dev_split: str | None = Field(None, description="the dataset's split to evaluate on (e.g. validation); or "
+                                                    "dev_fraction of train_split")
     dev_fraction: float | None = Field(None, gt=0.0, lt=1.0, description="without dev_file: hold out this fraction "
                                                                          "of train_file as dev, drawn with `seed`")
     task_type: Literal["classification", "regression", "causal_lm", "prompted_classification"] = Field(
@@ -79,7 +87,7 @@ class DataSpec(Spec):
                                                      "from training.seed)")
     cache_dir: str | None = Field(None, description="tokenised-dataset cache; default ~/.cache/rayeff")
 
-    _paths = field_validator("data_dir", "cache_dir", "train_file", "dev_file")(no_nul)
+    _paths = field_validator("data_dir", "cache_dir", "train_file", "dev_file", "dataset")(no_nul)
 
     @field_validator("task")
     @classmethod
@@ -123,9 +131,15 @@ class DataSpec(Spec):
         if prompted and self.template is None:
             raise ValueError("prompted_classification turns each example into a prompt: set template (e.g. "
                              "'{text} It was {mask}.')")
-        if (self.task is None) == (self.train_file is None):
-            raise ValueError("set either task (a GLUE preset) or train_file (your own data), not both" if self.task
-                             else "set task (a GLUE preset such as sst2) or train_file (your own data)")
+        sources = [f for f in ("task", "train_file", "dataset") if getattr(self, f) is not None]
+        if len(sources) != 1:
+            raise ValueError(f"set one of task (a GLUE preset such as sst2), train_file (your own file) or dataset "
+                             f"(a hub id or dataset folder), not {' and '.join(sources)}" if sources else
+                             "set task (a GLUE preset such as sst2), train_file (your own file) or dataset (a hub id "
+                             "or dataset folder)")
+        if self.dataset is None and (self.dataset_config or self.dev_split or self.train_split != "train"):
+            raise ValueError("dataset_config, train_split and dev_split name parts of a dataset; set dataset, or "
+                             "leave them out")
         if self.task is not None:
             own = [f for f in ("dev_file", "dev_fraction", "columns", "labels", "name", "chat_template")
                    if getattr(self, f)] + (["task_type"] if self.task_type in ("causal_lm", "regression") else [])
@@ -134,11 +148,15 @@ class DataSpec(Spec):
                                  "has its own")
             return self
         if self.data_dir is not None:
-            raise ValueError("data_dir is GLUE's folder; with train_file, give dev_file or dev_fraction instead")
-        if (self.dev_file is None) == (self.dev_fraction is None):
-            raise ValueError("with train_file, set dev_file or dev_fraction (a held-out share of train_file), "
-                             "not both" if self.dev_file else "with train_file, set dev_file or dev_fraction (a "
-                             "held-out share of train_file, e.g. 0.1)")
+            raise ValueError("data_dir is GLUE's folder; with your own data, give dev_file, dev_split or "
+                             "dev_fraction instead")
+        dev, where = ("dev_split", "train_split") if self.dataset else ("dev_file", "train_file")
+        if self.dataset and self.dev_file:
+            raise ValueError("dev_file goes with train_file; a dataset's dev examples are its dev_split")
+        if (getattr(self, dev) is None) == (self.dev_fraction is None):
+            raise ValueError(f"with {where}, set {dev} or dev_fraction (a held-out share of {where}), not both"
+                             if getattr(self, dev) else f"with {where}, set {dev} or dev_fraction (a held-out "
+                             f"share of {where}, e.g. 0.1)")
         if self.task_type not in ("classification", "prompted_classification") and self.labels is not None:
             raise ValueError(f"labels name classes; a {self.task_type} task has none")
         if self.task_type == "causal_lm" and self.k_shot is not None:
@@ -150,18 +168,20 @@ class DataSpec(Spec):
         for field in ("data_dir", "train_file", "dev_file"):
             if getattr(self, field) is not None:
                 setattr(self, field, str(Path(getattr(self, field)).resolve()))
+        if self.dataset is not None and Path(self.dataset).expanduser().is_dir():   # a local folder, not a hub id
+            self.dataset = str(Path(self.dataset).expanduser().resolve())
 
     @property
     def own(self) -> bool:
-        """The user's own examples rather than a GLUE preset."""
-        return self.train_file is not None
+        """The user's own examples (a file or a dataset) rather than a GLUE preset."""
+        return self.task is None
 
     @property
     def display_name(self) -> str:
-        """The data's name in results: the GLUE task, or data.name, or train_file's stem."""
+        """The data's name in results: the GLUE task, or data.name, or train_file's stem, or the dataset's name."""
         if self.task is not None:
             return self.task
-        return self.name or Path(self.train_file.rstrip("/")).stem or "data"
+        return self.name or Path((self.train_file or self.dataset).rstrip("/")).stem or "data"
 
 
 COLUMN_ROLES = ("text", "text_pair", "label", "prompt", "response", "messages")

@@ -74,6 +74,32 @@ def test_a_saved_dataset_dict_gives_its_train_and_validation_splits(tmp_path):
     assert len(load_examples(spec, "train")["text_a"]) == len(RECORDS)
 
 
+def test_a_dataset_that_load_dataset_reads_gives_its_splits_as_your_files_do(tmp_path):
+    """data.dataset takes what datasets.load_dataset takes: a hub id (the hub is not reachable here) or a local
+    folder of data files; its splits read as the same examples as the files, and its tokenised cache is keyed by
+    the splits' content."""
+    from rayeff.data import files as data_files
+
+    folder = tmp_path / "reviews"
+    write(folder / "train.jsonl", RECORDS[:24])
+    write(folder / "validation.jsonl", RECORDS[24:])
+    columns = {"text": "review", "label": "stars"}
+    spec = DataSpec(dataset=str(folder), dev_split="validation", columns=columns, cache_dir=str(tmp_path / "cache"))
+    files = own(folder / "train.jsonl", dev_file=str(folder / "validation.jsonl"), cache_dir=str(tmp_path / "cache"))
+    assert task_of(spec).name == "reviews" and task_of(spec).labels == task_of(files).labels
+    for split in ("train", "dev"):
+        assert load_examples(spec, split) == load_examples(files, split)
+    held_out = DataSpec(dataset=str(folder), dev_fraction=0.25, columns=columns)
+    assert len(load_examples(held_out, "dev")["label"]) == 6
+    tokenizer = load_tokenizer(resolve_model("tiny-bert"))
+    train, dev = load_train_and_dev(spec, tokenizer, 32)
+    assert train["input_ids"] == load_train_and_dev(files, tokenizer, 32)[0]["input_ids"] and len(dev) == 6
+    write(folder / "validation.jsonl", RECORDS[25:])   # new content, a new cache entry
+    data_files._load_dataset.cache_clear()
+    data_files._split_columns.cache_clear()
+    assert len(load_train_and_dev(spec, tokenizer, 32)[1]) == 5
+
+
 def test_labels_are_sorted_numerically_or_taken_in_the_order_data_labels_gives(tmp_path):
     numbers = [{"text": f"t{i}", "label": n} for i, n in enumerate([10, 2, 1, 2])]
     as_json = own(write(tmp_path / "n.jsonl", numbers), dev_fraction=0.25, columns={})
@@ -172,7 +198,15 @@ def _case(tmp_path: Path, name: str) -> tuple[str, str]:
         needle = "set dev_file or dev_fraction"
     elif name == "task and train_file":
         data["task"] = "sst2"
-        needle = "not both"
+        needle = "set one of task (a GLUE preset such as sst2), train_file (your own file) or dataset"
+    elif name == "a hub dataset offline":
+        data = {"dataset": "stanfordnlp/imdb", "dev_split": "test", "columns": data["columns"]}
+        needle = "data.dataset: 'stanfordnlp/imdb' is not a local folder and the Hugging Face hub cannot be reached"
+    elif name == "a split the dataset lacks":
+        folder = tmp_path / "dataset"
+        write(folder / "train.jsonl", RECORDS)
+        data = {"dataset": str(folder), "dev_split": "validation", "columns": data["columns"]}
+        needle = f"data.dev_split: {folder} has no split 'validation' (its splits: train)"
     elif name == "a text that is not text":
         data["train_file"] = str(write(tmp_path / "null.jsonl", [*RECORDS[:3], {"review": None, "stars": "pos"}]))
         needle = "example 4: its text is None, not text"
@@ -192,8 +226,14 @@ def _case(tmp_path: Path, name: str) -> tuple[str, str]:
 @pytest.mark.parametrize("name", ["missing column", "empty split", "label outside the label set",
                                   "malformed json line", "unknown format", "missing file", "no dev",
                                   "task and train_file", "a text that is not text", "one label",
-                                  "regression label not a number"])
-def test_bad_own_data_is_one_line_exit_2_before_ray_with_nothing_written(tmp_path, capsys, ray_calls, name):
+                                  "regression label not a number", "a hub dataset offline",
+                                  "a split the dataset lacks"])
+def test_bad_own_data_is_one_line_exit_2_before_ray_with_nothing_written(tmp_path, capsys, ray_calls, monkeypatch,
+                                                                         name):
+    from rayeff.hub import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")   # as on this machine, whatever the one running the tests can reach
+    hub_reachable.cache_clear()
     job, needle = _case(tmp_path, name)
     out = tmp_path / "out"
     code = main(["run", job, "--output", str(out), "--no-progress"])

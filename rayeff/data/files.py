@@ -1,6 +1,8 @@
-"""Your own examples: a .jsonl, .json, .csv, .tsv or .parquet file, or a folder saved by `datasets`' save_to_disk.
+"""Your own examples: a .jsonl, .json, .csv, .tsv or .parquet file, a folder saved by `datasets`' save_to_disk, or
+a dataset that `datasets.load_dataset` reads (a hub id, or a local folder of data files).
 
     table = read_table("data/train.jsonl", "data.train_file")     # {column: [values]}, one entry per example
+    table = read_dataset_split("stanfordnlp/imdb", None, "train")
 
 Every way a file can be wrong (missing, unreadable, malformed line, no examples) is a `UserError` naming the field,
 the file and, where there is one, the line.
@@ -178,3 +180,54 @@ def _read_saved_dataset(p: Path, field: str) -> dict[str, list]:
             raise UserError(f"{field}: {p} holds splits {sorted(saved)} but none named {' or '.join(wanted)}")
         saved = saved[split]
     return saved.to_dict()
+
+
+def check_dataset(name: str) -> None:
+    """Before anything starts: a local dataset folder is there, or the hub (which holds the id) can be reached."""
+    from rayeff.hub import hub_reachable
+
+    if Path(name).expanduser().is_dir():
+        return
+    if Path(name).suffix.lower() in FORMATS:
+        raise UserError(f"data.dataset: {name} is not a folder; give a hub dataset id or a folder of data files "
+                        "(a single file is data.train_file)")
+    if not hub_reachable():
+        raise UserError(f"data.dataset: {name!r} is not a local folder and the Hugging Face hub cannot be reached "
+                        "from this machine; download it (datasets' save_to_disk) and give data.train_file instead")
+
+
+def read_dataset_split(name: str, config: str | None, split: str, field: str) -> dict[str, list]:
+    """One split (named by the job's `field`) of a dataset `datasets.load_dataset` reads, as columns; memoised. The
+    lists are shared."""
+    return _split_columns(name, config, _split_of(name, config, split, field))
+
+
+def dataset_fingerprint(name: str, config: str | None, split: str, field: str) -> str:
+    """The split's content fingerprint as `datasets` computes it (from its files' hashes), for the tokenised cache."""
+    return _load_dataset(name, config)[_split_of(name, config, split, field)]._fingerprint
+
+
+def _split_of(name: str, config: str | None, split: str, field: str) -> str:
+    splits = _load_dataset(name, config)
+    if split not in splits:
+        raise UserError(f"{field}: {name} has no split {split!r} (its splits: {', '.join(splits)}); name one of them")
+    return split
+
+
+@functools.lru_cache(maxsize=4)
+def _split_columns(name: str, config: str | None, split: str) -> dict[str, list]:
+    return _load_dataset(name, config)[split].to_dict()
+
+
+@functools.lru_cache(maxsize=2)
+def _load_dataset(name: str, config: str | None):
+    import datasets
+
+    check_dataset(name)
+    source = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+    try:
+        return datasets.load_dataset(source, config)
+    except Exception as err:  # noqa: BLE001  (datasets raises many types: missing config, bad files, no access)
+        raise UserError(f"data.dataset: datasets.load_dataset({name!r}, {config!r}) failed "
+                        f"({(str(err).strip().splitlines() or [type(err).__name__])[0][:160]}); check the id, "
+                        "data.dataset_config and access") from None

@@ -78,15 +78,15 @@ def task_of(spec: DataSpec) -> LabelledTask | PromptedTask | CausalLMTask:
         preset = glue.get_task(spec.task)
         task = LabelledTask(preset.name, preset.labels, preset.metrics, len(preset.text_columns))
         return _prompted(task, spec) if spec.task_type == "prompted_classification" else task
-    table = _train_table(spec)
+    table, field, path = _split_source(spec, "train")
     pair = spec.columns.get("text_pair", "text_pair")
     text_fields = 2 if "text_pair" in spec.columns or pair in table else 1
     if spec.task_type == "regression":
         return LabelledTask(spec.display_name, None, OWN_METRICS["regression"], text_fields)
-    labels = tuple(spec.labels) if spec.labels else _label_set(_column(table, spec, "label", "data.train_file"))
+    labels = tuple(spec.labels) if spec.labels else _label_set(_column(table, spec, "label", field, path))
     if len(labels) < 2:
-        raise UserError(f"data.train_file: {spec.train_file} has one label ({labels[0]!r}) only; a classifier "
-                        "needs examples of at least two")
+        raise UserError(f"{field}: {path} has one label ({labels[0]!r}) only; a classifier needs examples of at "
+                        "least two")
     task = LabelledTask(spec.display_name, labels, OWN_METRICS["classification"], text_fields)
     return _prompted(task, spec) if spec.task_type == "prompted_classification" else task
 
@@ -121,33 +121,41 @@ def load_examples(spec: DataSpec, split: str) -> dict:
             return {"prompt": prompts, "label": examples["label"]}
         return examples
     build = {"causal_lm": _prompts_and_responses, "prompted": _prompted_examples}.get(task.kind, _examples)
-    if spec.dev_file is not None:
-        if split == "train":
-            return build(_train_table(spec), spec, task, "data.train_file", spec.train_file)
-        return build(files.read_table(spec.dev_file, "data.dev_file"), spec, task, "data.dev_file", spec.dev_file)
-    examples = build(_train_table(spec), spec, task, "data.train_file", spec.train_file)
+    if spec.dev_fraction is None:
+        table, field, path = _split_source(spec, split)
+        return build(table, spec, task, field, path)
+    table, field, path = _split_source(spec, "train")
+    examples = build(table, spec, task, field, path)
     keep = _held_out(len(next(iter(examples.values()))), spec, split)
     return {name: None if values is None else [values[i] for i in keep] for name, values in examples.items()}
 
 
-def _train_table(spec: DataSpec) -> dict[str, list]:
-    return files.read_table(spec.train_file, "data.train_file")
+def _split_source(spec: DataSpec, split: str) -> tuple[dict[str, list], str, str]:
+    """(the columns of your data's `split`, before any held-out draw; the job field that names them; their name in
+    messages): a file (train_file, dev_file) or a split of a dataset (dataset with train_split, dev_split)."""
+    if spec.dataset is not None:
+        name = spec.train_split if split == "train" or spec.dev_fraction is not None else spec.dev_split
+        field = "data.train_split" if name == spec.train_split else "data.dev_split"
+        return (files.read_dataset_split(spec.dataset, spec.dataset_config, name, field), "data.dataset",
+                f"{spec.dataset}[{name}]")
+    if split == "train" or spec.dev_fraction is not None:
+        return files.read_table(spec.train_file, "data.train_file"), "data.train_file", spec.train_file
+    return files.read_table(spec.dev_file, "data.dev_file"), "data.dev_file", spec.dev_file
 
 
 def _held_out(n: int, spec: DataSpec, split: str) -> np.ndarray:
     """The examples of `split` when data.dev_fraction of the train file is dev: a seeded draw, in the file's order."""
     n_dev = max(1, round(spec.dev_fraction * n))
     if n_dev >= n:
-        raise UserError(f"data.dev_fraction: {spec.dev_fraction:g} of {spec.train_file}'s {n} examples leaves none "
-                        "to train on; lower it or give a dev_file")
+        raise UserError(f"data.dev_fraction: {spec.dev_fraction:g} of {_split_source(spec, 'train')[2]}'s {n} "
+                        "examples leaves none to train on; lower it or give a dev_file or dev_split")
     order = np.random.default_rng(spec.seed).permutation(n)
     return np.sort(order[:n_dev] if split == "dev" else order[n_dev:])
 
 
-def _column(table: dict[str, list], spec: DataSpec, role: str, field: str) -> list:
+def _column(table: dict[str, list], spec: DataSpec, role: str, field: str, path: str) -> list:
     name = spec.columns.get(role, role)
     if name not in table:
-        path = spec.train_file if field == "data.train_file" else spec.dev_file
         raise UserError(f"data.columns.{role}: {field} {path} has no column {name!r} (its columns: "
                         f"{', '.join(map(str, table)) or 'none'}); set data.columns.{role} to the column that holds "
                         f"the {role}")
@@ -172,11 +180,11 @@ def _label_set(values: list) -> tuple[str, ...]:
 
 
 def _examples(table: dict[str, list], spec: DataSpec, task: LabelledTask, field: str, path: str) -> dict:
-    text = _texts(_column(table, spec, "text", field), "text", field, path)
+    text = _texts(_column(table, spec, "text", field, path), "text", field, path)
     pair = None
     if task.text_fields == 2:
-        pair = _texts(_column(table, spec, "text_pair", field), "text_pair", field, path)
-    raw = _column(table, spec, "label", field)
+        pair = _texts(_column(table, spec, "text_pair", field, path), "text_pair", field, path)
+    raw = _column(table, spec, "label", field, path)
     return {"text_a": text, "text_b": pair, "label": _labels(raw, task, field, path)}
 
 
@@ -193,7 +201,7 @@ def _preset_columns(spec: DataSpec, examples: dict) -> dict[str, list]:
 
 def _prompted_examples(table: dict[str, list], spec: DataSpec, task: PromptedTask, field: str, path: str) -> dict:
     """Each example's filled template and label."""
-    labels = _labels(_column(table, spec, "label", field), task, field, path)
+    labels = _labels(_column(table, spec, "label", field, path), task, field, path)
     return {"prompt": _filled_prompts(task, _with_roles(table, spec), len(labels), field, path), "label": labels}
 
 
@@ -242,13 +250,14 @@ def _prompts_and_responses(table: dict[str, list], spec: DataSpec, task: CausalL
     """Each example's prompt (the prompt column, or the template filled from the example's columns) and response;
     or, for chat data (a `messages` column), each example's conversation."""
     if _is_chat(table, spec):
-        conversations = _column(table, spec, "messages", field)
+        conversations = _column(table, spec, "messages", field, path)
         for i, conversation in enumerate(conversations):
             _check_conversation(conversation, f"{field}: {path} example {i + 1}")
         return {"messages": conversations}
-    response = _texts(_column(table, spec, "response", field), "response", field, path)
+    response = _texts(_column(table, spec, "response", field, path), "response", field, path)
     if task.template is None:
-        return {"prompt": _texts(_column(table, spec, "prompt", field), "prompt", field, path), "response": response}
+        prompts = _texts(_column(table, spec, "prompt", field, path), "prompt", field, path)
+        return {"prompt": prompts, "response": response}
     names = template_fields(task.template)
     missing = [n for n in names if n not in table]
     if missing:
@@ -344,6 +353,9 @@ def check_data(spec: DataSpec) -> None:
     reads (their columns and labels are checked as they are tokenised, still before Ray starts)."""
     if not spec.own:
         glue.check_data_dir(spec.task, spec.data_dir)
+        return
+    if spec.dataset is not None:
+        files.check_dataset(spec.dataset)
         return
     files.check_data_file(spec.train_file, "data.train_file")
     if spec.dev_file is not None:

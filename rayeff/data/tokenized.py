@@ -21,7 +21,7 @@ import torch
 from filelock import FileLock
 
 from rayeff.config import DataSpec
-from rayeff.data.files import content_hash
+from rayeff.data.files import content_hash, dataset_fingerprint
 from rayeff.data.glue import get_task, split_file
 from rayeff.data.task import load_examples, task_of
 
@@ -54,7 +54,13 @@ def _fingerprint_of(tokenizer, size: int) -> str:
 def _source_fingerprint(spec: DataSpec, split: str) -> str:
     if spec.own:
         task = task_of(spec)
-        files = [content_hash(spec.train_file)] + ([content_hash(spec.dev_file)] if spec.dev_file else [])
+        if spec.dataset is not None:
+            splits = [("data.train_split", spec.train_split)] + ([("data.dev_split", spec.dev_split)]
+                                                                 if spec.dev_split else [])
+            files = [spec.dataset, spec.dataset_config] + [dataset_fingerprint(spec.dataset, spec.dataset_config,
+                                                                               name, field) for field, name in splits]
+        else:
+            files = [content_hash(spec.train_file)] + ([content_hash(spec.dev_file)] if spec.dev_file else [])
         return json.dumps({"files": files, "columns": spec.columns, "task": repr(task), "format": 2,
                            "held_out": [spec.dev_fraction, spec.seed], "chat_template": spec.chat_template},
                           sort_keys=True)
