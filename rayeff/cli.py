@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--workers", type=int, help="model replicas (default: the job's scaling.num_workers)")
     predict.add_argument("--batch-size", type=int, default=64, help="lines per forward (default 64)")
     predict.add_argument("--max-new-tokens", type=int, default=32, help="causal LM: tokens generated per line")
+    predict.add_argument("--temperature", type=float, default=0.0,
+                         help="causal LM: 0 (default) decodes greedily; above 0, samples at this temperature")
+    predict.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability (default 1)")
+    predict.add_argument("--top-k", type=int, help="sampling: keep the k most likely tokens")
+    predict.add_argument("--seed", type=int, default=0, help="sampling: seed (with each prompt: the same answers on "
+                                                             "any number of workers)")
     predict.add_argument("--address", help=_ADDRESS_HELP)
 
     tune = commands.add_parser("tune", help="run a hyper-parameter sweep (Ray Tune + Optuna)")
@@ -206,11 +212,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from rayeff.predict import predict_file
 
-    for name in ("workers", "batch_size", "max_new_tokens"):
+    from rayeff.generation import Sampling
+
+    for name in ("workers", "batch_size", "max_new_tokens", "top_k"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}: {getattr(args, name)} must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError(f"--temperature {args.temperature:g} / --top-p {args.top_p:g}: the temperature is at least 0 "
+                        "and top-p in (0, 1]")
+    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed) if args.temperature > 0 else None
+    if sampling is None and (args.top_k is not None or args.top_p != 1.0):
+        raise UserError("--top-p and --top-k shape sampling; set --temperature above 0 (0 decodes greedily)")
     report = predict_file(args.source, args.input, args.output, args.workers, args.batch_size, args.max_new_tokens,
-                          args.address)
+                          args.address, sampling)
     print(f"rayeff: wrote {report['lines']} predictions to {args.output} in {report['seconds']:.1f} s "
           f"({report['lines_per_second']:.1f} lines/s on {report['workers']} worker(s))")
     return 0

@@ -67,6 +67,12 @@ class DataSpec(Spec):
     eval_max_new_tokens: int | None = Field(None, gt=0, description="causal_lm: also generate (greedy) up to this "
                                             "many tokens for each dev prompt and score them against its response: "
                                             "exact_match and token_f1, as SQuAD defines them")
+    eval_temperature: float = Field(0.0, ge=0.0, description="causal_lm generation on dev: 0 decodes greedily; above "
+                                    "0, tokens are sampled at this temperature, seeded by training.seed and each "
+                                    "prompt (the same answers on any number of workers)")
+    eval_top_p: float = Field(1.0, gt=0.0, le=1.0, description="sampling: keep the smallest set of tokens whose "
+                              "probability reaches top_p (nucleus sampling)")
+    eval_top_k: int | None = Field(None, gt=0, description="sampling: keep the k most likely tokens")
     template: str | None = Field(None, description="causal_lm: the prompt built from each example's columns, e.g. "
                                  "'Question: {question}\\nAnswer: ' (default: the prompt column as it is); "
                                  "prompted_classification: the prompt, {mask} where the label word goes, e.g. "
@@ -119,6 +125,12 @@ class DataSpec(Spec):
         for field in ("chat_template", "eval_max_new_tokens"):
             if getattr(self, field) is not None and self.task_type != "causal_lm":
                 raise ValueError(f"{field} is for causal_lm data; set task_type: causal_lm or leave {field} out")
+        sampling = [f for f in ("eval_temperature", "eval_top_p", "eval_top_k")
+                    if getattr(self, f) != DataSpec.model_fields[f].default]
+        if sampling and self.eval_max_new_tokens is None:
+            raise ValueError(f"{sampling[0]} shapes dev generation; set eval_max_new_tokens too, or leave it out")
+        if sampling and self.eval_temperature == 0.0:
+            raise ValueError(f"{sampling[0]} shapes sampling; set eval_temperature above 0 (0 decodes greedily)")
         prompted = self.task_type == "prompted_classification"
         if self.template is not None and self.task_type not in ("causal_lm", "prompted_classification"):
             raise ValueError("template is for causal_lm and prompted_classification data; set task_type or leave "

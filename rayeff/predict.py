@@ -84,10 +84,11 @@ def model_positions(source: Path, job) -> int | None:
     return max_positions(resolve_model(job.model.name))
 
 
-def predict_records(loaded: InferenceModel, records: list[dict], max_new_tokens: int) -> list:
-    """The prediction for each record, in order."""
+def predict_records(loaded: InferenceModel, records: list[dict], max_new_tokens: int, sampling=None) -> list:
+    """The prediction for each record, in order; a causal LM's greedy, or with `sampling` (rayeff.generation.Sampling)
+    sampled, continuation."""
     if loaded.task.kind == "causal_lm":
-        return _generate(loaded, records, max_new_tokens)
+        return _generate(loaded, records, max_new_tokens, sampling)
     job, task, tokenizer = loaded.job, loaded.task, loaded.tokenizer
     if task.kind == "prompted":
         batch = _prompted_batch(loaded, records)
@@ -133,9 +134,9 @@ def generation_prompt(loaded: InferenceModel, record: dict) -> list[int]:
     return start_tokens(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def _generate(loaded: InferenceModel, records: list[dict], max_new_tokens: int) -> list[str]:
+def _generate(loaded: InferenceModel, records: list[dict], max_new_tokens: int, sampling) -> list[str]:
     from rayeff.data.tokenized import end_token, start_tokens
-    from rayeff.generation import greedy_generate
+    from rayeff.generation import generate
 
     # a prompt longer than training's max_seq_length (or than the model's positions leave beside what it
     # generates) keeps its start tokens and its end, as training kept it
@@ -146,24 +147,24 @@ def _generate(loaded: InferenceModel, records: list[dict], max_new_tokens: int) 
     for record in records:
         ids = generation_prompt(loaded, record)
         prompts.append(ids if len(ids) <= room else ids[:start] + ids[len(ids) - (room - start):])
-    new = greedy_generate(loaded.model, prompts, loaded.tokenizer.pad_token_id, end_token(loaded.tokenizer),
-                          max_new_tokens)
+    new = generate(loaded.model, prompts, loaded.tokenizer.pad_token_id, end_token(loaded.tokenizer), max_new_tokens,
+                   sampling=sampling)
     return [loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
 
 
 class Predictor:
     """One Ray Data actor: loads the model once, then turns blocks of input lines into output lines."""
 
-    def __init__(self, source: str, max_new_tokens: int):
+    def __init__(self, source: str, max_new_tokens: int, sampling):
         from rayeff.quiet import quiet_libraries
 
         quiet_libraries()
         self.loaded = load_for_inference(Path(source))
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.sampling = max_new_tokens, sampling
 
     def __call__(self, batch: dict) -> dict:
         records = [json.loads(line) for line in batch["text"]]
-        predictions = predict_records(self.loaded, records, self.max_new_tokens)
+        predictions = predict_records(self.loaded, records, self.max_new_tokens, self.sampling)
         return {"line": [json.dumps({**r, "prediction": p}, ensure_ascii=False)
                          for r, p in zip(records, predictions)]}
 
@@ -197,7 +198,7 @@ def check_input(path: Path, job) -> int:
 
 
 def predict_file(source: str, input_path: str, output_path: str, workers: int | None = None,
-                 batch_size: int = 64, max_new_tokens: int = 32, address: str | None = None) -> dict:
+                 batch_size: int = 64, max_new_tokens: int = 32, address: str | None = None, sampling=None) -> dict:
     from rayeff.cluster.connect import init_ray
 
     src, inp, out = Path(source).resolve(), Path(input_path).resolve(), Path(output_path).resolve()
@@ -220,7 +221,8 @@ def predict_file(source: str, input_path: str, output_path: str, workers: int | 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     gpus = 1 if job.scaling.gpus_per_worker > 0 else 0
     predicted = ray.data.read_text(str(inp)).map_batches(
-        Predictor, fn_constructor_kwargs={"source": str(src), "max_new_tokens": max_new_tokens},
+        Predictor, fn_constructor_kwargs={"source": str(src), "max_new_tokens": max_new_tokens,
+                                          "sampling": sampling},
         batch_size=batch_size, concurrency=workers, num_cpus=1, num_gpus=gpus)
     start, written = time.perf_counter(), 0
     partial = out.with_name(out.name + ".partial")

@@ -221,6 +221,10 @@ def test_dev_generation_scores_a_model_that_learned_its_answer_perfectly(tmp_pat
               "training": {"max_steps": 30, "batch_size": 8, "lr": 1e-2, "log_every": 10}}
     trained = run_in_process(validate_job({**common, "output_dir": str(tmp_path / "trained")}))
     assert trained["metrics"]["exact_match"] == 1.0 and trained["metrics"]["token_f1"] == 1.0
+    sampled = run_in_process(validate_job({   # sampling from the top token only is greedy decoding
+        **common, "data": {**common["data"], "eval_temperature": 1.5, "eval_top_k": 1},
+        "output_dir": str(tmp_path / "sampled")}))
+    assert sampled["metrics"] == trained["metrics"]
     untrained = run_in_process(validate_job({**common, "output_dir": str(tmp_path / "untrained"),
                                              "training": {**common["training"], "max_steps": 1, "lr": 1e-9}}))
     assert untrained["metrics"]["exact_match"] == 0.0 and untrained["metrics"]["token_f1"] == 0.0
@@ -305,6 +309,8 @@ def test_chat_data_without_a_chat_template_is_one_line_exit_2(tmp_path, capsys, 
     ({"model": {"name": "tiny-gpt2"}, "data": {"eval_max_new_tokens": 8}, "training": {"max_seq_length": 512}},
      "data.eval_max_new_tokens: 8 tokens after a dev prompt of up to 512"),
     ({"model": {"name": "tiny-bert"}}, "a causal-LM task needs a decoder-only model; bert is an encoder"),
+    ({"data": {"eval_max_new_tokens": 4, "eval_top_p": 0.9}}, "eval_top_p shapes sampling; set eval_temperature"),
+    ({"data": {"eval_temperature": 0.7}}, "eval_temperature shapes dev generation; set eval_max_new_tokens too"),
 ])
 def test_what_cannot_work_is_one_line_exit_2_before_ray(sums, refused_run, monkeypatch, change, needle):
     from rayeff.methods import METHODS, MethodDefinition

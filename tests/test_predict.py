@@ -1,6 +1,6 @@
-"""`rayeff predict`: greedy generation that equals transformers' `generate` on the exported model, 10,000 lines
-through Ray Data on two workers with the same predictions as the model in process, and bad input refused before
-Ray starts."""
+"""`rayeff predict`: greedy generation that equals transformers' `generate` on the exported model, seeded sampling
+that draws from the model's own (top-k / top-p) distribution whatever the batch, 10,000 lines through Ray Data on
+two workers with the same predictions as the model in process, and bad input refused before Ray starts."""
 
 from __future__ import annotations
 
@@ -54,6 +54,45 @@ def test_greedy_generation_equals_transformers_generate_on_the_export(tmp_path):
     assert [loaded.tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in generated] == from_export
 
 
+def test_nucleus_and_top_k_keep_the_tokens_they_should():
+    from rayeff.generation import Sampling
+
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = {p: Sampling(top_p=p).probabilities(logits)[0] for p in (0.7, 0.8, 0.81)}
+    torch.testing.assert_close(kept[0.7], torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    torch.testing.assert_close(kept[0.8], kept[0.7])   # the first two reach 0.8: the third is not needed
+    torch.testing.assert_close(kept[0.81], torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95)
+    torch.testing.assert_close(Sampling(top_k=3, temperature=0.5).probabilities(logits)[0],
+                               torch.tensor([0.25, 0.09, 0.0225, 0.0]) / 0.3625)
+
+
+def test_sampling_draws_from_the_models_distribution_and_each_prompt_alike_in_any_batch():
+    from rayeff.generation import Sampling, generate
+    from rayeff.models import build_causal_lm, resolve_model
+
+    torch.manual_seed(0)
+    model = build_causal_lm(resolve_model("tiny-llama")).eval()
+    prompt, others = [5, 17, 300, 42], [[9, 8, 7], [1000, 2000, 3000, 4000, 5000]]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), torch.ones(1, 4, dtype=torch.long))[0, -1] * 3.0   # temperature 1/3
+    top = logits.topk(4)
+    expected = dict(zip(top.indices.tolist(), top.values.softmax(-1).tolist()))
+    draws = [generate(model, [prompt], 0, None, 1, sampling=Sampling(1 / 3, top_k=4, seed=s))[0][0]
+             for s in range(600)]
+    assert set(draws) <= set(expected)
+    for token, p in expected.items():   # 600 draws: a frequency's standard error is at most 0.02
+        assert abs(draws.count(token) / 600 - p) < 0.07, (token, draws.count(token) / 600, p)
+
+    hot = Sampling(temperature=2.0, seed=1)
+    alone = generate(model, [prompt], 0, None, 6, sampling=hot)[0]
+    batched = generate(model, [others[0], prompt, others[1]], 0, None, 6, sampling=hot)
+    assert batched[1] == alone
+    assert any(generate(model, [p], 0, None, 6, sampling=Sampling(2.0, seed=2))[0] != b
+               for p, b in zip([others[0], prompt, others[1]], batched))
+    greedy = generate(model, [prompt, *others], 0, None, 6)
+    assert generate(model, [prompt, *others], 0, None, 6, sampling=Sampling(5.0, top_k=1, seed=3)) == greedy
+
+
 def trained_classifier(tmp_path: Path) -> Path:
     reviews = [{"review": f"{'a fine' if i % 2 else 'a dull'} film number {i}", "stars": ["neg", "pos"][i % 2]}
                for i in range(64)]
@@ -91,6 +130,7 @@ def test_rayeff_predict_runs_10000_lines_on_two_ray_workers_as_the_model_does_in
     ("missing column", "line 2 has none of the columns the model reads (review)"),
     ("output exists", "already exists; choose another file"),
     ("not a run", "is neither a run's folder"),
+    ("top-p without sampling", "--top-p and --top-k shape sampling; set --temperature above 0"),
 ])
 def test_bad_predict_input_is_one_line_exit_2_before_ray(tmp_path, capsys, ray_calls, case, needle):
     run = trained_classifier(tmp_path)
@@ -102,7 +142,9 @@ def test_bad_predict_input_is_one_line_exit_2_before_ray(tmp_path, capsys, ray_c
         out.write_text("kept\n")
     if case == "not a run":
         run = tmp_path
-    code = main(["predict", str(run), "--input", str(source), "--output", str(out)])
+    extra = ["--top-p", "0.9"] if case == "top-p without sampling" else []
+    capsys.readouterr()   # what training the model printed (a cold tokenised cache reports its writes)
+    code = main(["predict", str(run), "--input", str(source), "--output", str(out), *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and not ray_calls and len(err.splitlines()) == 1 and needle in err, err
     assert (out.read_text() == "kept\n") if case == "output exists" else not out.exists()

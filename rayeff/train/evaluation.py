@@ -70,15 +70,18 @@ def prompt_and_reference(example: dict) -> tuple[list[int], list[int]]:
 
 
 def _generation_scores(module: nn.Module, run: RunSetup, idx: list[int]) -> list[tuple[float, float]]:
-    """(exact match, token F1) of the greedy answer to each dev example's prompt against its reference. Every worker
-    runs all max_new_tokens steps (ZeRO-3 gathers weights in each forward, collectively)."""
+    """(exact match, token F1) of the greedy (or sampled) answer to each dev prompt against its reference. Every
+    worker runs all max_new_tokens steps (ZeRO-3 gathers weights in each forward, collectively)."""
     from rayeff.data.tokenized import end_token
-    from rayeff.generation import exact_match, greedy_generate, token_f1
+    from rayeff.generation import Sampling, exact_match, generate, token_f1
 
-    tokenizer = run.tokenizer
+    tokenizer, data = run.tokenizer, run.job.data
     pairs = [prompt_and_reference(run.dev_set[i]) for i in idx]
-    generated = greedy_generate(module, [p for p, _ in pairs], tokenizer.pad_token_id, end_token(tokenizer),
-                                run.job.data.eval_max_new_tokens, stop_early=False)
+    sampling = None
+    if data.eval_temperature > 0:
+        sampling = Sampling(data.eval_temperature, data.eval_top_p, data.eval_top_k, run.job.training.seed)
+    generated = generate(module, [p for p, _ in pairs], tokenizer.pad_token_id, end_token(tokenizer),
+                         data.eval_max_new_tokens, stop_early=False, sampling=sampling)
     out = []
     for tokens, (_, reference) in zip(generated, pairs):
         answer = tokenizer.decode(tokens, skip_special_tokens=True)
