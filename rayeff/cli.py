@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help=_ADDRESS_HELP)
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
 
-    export = commands.add_parser("export", help="write a finished run as a Hugging Face model folder")
+    export = commands.add_parser("export", help="write a finished run as a Hugging Face model folder (or, where the "
+                                                "method does not merge into the model, one rayeff.load reads)")
     export.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder")
     export.add_argument("--output", required=True, help="a new (or empty) folder to write the model to")
     export.add_argument("--adapter-only", action="store_true",
@@ -203,8 +204,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from rayeff.export import export_run
 
-    out = export_run(args.run_dir, args.output, adapter_only=args.adapter_only)
-    kind = "a PEFT adapter" if args.adapter_only else "a Hugging Face model"
+    out, form = export_run(args.run_dir, args.output, adapter_only=args.adapter_only)
+    kind = {"adapter": "a PEFT adapter", "language_model": "a Hugging Face language model",
+            "sequence_classifier": "a Hugging Face sequence classifier",
+            "rayeff": "the trained tensors and the base model's reference (load with rayeff.load)"}[form]
     print(f"rayeff: wrote {kind} to {out}")
     return 0
 

@@ -34,52 +34,25 @@ class InferenceModel:
     positions: int | None   # the most tokens the model reads (None: no learned position table)
 
 
-def source_job(source: Path):
-    """The job behind a run folder (job.yaml, checked finished) or an export folder (rayeff_job.yaml)."""
-    from rayeff.config import load_job
-    from rayeff.export import finished_run
-
-    if (source / "rayeff_job.yaml").is_file() and (source / "config.json").is_file():
-        return load_job(source / "rayeff_job.yaml")
-    if (source / "job.yaml").is_file():
-        return finished_run(source)[0]
-    if (source / "adapter_config.json").is_file():
-        raise UserError(f"RUN_OR_EXPORT: {source} is an adapter-only export; predict from the run's folder or from "
-                        "an export without --adapter-only")
-    raise UserError(f"RUN_OR_EXPORT: {source} is neither a run's folder (job.yaml, result.json, final/) nor one "
-                    "`rayeff export` wrote; give one of those")
-
-
 def load_for_inference(source: Path) -> InferenceModel:
-    """The model on this process's GPU when it has one, else on the CPU."""
+    """The trained model of a run's folder or an export (rayeff.load), on this process's GPU when it has one."""
     from rayeff.data.task import task_of
-    from rayeff.models import load_tokenizer, resolve_model
+    from rayeff.export import load_trained
 
-    job = source_job(source)
-    task = task_of(job.data)
+    trained = load_trained(source)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if (source / "rayeff_job.yaml").is_file():   # an export: the folder is the model (its language-model form)
-        from rayeff.models import ModelSource
-        from rayeff.train.run_setup import build_base
-
-        exported = ModelSource(job.model.name, str(source), str(source))
-        tokenizer = load_tokenizer(exported)
-        _, model = build_base(exported, task, job, tokenizer)
-        model.eval()
-    else:
-        from rayeff.export import rebuild_trained
-
-        _, model = rebuild_trained(source, job)
-        tokenizer = load_tokenizer(resolve_model(job.model.name))
+    tokenizer = trained.tokenizer
     tokenizer.padding_side = "right"   # the classifier reads the last real token where padding follows it
-    return InferenceModel(job, task, model.to(device), tokenizer, model_positions(source, job))
+    return InferenceModel(trained.job, task_of(trained.job.data), trained.model.to(device), tokenizer,
+                          model_positions(source, trained.job))
 
 
 def model_positions(source: Path, job) -> int | None:
+    from rayeff.export import export_form_of
     from rayeff.models import ModelSource, resolve_model
     from rayeff.train.preflight import max_positions
 
-    if (source / "rayeff_job.yaml").is_file():
+    if export_form_of(source) in ("language_model", "sequence_classifier"):   # the folder is the model
         return max_positions(ModelSource(job.model.name, str(source), str(source)))
     return max_positions(resolve_model(job.model.name))
 
@@ -204,7 +177,9 @@ def predict_file(source: str, input_path: str, output_path: str, workers: int | 
     src, inp, out = Path(source).resolve(), Path(input_path).resolve(), Path(output_path).resolve()
     if not src.is_dir():
         raise UserError(f"RUN_OR_EXPORT: {source} is not a folder; give a run's folder or an export")
-    job = source_job(src)
+    from rayeff.export import trained_job
+
+    job = trained_job(src)
     lines = check_input(inp, job)
     if out.exists():
         raise UserError(f"--output: {out} already exists; choose another file")

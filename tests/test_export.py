@@ -1,7 +1,9 @@
-"""`rayeff export`: a finished causal-LM run as a folder that `AutoModelForCausalLM.from_pretrained` loads (full,
-LoRA merged, a native MoE model's), or a PEFT adapter folder (LoRA), each giving the trained model's outputs; a
-prompted-classification run of a masked LM as an `AutoModelForMaskedLM` folder that `rayeff predict` reads as the run;
-bad runs and folders are one-line errors."""
+"""`rayeff export` and `rayeff.load`: a finished causal-LM run as a folder that `AutoModelForCausalLM.from_pretrained`
+loads (full, LoRA merged, a native MoE model's), or a PEFT adapter folder (LoRA); a classifier as one that
+`AutoModelForSequenceClassification` loads; READ, AdaZeta and an upcycled MoE as the trained tensors that
+`rayeff.load` puts back into the base model; each giving the trained model's outputs. A prompted-classification run
+of a masked LM exports as an `AutoModelForMaskedLM` folder that `rayeff predict` reads as the run. Bad runs and
+folders are one-line errors."""
 
 from __future__ import annotations
 
@@ -14,12 +16,20 @@ import torch
 from rayeff.cli import main
 from rayeff.config import load_job, validate_job
 from rayeff.data.tokenized import Collator, load_train_and_dev
+import rayeff
 from rayeff.export import rebuild_trained
 from rayeff.models import load_language_model, load_tokenizer, resolve_model
 from rayeff.train.run_setup import token_losses
+from rayeff.train.checkpointer import TRAINABLE_FILE
 from rayeff.train.runner import run_in_process
 
 SUMS = [{"question": f"What is {a} plus {b}?", "answer": f"{a + b}"} for a in range(6) for b in range(6)]
+
+
+METHODS = {"full": {"name": "full"}, "lora": {"name": "lora", "rank": 4}, "moe": {"name": "moe"},
+           "read": {"name": "read", "hidden_size": 8},
+           "adazeta": {"name": "adazeta", "q_max": 2, "bottleneck": 8, "tt_rank": 2},
+           "upcycled": {"name": "moe", "upcycle": {"experts": 2, "top_k": 1}, "trainable": "experts"}}
 
 
 def trained_run(tmp_path: Path, model: str, method: str) -> tuple[Path, dict]:
@@ -27,7 +37,7 @@ def trained_run(tmp_path: Path, model: str, method: str) -> tuple[Path, dict]:
     data.write_text("".join(json.dumps(r) + "\n" for r in SUMS))
     out = tmp_path / f"{model}-{method}"
     result = run_in_process(validate_job({
-        "model": {"name": model}, "method": {"name": method, **({"rank": 4} if method == "lora" else {})},
+        "model": {"name": model}, "method": METHODS[method],
         "output_dir": str(out), "training": {"max_steps": 6, "batch_size": 8, "lr": 1e-2, "log_every": 3},
         "data": {"train_file": str(data), "dev_fraction": 0.25, "task_type": "causal_lm",
                  "template": "Q: {question}\nA: ", "columns": {"response": "answer"}}}))
@@ -57,7 +67,8 @@ def test_an_exported_run_loads_with_from_pretrained_and_gives_the_trained_models
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     # the worker's own dev figure, measured again on the exported model
     assert dev_loss(exported, run_dir) == pytest.approx(result["metrics"]["eval_loss"], rel=1e-5)
-    _, trained = rebuild_trained(run_dir, load_job(run_dir / "job.yaml"))   # LoRA unmerged; MoE with its routers
+    _, trained = rebuild_trained(run_dir / "final" / TRAINABLE_FILE, load_job(run_dir / "job.yaml"))   # LoRA unmerged
+    assert json.loads((out / "rayeff_export.json").read_text())["form"] == "language_model"
     ids = torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     with torch.no_grad():
@@ -88,6 +99,72 @@ def test_a_lora_run_exports_as_a_peft_adapter_that_peft_loads(tmp_path, capsys):
         a, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(plain, a, atol=1e-3)   # the adapter is the trained one, not an untrained (zero) B
+    lines = tmp_path / "in.jsonl"
+    lines.write_text('{"question": "What is 1 plus 2?"}\n')
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "adapter"), "--input", str(lines), "--output", str(tmp_path / "o")]) == 2
+    assert "is an adapter-only export, which PEFT loads onto its base model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["read", "adazeta", "upcycled"])
+def test_a_run_that_does_not_merge_into_the_model_exports_its_tensors_and_rayeff_load_gives_its_outputs(
+        tmp_path, capsys, method):
+    run_dir, result = trained_run(tmp_path, "tiny-llama", method)
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), "--output", str(out)]) == 0
+    assert "rayeff.load" in capsys.readouterr().out
+    assert json.loads((out / "rayeff_export.json").read_text()) == {"form": "rayeff", "method": METHODS[method][
+        "name"], "base_model": "tiny-llama"}
+    loaded = rayeff.load(out)
+    assert not loaded.training and loaded is not rayeff.load(out)
+
+    class Logits(torch.nn.Module):   # dev_loss reads `.logits`, as of a Hugging Face model
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": loaded(input_ids=input_ids, attention_mask=attention_mask)})
+
+    if method != "upcycled":   # (an upcycled MoE's expert capacity, and so its loss, depends on the batch)
+        assert dev_loss(Logits(), run_dir) == pytest.approx(result["metrics"]["eval_loss"], rel=1e-5)
+    untrained = tmp_path / "untrained.safetensors"   # the same tensors before training: other outputs
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: torch.zeros_like(v) if method != "read" or "out" in k else v
+               for k, v in load_file(str(out / "trainable.safetensors")).items()}, str(untrained))
+    _, zeroed = rebuild_trained(untrained, load_job(out / "rayeff_job.yaml"))
+    ids = torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mask = torch.ones_like(ids)
+        assert not torch.allclose(zeroed(input_ids=ids, attention_mask=mask), loaded(input_ids=ids,
+                                                                                   attention_mask=mask), atol=1e-4)
+
+
+@pytest.mark.parametrize("method,pooling,form", [("full", "auto", "sequence_classifier"),
+                                                 ("lora", "auto", "sequence_classifier"),
+                                                 ("full", "mean", "rayeff")])
+def test_a_classifier_exports_as_hugging_faces_own_sequence_classifier_where_its_layout_is_theirs(
+        tmp_path, capsys, method, pooling, form):
+    from transformers import AutoModelForSequenceClassification
+
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": f"a {w} film {i}", "label": label}) + "\n" for i in range(8)
+                            for label, w in (("pos", "fine"), ("neg", "dull"))))
+    run_dir = tmp_path / "run"
+    run_in_process(validate_job({
+        "model": {"name": "tiny-bert", "pooling": pooling}, "method": METHODS[method], "output_dir": str(run_dir),
+        "training": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "log_every": 2},
+        "data": {"train_file": str(data), "dev_fraction": 0.25}}))
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), "--output", str(out)]) == 0, capsys.readouterr().err
+    assert json.loads((out / "rayeff_export.json").read_text())["form"] == form
+    trained = rebuild_trained(run_dir / "final" / TRAINABLE_FILE, load_job(run_dir / "job.yaml"))[1]
+    tokenizer = load_tokenizer(resolve_model("tiny-bert"))
+    batch = tokenizer(["a fine film", "a rather dull film indeed"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = trained(**batch)
+        torch.testing.assert_close(rayeff.load(out)(**batch), expected, rtol=1e-5, atol=1e-5)
+        if form == "sequence_classifier":
+            hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+            torch.testing.assert_close(hf(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+            assert hf.config.id2label == {0: "neg", 1: "pos"}
 
 
 def test_a_prompted_masked_lm_run_exports_as_a_masked_lm_whose_label_word_logits_are_the_runs(tmp_path, capsys):
