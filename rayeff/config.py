@@ -67,6 +67,9 @@ class DataSpec(Spec):
     eval_max_new_tokens: int | None = Field(None, gt=0, description="causal_lm: also generate (greedy) up to this "
                                             "many tokens for each dev prompt and score them against its response: "
                                             "exact_match and token_f1, as SQuAD defines them")
+    packing: bool = Field(False, description="causal_lm: pack short train examples into rows of up to "
+                          "training.max_seq_length tokens (whole examples, in order); each attends only to itself "
+                          "(positions restart per example), so fewer, fuller batches learn the same")
     eval_temperature: float = Field(0.0, ge=0.0, description="causal_lm generation on dev: 0 decodes greedily; above "
                                     "0, tokens are sampled at this temperature, seeded by training.seed and each "
                                     "prompt (the same answers on any number of workers)")
@@ -122,6 +125,8 @@ class DataSpec(Spec):
     def _one_source(self) -> DataSpec:
         if self.train_subset is not None and self.k_shot is not None:
             raise ValueError("set either train_subset or k_shot, not both")
+        if self.packing and self.task_type != "causal_lm":
+            raise ValueError("packing packs causal_lm examples; set task_type: causal_lm or leave packing out")
         for field in ("chat_template", "eval_max_new_tokens"):
             if getattr(self, field) is not None and self.task_type != "causal_lm":
                 raise ValueError(f"{field} is for causal_lm data; set task_type: causal_lm or leave {field} out")

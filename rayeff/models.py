@@ -277,15 +277,37 @@ class CausalLM(nn.Module):
     def freeze_backbone(self) -> None:
         self.requires_grad_(False)
 
-    def run_backbone(self, input_ids, attention_mask, token_type_ids=None, output_hidden_states=False):
-        # positions counted over real tokens, so a left-padded prompt (generation) is read as the unpadded one; with
-        # right padding (training) every real token keeps its index
+    def run_backbone(self, input_ids, attention_mask, token_type_ids=None, output_hidden_states=False,
+                     position_ids=None):
+        """Packed rows (`position_ids` given, restarting per example) go without the attention mask: transformers
+        then masks attention to each example from the positions alone. Otherwise positions are counted over real
+        tokens, so a left-padded prompt (generation) is read as the unpadded one; with right padding (training)
+        every real token keeps its index."""
+        if position_ids is not None:   # (no KV cache: with one, transformers does not look for packing)
+            return self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                 output_hidden_states=output_hidden_states)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                              output_hidden_states=output_hidden_states)
 
-    def forward(self, input_ids, attention_mask, **_unused) -> torch.Tensor:
-        return self.head(self.run_backbone(input_ids, attention_mask).last_hidden_state)
+    def forward(self, input_ids, attention_mask, position_ids=None, **_unused) -> torch.Tensor:
+        return self.head(self.run_backbone(input_ids, attention_mask, position_ids=position_ids).last_hidden_state)
+
+
+def packing_isolates_examples(model: CausalLM) -> bool:
+    """Whether the decoder keeps packed examples apart (transformers masks attention per example from restarting
+    positions for the architectures its masking utilities serve): the second of two examples packed in one row
+    gets the logits it gets alone."""
+    ids = torch.arange(3, 11).unsqueeze(0) % model.config.vocab_size
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    modes = {m: m.training for m in model.modules()}
+    model.eval()   # dropout off, whatever mode each module was left in (restored below)
+    with torch.no_grad():
+        packed = model(ids, torch.ones_like(ids), position_ids=positions)[0, 3:]
+        alone = model(ids[:, 3:], torch.ones_like(ids[:, 3:]))[0]
+    for module, training in modes.items():
+        module.training = training
+    return torch.allclose(packed.float(), alone.float(), atol=1e-4, rtol=1e-4)
 
 
 def load_language_model(source: ModelSource, dropout: float | None = None) -> nn.Module:

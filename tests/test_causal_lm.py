@@ -328,3 +328,52 @@ def test_what_cannot_work_is_one_line_exit_2_before_ray(sums, refused_run, monke
     job["data"] = {k: v for k, v in job["data"].items() if v is not None}
     err = refused_run(job)
     assert needle in err, err
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2", "tiny-mixtral"])
+def test_packed_examples_attend_only_to_themselves_and_learn_what_they_learn_apart(tmp_path, sums, model):
+    """Packing puts whole examples in rows of up to max_seq_length; each example's logits in a packed row equal its
+    logits alone, and its learned tokens (never its first) are those it has alone, so the summed loss is the same."""
+    from rayeff.models import build_causal_lm
+
+    from rayeff.data.tokenized import load_train_and_dev
+
+    spec = DataSpec(**lm_data(sums, dev_fraction=None, dev_file=str(sums)))
+    tokenizer = load_tokenizer(resolve_model(model))
+    alone = tokenized_split(spec, "train", tokenizer, 40)
+    packed, _ = load_train_and_dev(spec.model_copy(update={"packing": True}), tokenizer, 40)
+    assert len(packed) < len(alone) / 2 and max(len(r) for r in packed["input_ids"]) <= 40
+    torch.manual_seed(0)
+    lm = build_causal_lm(resolve_model(model)).eval()
+    collate = Collator(tokenizer.pad_token_id, 40, False, False, False)
+    batch = collate([dict(packed[i], index=i) for i in range(2)])
+    assert batch["position_ids"][0, 0] == 0 and batch["position_ids"].shape == batch["input_ids"].shape
+    with torch.no_grad():
+        logits = lm(**batch)
+        row = packed[0]
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+        assert len(starts) > 2   # several examples share the row
+        for a, b in zip(starts, starts[1:]):
+            ids = torch.tensor([row["input_ids"][a:b]])
+            torch.testing.assert_close(logits[0, a:b], lm(ids, torch.ones_like(ids))[0], rtol=1e-4, atol=1e-4)
+        packed_loss = token_losses(logits, batch["labels"])[0].sum()
+        first = [dict(alone[i], index=i) for i in range(len(starts) - 1)]
+        one_by_one = sum(token_losses(lm(**collate([e]))[:, :len(e["input_ids"])], collate([e])["labels"]).sum()
+                         for e in first)
+    torch.testing.assert_close(packed_loss, one_by_one, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", [{"name": "lora"}, {"name": "read", "hidden_size": 8}], ids=["lora", "read"])
+def test_a_packed_run_trains_and_a_model_that_mixes_packed_examples_is_refused(tmp_path, sums, monkeypatch, method):
+    job = {"model": {"name": "tiny-llama"}, "method": method, "output_dir": str(tmp_path / "out"),
+           "data": {**lm_data(sums), "packing": True},
+           "training": {"max_steps": 8, "batch_size": 2, "lr": 1e-2, "max_seq_length": 64, "log_every": 4}}
+    result = run_in_process(validate_job(job))
+    assert result["loss_history"][-1] < result["loss_history"][0] and result["time"]["steps"] == 8
+    import rayeff.train.run_setup
+
+    monkeypatch.setattr(rayeff.train.run_setup, "packing_isolates_examples", lambda model: False)
+    from rayeff.errors import UserError
+
+    with pytest.raises(UserError, match="data.packing: tiny-llama \\(llama\\) lets packed examples attend"):
+        run_in_process(validate_job({**job, "output_dir": str(tmp_path / "refused")}))

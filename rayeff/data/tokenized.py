@@ -306,10 +306,28 @@ def load_train_and_dev(spec: DataSpec, tokenizer, max_length: int,
     keep = sample_indices(labels, spec, task.is_regression)
     if keep is not None:
         train = train.select(keep)
+    if spec.packing:
+        train = pack(train, max_length)
     dev = tokenized_split(spec, "dev", tokenizer, max_length, scoring)
     if spec.eval_subset is not None and spec.eval_subset < len(dev):
         dev = dev.select(range(spec.eval_subset))
     return train, dev
+
+
+def pack(examples: datasets.Dataset, max_length: int) -> datasets.Dataset:
+    """Causal-LM examples packed into rows of at most max_length tokens: whole examples, in order, a new row when the
+    next would not fit. Each row's `position_ids` restart at 0 for every example, which is how the model (transformers'
+    masking, from positions when no attention mask is given) keeps each example attending only to itself; the first
+    token of each example is never a target, so no example learns from the one before it."""
+    rows: list[dict] = []
+    for ids, labels in zip(examples["input_ids"], examples["labels"]):
+        if not rows or len(rows[-1]["input_ids"]) + len(ids) > max_length:
+            rows.append({"input_ids": [], "labels": [], "position_ids": []})
+        row = rows[-1]
+        row["input_ids"] += ids
+        row["labels"] += [IGNORE_INDEX] + labels[1:]
+        row["position_ids"] += list(range(len(ids)))
+    return datasets.Dataset.from_list(rows)
 
 
 class Collator:
@@ -341,6 +359,13 @@ class Collator:
             labels = torch.tensor([e["label"] for e in examples], dtype=dtype)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
                  "index": torch.tensor([e["index"] for e in examples], dtype=torch.long)}
+        if "position_ids" in examples[0]:   # packed rows: padding continues the last example's positions
+            positions = torch.arange(width).repeat(len(examples), 1)
+            for row, ex in enumerate(examples):
+                n = len(ex["position_ids"])
+                positions[row, :n] = torch.tensor(ex["position_ids"])
+                positions[row, n:] += ex["position_ids"][-1] + 1 - n
+            batch["position_ids"] = positions
         if self.use_token_types:
             batch["token_type_ids"] = types
         return batch

@@ -115,10 +115,11 @@ class ReadModel(nn.Module):
         correction[real] = per_token.to(final.dtype)
         return self.classifier.head(final + correction)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, **_unused) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, token_type_ids=None, position_ids=None, **_unused) -> torch.Tensor:
         clf = self.classifier
+        packed = {} if position_ids is None else {"position_ids": position_ids}   # packed causal-LM rows
         with torch.no_grad():  # the backbone runs once, building no graph: nothing saved, no gradient
-            out = clf.run_backbone(input_ids, attention_mask, token_type_ids, output_hidden_states=True)
+            out = clf.run_backbone(input_ids, attention_mask, token_type_ids, output_hidden_states=True, **packed)
         if isinstance(clf, CausalLM):
             return self._every_token_corrected(out, attention_mask)
         if clf.kind == "encoder-decoder":

@@ -12,6 +12,7 @@ from torch import nn
 from rayeff.config import JobSpec
 from rayeff.data.task import CausalLMTask, LabelledTask, PromptedTask, task_of
 from rayeff.data.tokenized import IGNORE_INDEX, Collator, label_word_ids, load_train_and_dev, prompt_scoring
+from rayeff.errors import UserError
 from rayeff.measure.memory import DevicePeak
 from rayeff.methods import MethodDefinition, get_method
 from rayeff.models import (
@@ -21,6 +22,7 @@ from rayeff.models import (
     build_classifier,
     load_language_model,
     load_tokenizer,
+    packing_isolates_examples,
 )
 
 
@@ -74,7 +76,11 @@ def build_base(source: ModelSource, task, job: JobSpec, tokenizer) -> tuple[nn.M
     backbone and a new head come out the same on every worker, and again when a run is rebuilt."""
     if task.kind == "causal_lm":
         lm = load_language_model(source, job.model.dropout)
-        return lm, CausalLM(lm)
+        model = CausalLM(lm)
+        if job.data.packing and not packing_isolates_examples(model):
+            raise UserError(f"data.packing: {job.model.name} ({lm.config.model_type}) lets packed examples attend to "
+                            "each other (transformers builds no per-example mask for it); set data.packing false")
+        return lm, model
     if task.kind == "prompted":
         lm = load_language_model(source, job.model.dropout)
         return lm, PromptedClassifier(lm, label_word_ids(tokenizer, task), tokenizer.mask_token_id)
