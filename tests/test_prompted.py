@@ -176,6 +176,26 @@ def test_what_cannot_work_is_one_line_exit_2_before_ray(reviews, refused_run, mo
     assert needle in err, err
 
 
+def test_a_masked_lm_saved_without_its_head_is_refused_and_one_saved_with_it_is_not(tmp_path, reviews, refused_run):
+    """The pip-installed MiniLM was saved as a bare encoder: its masked-LM head would start random."""
+    from transformers import AutoModelForMaskedLM
+
+    from rayeff.models import tiny_config
+    from rayeff.train.preflight import missing_head_weights
+
+    data = prompted_data(reviews, template="{text} It was {mask}.")
+    err = refused_run({"model": {"name": "minilm-l6"}, "method": {"name": "full"}, "data": data,
+                       "training": {"max_steps": 2, "batch_size": 4}})
+    assert "model.name: minilm-l6 has no pretrained masked-LM head (cls.predictions.bias and 4 more" in err, err
+    folder = tmp_path / "bert-with-head"
+    AutoModelForMaskedLM.from_config(tiny_config(resolve_model("tiny-bert"))).save_pretrained(folder)
+    load_tokenizer(resolve_model("tiny-bert")).save_pretrained(folder)
+    assert missing_head_weights(resolve_model(str(folder))) == []
+    assert missing_head_weights(resolve_model("minilm-l6"))[1:] == [
+        "cls.predictions.transform.dense.weight", "cls.predictions.transform.dense.bias",
+        "cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias"]
+
+
 def test_a_glue_preset_is_prompted_by_its_own_column_names_or_text(glue_dir):
     spec = DataSpec(task="sst2", data_dir=str(glue_dir), task_type="prompted_classification",
                     template="{sentence} It was {mask}", label_words={0: "terrible", 1: "great"})

@@ -157,7 +157,45 @@ def _check_prompting(job, source, config, kind: str) -> None:
         if tokenizer.mask_token_id is None:
             raise UserError(f"model.name: {source.name}'s tokenizer has no mask token, which a masked LM's prompt "
                             "needs; use a decoder or a model whose tokenizer has one")
+        missing = missing_head_weights(source)
+        if missing:
+            raise UserError(f"model.name: {source.name} has no pretrained masked-LM head ({missing[0]} and "
+                            f"{len(missing) - 1} more are not in its weights), so its label-word scores would be "
+                            "random; use a masked LM saved with its head (e.g. bert-base-uncased, roberta-large) or a "
+                            "decoder")
     label_word_ids(tokenizer, task_of(job.data))
+
+
+def missing_head_weights(source) -> list[str]:
+    """The masked-LM head's weights that a local checkpoint's safetensors files lack (its decoder tied to the input
+    embeddings aside); empty when they are all there, or when the files cannot tell (tiny random configs, hub ids,
+    .bin checkpoints)."""
+    import json
+
+    from safetensors import safe_open
+
+    if source.weights is None or not Path(source.weights).is_dir():
+        return []
+    folder = Path(source.weights)
+    if (folder / "model.safetensors.index.json").is_file():
+        keys = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
+    elif (folder / "model.safetensors").is_file():
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+    else:
+        return []
+    import torch
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    from rayeff.models import masked_lm_head
+
+    with torch.device("meta"):
+        lm = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(str(folder)))
+    head = masked_lm_head(lm)
+    prefix = next(name for name, module in lm.named_children() if module is head)
+    tied = lm.get_input_embeddings().weight
+    names = [f"{prefix}.{name}" for name, p in head.named_parameters() if p is not tied]
+    return [name for name in names if name not in keys]
 
 
 def check_job_inputs(job, source) -> None:
