@@ -5,7 +5,8 @@
     model = build_classifier(source, num_labels=2)
 
 A model name is an alias (`minilm-l6`, or a tiny random-weight config: `tiny-bert`, `tiny-t5`, `tiny-gpt2`,
-`tiny-llama`; the Mixture-of-Experts `tiny-mixtral`, `tiny-qwen2-moe`, `tiny-switch`), a local Hugging Face model
+`tiny-llama`; the Mixture-of-Experts `tiny-mixtral`, `tiny-qwen2-moe`, `tiny-switch`; the LLM-shaped random-weight
+`llama-300m`), a local Hugging Face model
 folder, or a hub model id. Three backbone kinds are supported: encoders
 (BERT family: pooled at the first token), decoder-only models (GPT-2, Llama: pooled at the last real token) and
 encoder-decoders (T5: the decoder reads one start token; its state is pooled); `model.pooling: mean` averages the
@@ -45,6 +46,10 @@ TINY_CONFIGS: dict[str, dict] = {
                            num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=32,
                            shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                            max_position_embeddings=512),
+    # LLM-shaped (Llama-2 layout, about 300M parameters with the shared 30,522-token vocabulary): what a method costs
+    # at a decoder's proportions, measured here on CPU (rayeff bench compare --job jobs/bench-llm-shape.yaml)
+    "llama-300m": dict(model_type="llama", hidden_size=1024, num_hidden_layers=20, num_attention_heads=16,
+                       num_key_value_heads=16, intermediate_size=2816, max_position_embeddings=2048),
     "tiny-switch": dict(model_type="switch_transformers", d_model=32, d_ff=64, d_kv=16, num_layers=2,
                         num_decoder_layers=2, num_heads=2, num_experts=4, expert_capacity=64, encoder_sparse_step=1,
                         decoder_sparse_step=1, decoder_start_token_id=0),
