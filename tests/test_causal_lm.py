@@ -158,7 +158,7 @@ def test_a_causal_lm_run_stopped_half_way_resumes_to_the_same_weights(tmp_path, 
     assert stopped["status"] == "stopped: energy budget" and stopped["time"]["steps"] == 2
     resumed = run_in_process(job("resumed", resume=True))
     assert resumed["status"] == "finished" and resumed["time"]["steps"] == 4
-    assert resumed["loss_history"] == straight["loss_history"]
+    assert resumed["step_losses"] == straight["step_losses"]
     a, b = (load_file(r["weights"]) for r in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -184,7 +184,7 @@ def test_rayeff_run_splits_a_decoders_queries_over_two_ray_workers_bit_exactly(t
                                        "scaling": {"num_workers": 1, "threads_per_worker": 1}}))
     assert two["workers"] == 2 and two["task"] == "sums" and two["status"] == "finished"
     assert two["zeroth_order"]["queries_total"] == 1 + 2 + 3 + 3
-    assert two["loss_history"] == one["loss_history"] and two["metrics"] == one["metrics"]
+    assert two["step_losses"] == one["step_losses"] and two["metrics"] == one["metrics"]
     a, b = load_file(str(tmp_path / "two" / "final" / "trainable.safetensors")), load_file(one["weights"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     last_up_cores = [t for n, t in a.items() if ".up.cores.2" in n]   # zero at the start: it trained

@@ -117,4 +117,4 @@ def test_run_killed_mid_way_resumes_to_the_uninterrupted_weights(tmp_path, glue_
         assert torch.equal(a[name], b[name]), name
     res_a = json.loads((killed / "result.json").read_text())
     res_b = json.loads((tmp_path / "straight" / "result.json").read_text())
-    assert res_a["loss_history"] == res_b["loss_history"] and res_a["time"]["steps"] == 100
+    assert res_a["step_losses"] == res_b["step_losses"] and res_a["time"]["steps"] == 100

@@ -299,7 +299,8 @@ SOURCES = [("estimate", True), ("nvml", False), ("rapl", False)]
 def a_result(source: str, metrics: dict) -> dict:
     """A whole result.json of a 1-step run whose energy came from `source`."""
     return {"method": "full", "task": "sst2", "model": "tiny-bert", "status": "finished", "metrics": metrics,
-            "train_loss": 0.5, "loss_history": [0.5], "energy": energy_of(source), "workers": 1, "zero_stage": 0,
+            "train_loss": 0.5, "loss_history": [0.5], "loss_history_steps": [1],
+            "step_losses": [0.5], "energy": energy_of(source), "workers": 1, "zero_stage": 0,
             "device": "cpu", "total_steps": 1, "output_dir": "x",
             "memory": {"trainable_params": 1, "total_params": 2, "param_bytes": 1, "buffer_bytes": 1, "grad_bytes": 1,
                        "optimizer_state_bytes": 1, "peak_activation_bytes": 1, "tensor_account_bytes": 1,

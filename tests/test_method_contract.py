@@ -43,7 +43,7 @@ def job(tmp_path, glue_dir, method: str, model: str, name: str, **changes):
 @pytest.mark.parametrize("method,model", CASES)
 def test_a_method_builds_trains_reports_checkpoints_and_reloads(tmp_path, glue_dir, method, model):
     trained = run_in_process(job(tmp_path, glue_dir, method, model, "run"))
-    assert trained["status"] == "finished" and trained["method"] == method and len(trained["loss_history"]) == 2
+    assert trained["status"] == "finished" and trained["method"] == method and len(trained["step_losses"]) == 2
     definition = get_method(method)
     torch.manual_seed(0)
     built = definition.build(build_classifier(resolve_model(model), 2, 0.0), job(tmp_path, glue_dir, method, model,
@@ -55,7 +55,7 @@ def test_a_method_builds_trains_reports_checkpoints_and_reloads(tmp_path, glue_d
     assert (definition.routing is not None) == ("moe" in trained)
     # Resumed at its last step, the run only reloads, evaluates and writes its final weights: those it saved.
     resumed = run_in_process(job(tmp_path, glue_dir, method, model, "run", resume=True))
-    assert resumed["time"]["steps"] == 2 and resumed["loss_history"] == trained["loss_history"]
+    assert resumed["time"]["steps"] == 2 and resumed["step_losses"] == trained["step_losses"]
     reloaded = load_file(resumed["weights"])
     assert reloaded.keys() == weights.keys() and all(torch.equal(reloaded[k], weights[k]) for k in weights)
     assert resumed["metrics"] == trained["metrics"]

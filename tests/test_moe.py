@@ -309,8 +309,8 @@ def test_experts_split_over_two_workers_follow_one_worker_resume_and_report_moe_
     stopped = run_job(job("ep2", 2, energy={"budget_j": 1e-9}), show_progress=False)
     assert stopped["status"] == "stopped: energy budget" and stopped["time"]["steps"] == 2
     two = run_job(job("ep2", 2, resume=True), show_progress=False)
-    assert two["status"] == "finished" and len(two["loss_history"]) == 6
-    for step, (a, b) in enumerate(zip(one["loss_history"], two["loss_history"])):
+    assert two["status"] == "finished" and len(two["step_losses"]) == 6
+    for step, (a, b) in enumerate(zip(one["step_losses"], two["step_losses"])):
         assert abs(a - b) / abs(a) < 1e-4, (step, a, b)
     assert one["loss_history"][-1] != one["loss_history"][0]
     moe = two["moe"]
@@ -333,7 +333,7 @@ def test_a_tiny_mixtral_fine_tunes_and_its_loss_falls(tmp_path, glue_dir):
         "method": {"name": "moe", "aux_loss_coef": 0.02, "z_loss_coef": 0.001},
         "training": {"epochs": 6, "batch_size": 8, "lr": 3e-3, "log_every": 4},
         "output_dir": str(tmp_path / "mixtral")}))
-    losses = result["loss_history"]
+    losses = result["step_losses"]
     assert len(losses) == 24 and sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
     assert result["moe"]["total_params"] == result["memory"]["total_params"]
     assert [r["step"] for r in result["moe"]["routing"]] == [0, 24]

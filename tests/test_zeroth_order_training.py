@@ -93,7 +93,7 @@ def test_two_workers_split_the_queries_and_end_bitwise_equal_to_one(tmp_path, gl
     two = run_job(zo_job(tmp_path, glue_dir, "two", scaling={"num_workers": 2}), show_progress=False)
     a, b = weights(one), weights(two)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert one["loss_history"] == two["loss_history"]
+    assert one["step_losses"] == two["step_losses"]
     last_up_cores = [t for n, t in a.items() if ".up.cores.2" in n]  # zero at the start: it trained
     assert len(last_up_cores) == 4 and all(torch.count_nonzero(t) for t in last_up_cores)
 
@@ -140,7 +140,7 @@ def test_mezo_lora_with_sparsity_and_mezo_full_run(tmp_path, glue_dir):
         job.method = MezoConfig(**method, q_max=1)
         result = run_in_process(job)
         assert result["status"] == "finished" and result["zeroth_order"]["queries_total"] == 4, name
-        assert result["method"] == "mezo" and len(result["loss_history"]) == 4
+        assert result["method"] == "mezo" and len(result["step_losses"]) == 4
     assert result["memory"]["trainable_params"] == result["memory"]["total_params"]
 
 
@@ -157,7 +157,7 @@ def test_bench_zo_writes_its_four_parts(tmp_path, glue_dir, local_ray, one_worke
     # the first full window, and the queries to it are the schedule's (adazeta 1, 2, 3, 3; mezo 1 a step).
     a = on_disk["a_convergence"]
     for name, schedule in (("adazeta", [1, 2, 3, 3]), ("mezo-lora", [1, 1, 1, 1])):
-        losses = a[name]["loss_history"]
+        losses = a[name]["step_losses"]
         means = [(losses[i - 1] + losses[i]) / 2 for i in range(1, len(losses))]   # means[i]: the window to step i+2
         reached = next((i + 2 for i, m in enumerate(means) if m <= target), None)
         assert means[0] > target and reached is not None, (name, means)

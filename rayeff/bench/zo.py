@@ -71,15 +71,15 @@ def convergence(job: JobSpec, runs: Path, target: float, window: int, show: bool
                "mezo-lora": run_measured(variant(job, runs, "mezo-lora", {"name": "mezo", "target": "lora",
                                                                         "eps": job.method.eps}), address, show)}
     metric = task_of(job.data).metrics[0]
-    reached = {name: first_step_at(r.loss_history, target, window) for name, r in results.items()}
+    reached = {name: first_step_at(r.step_losses, target, window) for name, r in results.items()}
     out = {name: {"step_reaching_target": reached[name],
                   "queries_to_target": (sum(r.zeroth_order.step_queries[:reached[name]])
                                         if reached[name] else None),
                   "final_dev_metrics": r.metrics, "final_train_loss_window": statistics.fmean(
-                      r.loss_history[-window:]), "steps": r.time.steps,
+                      r.step_losses[-window:]), "steps": r.time.steps,
                   "queries_total": r.zeroth_order.queries_total,
                   "seconds_per_step": r.time.seconds_per_step, "energy": r.energy.dump(),
-                  "loss_history": r.loss_history} for name, r in results.items()}
+                  "step_losses": r.step_losses} for name, r in results.items()}
     a, m = out["adazeta"]["step_reaching_target"], out["mezo-lora"]["step_reaching_target"]
     out["steps_ratio_mezo_lora_to_adazeta"] = m / a if a and m else None
     qa, qm = out["adazeta"]["queries_to_target"], out["mezo-lora"]["queries_to_target"]

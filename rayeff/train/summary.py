@@ -24,6 +24,16 @@ def memory_figures(account: dict, device_peak: DevicePeak) -> dict:
     return memory
 
 
+def logged_losses(losses: list[float], log_every: int) -> dict:
+    """One entry per logged step (every log_every steps, and the last step): the mean training loss since the
+    previous one, as the progress line shows it."""
+    ends = list(range(log_every, len(losses) + 1, log_every))
+    if losses and (not ends or ends[-1] != len(losses)):
+        ends.append(len(losses))
+    starts = [0] + ends[:-1]
+    return {"loss_history": [sum(losses[a:b]) / (b - a) for a, b in zip(starts, ends)], "loss_history_steps": ends}
+
+
 def run_summary(run: RunSetup, ctx: TrainContext, state: TrainState, status: str, metrics: dict, energy: dict,
                 memory: dict, total_steps: int, loop_figures: dict | None = None) -> dict:
     """The final report's summary (a `RunResult`, as a dict); `loop_figures` adds a loop's own section (the
@@ -31,7 +41,8 @@ def run_summary(run: RunSetup, ctx: TrainContext, state: TrainState, status: str
     s, job = state, run.job
     result = RunResult(
         status=status, method=job.method.name, model=job.model.name, task=run.task.name, metrics=metrics,
-        train_loss=s.loss_sum / max(s.step, 1), loss_history=s.losses, energy=energy, memory=memory,
+        train_loss=s.loss_sum / max(s.step, 1), **logged_losses(s.losses, job.training.log_every),
+        step_losses=s.losses, energy=energy, memory=memory,
         time={"train_seconds": s.train_seconds, "steps": s.step, "samples": s.samples,
               "samples_per_second": s.samples / max(s.train_seconds, 1e-9),
               "seconds_per_step": s.train_seconds / max(s.step, 1),
