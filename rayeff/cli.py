@@ -195,9 +195,15 @@ def job_from_args(path: str, args: argparse.Namespace, output: str | None = None
 def cmd_run(args: argparse.Namespace) -> int:
     from rayeff.train.runner import run_job
 
+    from rayeff.train.state import INTERRUPTED
+
     job = job_from_args(args.job, args, args.output)
     result = run_job(job, address=args.address, show_progress=not args.no_progress)
     print(f"rayeff: wrote {result['output_dir']}/result.json")
+    if result["status"] == INTERRUPTED:
+        print(f"rayeff: interrupted at step {result['time']['steps']}; `rayeff run ... --resume` continues it",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -213,9 +219,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from rayeff.predict import predict_file
-
     from rayeff.generation import Sampling
+    from rayeff.predict import predict_file
 
     for name in ("workers", "batch_size", "max_new_tokens", "top_k"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -1,6 +1,6 @@
 """`rayeff run` as a user runs it, in a subprocess that starts its own local Ray: the real MiniLM on 2 workers,
-an output folder that refuses a second run without --resume, and a run killed mid-way (SIGKILL) that resumes to
-the same final weights as an uninterrupted one."""
+an output folder that refuses a second run without --resume, a run killed mid-way (SIGKILL) and runs interrupted
+(SIGINT, SIGTERM) that resume to the same final weights as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -118,3 +118,56 @@ def test_run_killed_mid_way_resumes_to_the_uninterrupted_weights(tmp_path, glue_
     res_a = json.loads((killed / "result.json").read_text())
     res_b = json.loads((tmp_path / "straight" / "result.json").read_text())
     assert res_a["step_losses"] == res_b["step_losses"] and res_a["time"]["steps"] == 100
+
+
+INTERRUPT_JOB = """
+model: {name: tiny-llama}
+data: {train_file: %s, dev_fraction: 0.1, task_type: causal_lm, template: "Q: {question}\\nA: ",
+       columns: {response: answer}}
+method: {name: adazeta, q_max: 2, q_target: 2, bottleneck: 8, tt_rank: 2}
+training: {max_steps: 120, batch_size: 8, lr: 1.0e-3, log_every: 10, checkpoint_every: 20, max_seq_length: 32}
+scaling: {num_workers: 2}
+""" % (ROOT / "jobs" / "data" / "sums.jsonl")
+
+
+def _interrupted(job: Path, out: Path, how: str) -> subprocess.CompletedProcess:
+    """`rayeff run` signalled once its first checkpoint is written: SIGINT to its process group (Ctrl-C in a
+    terminal) or SIGTERM to the process alone (a process manager)."""
+    proc = subprocess.Popen([sys.executable, "-m", "rayeff.cli", "run", job, "--output", out, "--no-progress"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while not _checkpoints(out) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    if how == "SIGINT":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_sigint_and_sigterm_stop_after_a_step_with_a_checkpoint_and_resume_to_the_uninterrupted_weights(tmp_path):
+    """Two AdaZeta workers (1 vs N workers is bit-exact, so the uninterrupted reference runs in process): each
+    signal ends the run after a whole step, status `stopped: interrupted`, exit 130, its last checkpoint at that
+    step; resumed, the run's final weights are those of a run never interrupted."""
+    from rayeff.train.runner import run_in_process
+
+    job = tmp_path / "job.yaml"
+    job.write_text(INTERRUPT_JOB)
+    straight = run_in_process(load_job(job, [f"output_dir={tmp_path / 'straight'}", "scaling.num_workers=1"]))
+    for how in ("SIGINT", "SIGTERM"):
+        out = tmp_path / how
+        stopped = _interrupted(job, out, how)
+        assert stopped.returncode == 130, stopped.stderr[-3000:]
+        assert "stopping after the current step" in stopped.stderr and "interrupted at step" in stopped.stderr
+        result = json.loads((out / "result.json").read_text())
+        assert result["status"] == "stopped: interrupted" and 20 <= result["time"]["steps"] < 120
+        last = json.loads((_checkpoints(out)[-1] / "train_state.json").read_text())["step"]
+        assert last == result["time"]["steps"]
+        assert result["step_losses"] == straight["step_losses"][:last]
+    resumed = rayeff("run", job, "--output", tmp_path / "SIGINT", "--resume", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(str(tmp_path / "SIGINT" / "final" / "trainable.safetensors"))
+    b = load_file(straight["weights"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

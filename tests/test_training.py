@@ -141,3 +141,26 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_with_the_sam
     assert result["status"] == "finished" and result["time"]["steps"] == 160
     weights = [(tmp_path / name / "final" / "trainable.safetensors").read_bytes() for name in ("clean", "killed")]
     assert weights[0] == weights[1] and clean["metrics"] == result["metrics"]
+
+
+def test_a_first_order_run_asked_to_stop_ends_after_that_step_and_resumes_to_the_same_weights(tmp_path, glue_dir,
+                                                                                               monkeypatch):
+    """The driver's stop request (rayeff/train/interrupts.py) reaches the first-order loop in its per-step
+    all-reduce; here rank 0 hears it at its third step's reduce, as it would from the driver."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rayeff.train.reporter import Reporter
+
+    straight = run_in_process(tiny_job(tmp_path, glue_dir, "straight", training={"max_steps": 8}))
+    calls = []
+    monkeypatch.setattr(Reporter, "stop_flag", lambda self: calls.append(1) or float(len(calls) >= 3))
+    stopped = run_in_process(tiny_job(tmp_path, glue_dir, "stopped", training={"max_steps": 8}))
+    assert stopped["status"] == "stopped: interrupted" and stopped["time"]["steps"] == 3
+    monkeypatch.setattr(Reporter, "stop_flag", lambda self: 0.0)
+    job = tiny_job(tmp_path, glue_dir, "stopped", training={"max_steps": 8})
+    job.resume = True
+    resumed = run_in_process(job)
+    assert resumed["status"] == "finished" and resumed["step_losses"] == straight["step_losses"]
+    a, b = load_file(resumed["weights"]), load_file(straight["weights"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

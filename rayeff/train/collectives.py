@@ -15,6 +15,14 @@ def all_gather(obj) -> list:
     return out
 
 
+def max_over_workers(value: float, device: torch.device) -> float:
+    """The largest `value` over workers, in one all-reduce."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def mean_over_workers(values: list[float], device: torch.device) -> list[float]:
     """Means across workers, in one all-reduce however many values."""
     t = torch.tensor(values, dtype=torch.float64, device=device)

@@ -26,7 +26,7 @@ from rayeff.train.expert_optimizer import ExpertOptimizer, expert_parameters
 from rayeff.train.reporter import Reporter
 from rayeff.train.routing import record_routing, record_untrained_routing
 from rayeff.train.run_setup import RunSetup
-from rayeff.train.state import batches_from, batches_of, due, epoch_order, total_steps
+from rayeff.train.state import INTERRUPTED, batches_from, batches_of, due, epoch_order, total_steps
 from rayeff.train.step_meter import StepMeter
 from rayeff.train.summary import memory_figures, run_summary
 
@@ -63,7 +63,8 @@ def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
             with activations:
                 loss = run.loss(engine(**batch), batch["labels"])
             # The mean task loss before the update: if any worker's is not finite, no worker steps (it diverged).
-            mean_loss = mean_over_workers([loss.item()], device)[0]
+            # With it, whether any worker heard the driver's stop request: all then stop after this step.
+            mean_loss, stop = mean_over_workers([loss.item(), reporter.stop_flag()], device)
             if math.isfinite(mean_loss):
                 for layer in run.routing_layers:   # the routers' auxiliary losses join the task loss
                     loss = loss + layer.loss_term()
@@ -78,6 +79,8 @@ def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
             break
         state.advance(mean_loss, t.batch_size)
         last = state.step >= total
+        if stop > 0 and not last:
+            status = INTERRUPTED
         if due(state.step, t.log_every) or last:
             energy = meter.energy(state)
             status = reporter.log(reporter.progress(state, total, energy), energy) or status

@@ -14,8 +14,14 @@ from rayeff.train.state import TrainState
 class Reporter:
     def __init__(self, rank: int, job, task_name: str, dev_metric: str, links: dict):
         """`links` (from the driver, all optional): progress_queue, sweep_limits and trial_key (a sweep's trial),
-        labels (the run's metric labels; without them no live metrics are kept, e.g. in process)."""
+        labels (the run's metric labels; without them no live metrics are kept, e.g. in process), stop_request
+        (the driver's, rayeff/train/interrupts.py)."""
         self.rank, self.job = rank, job
+        self.interrupts = None
+        if links.get("stop_request") is not None:
+            from rayeff.train.interrupts import InterruptWatch
+
+            self.interrupts = InterruptWatch(links["stop_request"], rank)
         self.progress_queue = links.get("progress_queue")
         self.sweep_limits, self.trial_key = links.get("sweep_limits"), links.get("trial_key")
         self.sweep_remaining_j = None   # rank 0: the sweep's energy left, as its limits actor last said
@@ -44,6 +50,16 @@ class Reporter:
         if self.job.energy.budget_j is not None and energy["joules"] >= self.job.energy.budget_j:
             return "stopped: energy budget"
         return f"stopped: {sweep_stop}" if sweep_stop is not None else None
+
+    def stop_flag(self) -> float:
+        """1.0 once rank 0 has heard the driver's stop request, else 0.0 (the loops take the largest over workers,
+        so all stop after the same step)."""
+        return self.interrupts.flag() if self.interrupts is not None else 0.0
+
+    @property
+    def interruptible(self) -> bool:
+        """Whether the driver can ask this run to stop (the same on every rank)."""
+        return self.interrupts is not None
 
     def publish(self, progress: dict) -> None:
         """Rank 0 hands progress to the driver's display and to the cluster (metrics, status board)."""

@@ -92,9 +92,10 @@ def worker_config(job: JobSpec, source: ModelSource, **links) -> dict:
 
 
 def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None, callbacks: list | None = None,
-                 sweep_limits=None, trial_key: str | None = None, run_name: str | None = None):
+                 sweep_limits=None, trial_key: str | None = None, run_name: str | None = None, stop_request=None):
     """The run's `TorchTrainer`. A sweep's trial adds Tune's report callback, the sweep's limits actor, its trial
-    key and the sweep's name (the `run` label of its metrics; a plain run's is its output folder's name)."""
+    key and the sweep's name (the `run` label of its metrics; a plain run's is its output folder's name); a plain
+    run, the driver's stop request (rayeff/train/interrupts.py)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -108,7 +109,7 @@ def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None, callbac
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=worker_config(job, source, progress_queue=progress_queue, sweep_limits=sweep_limits,
-                                        trial_key=trial_key, labels=labels),
+                                        trial_key=trial_key, labels=labels, stop_request=stop_request),
         scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -182,6 +183,7 @@ def run_job(job: JobSpec, address: str | None = None, show_progress: bool = True
     holds."""
     from ray.util.queue import Queue
 
+    from rayeff.train.interrupts import StopRequest, stop_on_signal
     from rayeff.train.progress import ProgressDisplay
 
     normalise_paths(job)
@@ -189,12 +191,13 @@ def run_job(job: JobSpec, address: str | None = None, show_progress: bool = True
     check_local_gpus(job, address)
     init_ray(address, job.scaling.num_workers * job.scaling.cpus_per_worker)
     queue = Queue(maxsize=1000, actor_options={"num_cpus": 0}) if show_progress else None
-    trainer = start(job, source, progress_queue=queue)
+    stop_request = StopRequest.remote()
+    trainer = start(job, source, progress_queue=queue, stop_request=stop_request)
     outcome: dict = {}
     fit = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
     fit.start()
     display = ProgressDisplay(f"{job.method.name} · {job.model.name} · {task_of(job.data).name}")
-    with display:
+    with display, stop_on_signal(stop_request):
         while fit.is_alive():
             fit.join(timeout=0.5)
             while queue is not None and not queue.empty():

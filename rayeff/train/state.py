@@ -33,6 +33,9 @@ class TrainState:
         self.loss_sum += loss
 
 
+INTERRUPTED = "stopped: interrupted"   # a run's status when the driver asked it to stop (rayeff/train/interrupts.py)
+
+
 def total_steps(training, steps_per_epoch: int) -> int:
     """The run's length: training.max_steps, else its epochs (1 by default) of `steps_per_epoch`."""
     if training.max_steps is not None:

@@ -30,12 +30,13 @@ from safetensors.torch import load_file, save_file
 from rayeff.measure.memory import SavedActivationCounter
 from rayeff.methods.zeroth_order_config import query_schedule
 from rayeff.train.checkpointer import TRAINABLE_FILE, Checkpointer, read_state_file
+from rayeff.train.collectives import max_over_workers
 from rayeff.train.context import TrainContext
 from rayeff.train.evaluation import evaluate
 from rayeff.train.reporter import Reporter
 from rayeff.train.run_setup import RunSetup
 from rayeff.train.spsa import Perturber, QuerySchedule, query_seed
-from rayeff.train.state import TrainState, batches_from, batches_of, due, epoch_order, total_steps
+from rayeff.train.state import INTERRUPTED, TrainState, batches_from, batches_of, due, epoch_order, total_steps
 from rayeff.train.step_meter import StepMeter
 from rayeff.train.summary import memory_figures, run_summary
 
@@ -100,6 +101,8 @@ def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
             break
         state.advance(sum(losses) / len(losses), t.batch_size)
         last = state.step >= total
+        if reporter.interruptible and max_over_workers(reporter.stop_flag(), device) > 0 and not last:
+            status = INTERRUPTED   # every worker heard it (rank 0 from the driver), after the same step
         if due(state.step, t.log_every) or last:
             energy = meter.energy(state)
             progress = reporter.progress(state, total, energy, query_progress(state, ctx.world_size))
