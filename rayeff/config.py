@@ -83,8 +83,8 @@ class DataSpec(Spec):
                                  "template); {text} and {text_pair} name the mapped columns")
     label_words: dict[str, str | list[str]] | None = Field(
         None, description="prompted_classification: each label's word (or words, whose probabilities add up), one "
-                          "token each, e.g. {negative: terrible, positive: great}; a decoder's BPE words usually "
-                          "start with a space (' great')")
+                          "token each, e.g. {negative: terrible, positive: great}; in a BPE vocabulary (GPT-2, "
+                          "Llama, RoBERTa) a word after a space usually starts with one (' great')")
     labels: list[str] | None = Field(None, min_length=2, description="the label set in the order of the model's "
                                      "outputs; None takes the train split's labels, sorted (numerically when all "
                                      "are integers)")

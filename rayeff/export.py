@@ -47,7 +47,10 @@ def export_run(run_dir: str, output: str, adapter_only: bool = False) -> tuple[P
     _check_output(out)
     if adapter_only and job.method.name != "lora":
         raise UserError(f"--adapter-only: a {job.method.name} run has no adapter; leave --adapter-only out")
-    lm, model = rebuild_trained(run / "final" / TRAINABLE_FILE, job)
+    from rayeff.data.task import task_of, task_record
+
+    task = task_of(job.data)
+    lm, model = rebuild_trained(run / "final" / TRAINABLE_FILE, job, task)
     form = "adapter" if adapter_only else export_form(job, model)
     out.mkdir(parents=True, exist_ok=True)
     if form == "adapter":
@@ -57,13 +60,13 @@ def export_run(run_dir: str, output: str, adapter_only: bool = False) -> tuple[P
             model.backbone = model.backbone.merge_and_unload()   # the decoder (encoder) inside `lm`, merged in place
         lm.save_pretrained(str(out), safe_serialization=True)
     elif form == "sequence_classifier":
-        _hugging_face_classifier(model, job).save_pretrained(str(out), safe_serialization=True)
+        _hugging_face_classifier(model, task).save_pretrained(str(out), safe_serialization=True)
     else:
         shutil.copyfile(run / "final" / TRAINABLE_FILE, out / WEIGHTS_FILE)
     load_tokenizer(resolve_model(job.model.name)).save_pretrained(str(out))
     (out / JOB_FILE).write_text((run / "job.yaml").read_text())
-    (out / EXPORT_FILE).write_text(json.dumps({"form": form, "method": job.method.name,
-                                               "base_model": job.model.name}, indent=1) + "\n")
+    (out / EXPORT_FILE).write_text(json.dumps({"form": form, "method": job.method.name, "base_model": job.model.name,
+                                               "task": task_record(task)}, indent=1) + "\n")
     (out / "README.md").write_text(model_card(job, result, form))
     return out, form
 
@@ -98,7 +101,7 @@ def _classifier_layout(model: nn.Module) -> str | None:
     return families.get(model.backbone.config.model_type)
 
 
-def _hugging_face_classifier(model: nn.Module, job) -> nn.Module:
+def _hugging_face_classifier(model: nn.Module, task) -> nn.Module:
     """The trained classifier as Hugging Face's own (BertForSequenceClassification, RobertaForSequenceClassification):
     the same backbone weights, our head's dense layer as its pooler (BERT) or head dense (RoBERTa), our output layer
     as its classifier."""
@@ -106,11 +109,9 @@ def _hugging_face_classifier(model: nn.Module, job) -> nn.Module:
 
     from transformers import AutoModelForSequenceClassification
 
-    from rayeff.data.task import task_of
-
     if _has_lora(model):
         model.backbone = model.backbone.merge_and_unload()
-    task, backbone = task_of(job.data), model.backbone
+    backbone = model.backbone
     config = copy.deepcopy(backbone.config)
     config.num_labels = task.num_labels
     if task.is_regression:
@@ -135,10 +136,11 @@ def _hugging_face_classifier(model: nn.Module, job) -> nn.Module:
     return hf
 
 
-def rebuild_trained(weights_path: Path, job) -> tuple[nn.Module | None, nn.Module]:
+def rebuild_trained(weights_path: Path, job, task=None) -> tuple[nn.Module | None, nn.Module]:
     """(the Hugging Face language model inside, or None for a classifier; rayeff's model) with the trained tensors
     of `weights_path` in place, in eval mode. Built after seeding as each worker seeds, so a tiny random-weight
-    backbone (and a classifier head's untrained parts) come out as they trained."""
+    backbone (and a classifier head's untrained parts) come out as they trained. `task` defaults to the job's
+    data's (which reads the data)."""
     from safetensors.torch import load_file
 
     from rayeff.data.task import task_of
@@ -146,7 +148,7 @@ def rebuild_trained(weights_path: Path, job) -> tuple[nn.Module | None, nn.Modul
     from rayeff.models import load_tokenizer, resolve_model
     from rayeff.train.run_setup import build_base
 
-    source, task = resolve_model(job.model.name), task_of(job.data)
+    source, task = resolve_model(job.model.name), task or task_of(job.data)
     torch.manual_seed(job.training.seed)
     lm, base = build_base(source, task, job, load_tokenizer(source))
     model = get_method(job.method.name).build(base, job.method)
@@ -163,9 +165,10 @@ def rebuild_trained(weights_path: Path, job) -> tuple[nn.Module | None, nn.Modul
 class Trained:
     """A trained model as rayeff.load reads it, with what it was trained on."""
     job: object
+    task: object
     model: nn.Module      # model(input_ids, attention_mask[, token_type_ids]) -> logits, in eval mode
     tokenizer: object
-    folder: Path
+    scoring: str | None   # a prompted task's: where the label words are read (data/tokenized.py prompt_scoring)
 
 
 def load(path: str | Path) -> nn.Module:
@@ -176,36 +179,42 @@ def load(path: str | Path) -> nn.Module:
 
 
 def load_trained(folder: Path) -> Trained:
-    from rayeff.config import load_job
-    from rayeff.data.task import task_of
-    from rayeff.models import ModelSource, load_tokenizer, resolve_model
+    from rayeff.data.tokenized import prompt_scoring
+    from rayeff.models import ModelSource, backbone_kind, load_tokenizer, resolve_model
     from rayeff.train.checkpointer import TRAINABLE_FILE
     from rayeff.train.run_setup import build_base
 
     form = export_form_of(folder)
-    if form is None:   # a run's folder
-        job = finished_run(folder)[0]
-        return Trained(job, rebuild_trained(folder / "final" / TRAINABLE_FILE, job)[1],
-                       load_tokenizer(resolve_model(job.model.name)), folder)
-    job = load_job(folder / JOB_FILE)
-    if form == "rayeff":
-        return Trained(job, rebuild_trained(folder / WEIGHTS_FILE, job)[1],
-                       load_tokenizer(resolve_model(job.model.name)), folder)
-    exported = ModelSource(job.model.name, str(folder), str(folder))
-    tokenizer = load_tokenizer(exported)
-    if form == "language_model":
-        return Trained(job, build_base(exported, task_of(job.data), job, tokenizer)[1].eval(), tokenizer, folder)
-    from transformers import AutoModelForSequenceClassification
+    job, task = trained_job_and_task(folder)
+    if form in (None, "rayeff"):   # a run's folder, or the trained tensors on the base model
+        weights = folder / "final" / TRAINABLE_FILE if form is None else folder / WEIGHTS_FILE
+        lm, model = rebuild_trained(weights, job, task)
+        tokenizer = load_tokenizer(resolve_model(job.model.name))
+    else:
+        exported = ModelSource(job.model.name, str(folder), str(folder))
+        tokenizer = load_tokenizer(exported)
+        if form == "language_model":
+            lm, model = build_base(exported, task, job, tokenizer)
+        else:
+            from transformers import AutoModelForSequenceClassification
 
-    hf = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
-    return Trained(job, HuggingFaceLogits(hf).eval(), tokenizer, folder)
+            lm, model = None, HuggingFaceLogits(AutoModelForSequenceClassification.from_pretrained(str(folder)))
+    scoring = prompt_scoring(backbone_kind(lm.config)) if task.kind == "prompted" else None
+    return Trained(job, task, model.eval(), tokenizer, scoring)
 
 
-def trained_job(folder: Path):
-    """The job behind a run's folder (checked finished) or an export, without loading the model."""
+def trained_job_and_task(folder: Path):
+    """The job behind a run's folder (checked finished) or an export, and its task, without loading the model: an
+    export's task is the one it recorded, so its data need not be at hand."""
     from rayeff.config import load_job
+    from rayeff.data.task import task_from_record, task_of
 
-    return finished_run(folder)[0] if export_form_of(folder) is None else load_job(folder / JOB_FILE)
+    if export_form_of(folder) is None:
+        job = finished_run(folder)[0]
+        return job, task_of(job.data)
+    record = json.loads((folder / EXPORT_FILE).read_text()).get("task")
+    job = load_job(folder / JOB_FILE)
+    return job, task_from_record(record) if record else task_of(job.data)
 
 
 def export_form_of(folder: Path) -> str | None:

@@ -32,19 +32,19 @@ class InferenceModel:
     model: nn.Module     # model(input_ids, attention_mask[, token_type_ids]) -> logits
     tokenizer: object
     positions: int | None   # the most tokens the model reads (None: no learned position table)
+    scoring: str | None     # a prompted task's scored position (data/tokenized.py prompt_scoring)
 
 
 def load_for_inference(source: Path) -> InferenceModel:
     """The trained model of a run's folder or an export (rayeff.load), on this process's GPU when it has one."""
-    from rayeff.data.task import task_of
     from rayeff.export import load_trained
 
     trained = load_trained(source)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     tokenizer = trained.tokenizer
     tokenizer.padding_side = "right"   # the classifier reads the last real token where padding follows it
-    return InferenceModel(trained.job, task_of(trained.job.data), trained.model.to(device), tokenizer,
-                          model_positions(source, trained.job))
+    return InferenceModel(trained.job, trained.task, trained.model.to(device), tokenizer,
+                          model_positions(source, trained.job), trained.scoring)
 
 
 def model_positions(source: Path, job) -> int | None:
@@ -82,9 +82,9 @@ def predict_records(loaded: InferenceModel, records: list[dict], max_new_tokens:
 def _prompted_batch(loaded: InferenceModel, records: list[dict]) -> dict:
     """The records' prompts as training tokenised them, right-padded."""
     from rayeff.data.task import prompted_record
-    from rayeff.data.tokenized import Collator, prompt_ids, prompt_scoring
+    from rayeff.data.tokenized import Collator, prompt_ids
 
-    job, scoring = loaded.job, prompt_scoring(loaded.model.kind)
+    job, scoring = loaded.job, loaded.scoring
     examples = [{"input_ids": prompt_ids(prompted_record(loaded.task, job.data, r), loaded.tokenizer,
                                          job.training.max_seq_length, scoring), "label": 0, "index": i}
                 for i, r in enumerate(records)]
@@ -142,14 +142,14 @@ class Predictor:
                          for r, p in zip(records, predictions)]}
 
 
-def check_input(path: Path, job) -> int:
+def check_input(path: Path, job, task) -> int:
     """Every non-blank line a JSON object holding what the job's examples need; returns how many lines there are.
     Read once through, before Ray starts (a bad line found by an actor would end the job half-way)."""
     if not path.is_file():
         raise UserError(f"--input: {path} not found; give a JSON-lines file (one object per line)")
     from rayeff.data.task import input_columns
 
-    needed = input_columns(job.data)
+    needed = input_columns(job.data, task)
     lines = 0
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -177,10 +177,10 @@ def predict_file(source: str, input_path: str, output_path: str, workers: int | 
     src, inp, out = Path(source).resolve(), Path(input_path).resolve(), Path(output_path).resolve()
     if not src.is_dir():
         raise UserError(f"RUN_OR_EXPORT: {source} is not a folder; give a run's folder or an export")
-    from rayeff.export import trained_job
+    from rayeff.export import trained_job_and_task
 
-    job = trained_job(src)
-    lines = check_input(inp, job)
+    job, task = trained_job_and_task(src)
+    lines = check_input(inp, job, task)
     if out.exists():
         raise UserError(f"--output: {out} already exists; choose another file")
     if not out.parent.is_dir():

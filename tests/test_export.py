@@ -113,8 +113,10 @@ def test_a_run_that_does_not_merge_into_the_model_exports_its_tensors_and_rayeff
     out = tmp_path / "export"
     assert main(["export", str(run_dir), "--output", str(out)]) == 0
     assert "rayeff.load" in capsys.readouterr().out
-    assert json.loads((out / "rayeff_export.json").read_text()) == {"form": "rayeff", "method": METHODS[method][
-        "name"], "base_model": "tiny-llama"}
+    assert json.loads((out / "rayeff_export.json").read_text()) == {
+        "form": "rayeff", "method": METHODS[method]["name"], "base_model": "tiny-llama",
+        "task": {"kind": "causal_lm", "name": "sums", "template": "Q: {question}\nA: ",
+                 "metrics": ["eval_loss", "perplexity"]}}
     loaded = rayeff.load(out)
     assert not loaded.training and loaded is not rayeff.load(out)
 

@@ -168,6 +168,7 @@ def test_every_method_lowers_the_prompted_loss(tmp_path, reviews, model, method,
     ("tiny-llama", {"template": "{review} {stars} {mask}"}, "data.template names 'stars', which data.train_file"),
     ("tiny-bert", {"template": "{text} It was"}, "has no {mask}; a masked LM scores the label words at its mask"),
     ("tiny-t5", {}, "t5 is an encoder-decoder"),
+    ("tiny-llama", {"template": "{mask} {text} {mask}"}, "data.template: {mask} appears more than once"),
     ("tiny-llama", {"label_words": None}, "set label_words"),
     ("tiny-llama", {"template": None}, "set template"),
 ])
@@ -193,9 +194,40 @@ def test_a_masked_lm_saved_without_its_head_is_refused_and_one_saved_with_it_is_
     AutoModelForMaskedLM.from_config(tiny_config(resolve_model("tiny-bert"))).save_pretrained(folder)
     load_tokenizer(resolve_model("tiny-bert")).save_pretrained(folder)
     assert missing_head_weights(resolve_model(str(folder))) == []
+    from safetensors.torch import load_file, save_file   # old BERT checkpoints name LayerNorm's weights gamma/beta
+
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in weights.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert missing_head_weights(resolve_model(str(folder))) == []
     assert missing_head_weights(resolve_model("minilm-l6"))[1:] == [
         "cls.predictions.transform.dense.weight", "cls.predictions.transform.dense.bias",
         "cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias"]
+
+
+def test_a_prompted_read_run_predicts_from_its_folder_and_from_an_export_without_its_data(tmp_path, reviews):
+    """READ does not merge into the model, so it exports as its trained tensors (rayeff.load); the export keeps its
+    task, so predicting from it needs neither the training file nor the hub."""
+    from rayeff.cli import main
+    from rayeff.predict import load_for_inference, predict_records
+
+    data = tmp_path / "mine.jsonl"
+    data.write_text(reviews.read_text())
+    run = tmp_path / "run"
+    run_in_process(validate_job({
+        "model": {"name": "tiny-llama"}, "method": {"name": "read", "hidden_size": 8}, "output_dir": str(run),
+        "data": prompted_data(data), "training": {"max_steps": 4, "batch_size": 8, "lr": 1e-2}}))
+    assert main(["export", str(run), "--output", str(tmp_path / "export")]) == 0
+    records = [{"review": "the cast was good"}, {"review": "the plot was dull"}, {"review": "odd"}]
+    loaded = load_for_inference(run)
+    from_run = predict_records(loaded, records, 0)
+    batch = loaded.tokenizer([f"{r['review']} Was it good?" for r in records], padding=True, return_tensors="pt",
+                             add_special_tokens=False)   # a decoder's prompt: the text, its label word next
+    with torch.no_grad():
+        expected = loaded.model(**batch).argmax(-1).tolist()
+    assert from_run == [("neg", "pos")[i] for i in expected]
+    data.unlink()
+    assert predict_records(load_for_inference(tmp_path / "export"), records, 0) == from_run
 
 
 def test_a_glue_preset_is_prompted_by_its_own_column_names_or_text(glue_dir):
@@ -212,6 +244,7 @@ def test_a_glue_preset_is_prompted_by_its_own_column_names_or_text(glue_dir):
 def test_a_prompt_line_for_predict_needs_the_templates_columns(reviews):
     from rayeff.data.task import input_columns
 
-    assert input_columns(DataSpec(**prompted_data(reviews))) == [("review",)]
-    assert input_columns(DataSpec(**prompted_data(reviews, template="{review} by {author}: {mask}"))) == \
-        [("review", "author")]
+    spec = DataSpec(**prompted_data(reviews))
+    assert input_columns(spec, task_of(spec)) == [("review",)]
+    other = DataSpec(**prompted_data(reviews, template="{review} by {author}: {mask}"))
+    assert input_columns(other, task_of(spec)) == [("review", "author")]

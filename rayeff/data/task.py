@@ -71,6 +71,24 @@ class CausalLMTask:
 OWN_METRICS = {"classification": ("accuracy", "macro_f1"), "regression": ("pearson", "spearmanr")}
 
 
+def task_record(task) -> dict:
+    """A task as plain data (an export keeps it, so loading the model needs neither the data nor the hub)."""
+    from dataclasses import asdict
+
+    return {"kind": task.kind, **asdict(task)}
+
+
+def task_from_record(record: dict) -> LabelledTask | PromptedTask | CausalLMTask:
+    kind, fields = record["kind"], {k: v for k, v in record.items() if k != "kind"}
+    if kind == "causal_lm":
+        return CausalLMTask(fields["name"], fields["template"], tuple(fields["metrics"]))
+    common = (fields["name"], None if fields["labels"] is None else tuple(fields["labels"]), tuple(fields["metrics"]),
+              fields["text_fields"])
+    if kind == "prompted":
+        return PromptedTask(*common, fields["template"], tuple(tuple(w) for w in fields["label_words"]))
+    return LabelledTask(*common)
+
+
 def task_of(spec: DataSpec) -> LabelledTask | PromptedTask | CausalLMTask:
     if spec.task_type == "causal_lm":
         return CausalLMTask(spec.display_name, spec.template)
@@ -105,10 +123,12 @@ def _prompted(task: LabelledTask, spec: DataSpec) -> PromptedTask:
     per_label = tuple(tuple([words[n]] if isinstance(words[n], str) else words[n]) for n in task.labels)
     if any(not w or any(not x.strip() for x in w) for w in per_label):
         raise UserError("data.label_words: a label's word is empty; give each label a word")
-    fields = template_fields(spec.template)
-    if fields.count(MASK_FIELD) > 1:
+    import string
+
+    if [f for _, f, _, _ in string.Formatter().parse(spec.template)].count(MASK_FIELD) > 1:
         raise UserError("data.template: {mask} appears more than once; the label word goes in one place")
-    return PromptedTask(task.name, task.labels, task.metrics, 1, spec.template, per_label)
+    template_fields(spec.template)   # a malformed template is a one-line error here
+    return PromptedTask(task.name, task.labels, task.metrics, task.text_fields, spec.template, per_label)
 
 def load_examples(spec: DataSpec, split: str) -> dict:
     """The columns of one split ("train" or "dev"): GLUE's from its folder or the hub, yours from your files."""
@@ -230,7 +250,7 @@ def prompted_record(task: PromptedTask, spec: DataSpec, record: dict) -> str:
     return _filled_prompts(task, _with_roles({k: [v] for k, v in record.items()}, spec), 1, "--input", "line")[0]
 
 
-def input_columns(spec: DataSpec) -> list[tuple[str, ...]]:
+def input_columns(spec: DataSpec, task) -> list[tuple[str, ...]]:
     """The alternative sets of columns one record must hold for the model to read it (labels and responses aside)."""
     columns = spec.columns
     if spec.task_type == "causal_lm":
@@ -242,7 +262,7 @@ def input_columns(spec: DataSpec) -> list[tuple[str, ...]]:
         roles = {"text": columns.get("text", "text"), "text_pair": columns.get("text_pair", "text_pair")}
         return [tuple(roles.get(n, n) for n in template_fields(spec.template) if n != MASK_FIELD)]
     text = (columns.get("text", "text"),)
-    return [text + ((columns.get("text_pair", "text_pair"),) if task_of(spec).text_fields == 2 else ())]
+    return [text + ((columns.get("text_pair", "text_pair"),) if task.text_fields == 2 else ())]
 
 
 def _prompts_and_responses(table: dict[str, list], spec: DataSpec, task: CausalLMTask, field: str,

@@ -203,8 +203,8 @@ def label_word_ids(tokenizer, task) -> list[list[int]]:
             if len(tokens) != 1:
                 pieces = tokenizer.convert_ids_to_tokens(tokens)
                 raise UserError(f"data.label_words: {word!r} (label {label}) is {len(tokens)} tokens {pieces} for "
-                                "this tokenizer; choose a word that is one token (with a leading space for a "
-                                "decoder's BPE vocabulary, e.g. ' great')")
+                                "this tokenizer; choose a word that is one token (in a BPE vocabulary, with a "
+                                "leading space, e.g. ' great')")
             ids.append(tokens[0])
         out.append(ids)
     flat = [i for ids in out for i in ids]

@@ -137,7 +137,7 @@ def _check_prompting(job, source, config, kind: str) -> None:
 
     from rayeff.data.task import MASK_FIELD, task_of
     from rayeff.data.tokenized import label_word_ids
-    from rayeff.models import load_tokenizer
+    from rayeff.models import load_tokenizer, masked_lm_head
 
     template, mask = job.data.template, "{" + MASK_FIELD + "}"
     if kind == "encoder-decoder":
@@ -151,6 +151,7 @@ def _check_prompting(job, source, config, kind: str) -> None:
         if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
             raise UserError(f"model.name: {config.model_type} has no masked-LM form for prompted_classification; "
                             "use a BERT-style encoder or a decoder")
+        masked_lm_head(_masked_lm_skeleton(source))   # a head rayeff can tell apart, or a one-line error
         if mask not in template:
             raise UserError(f"data.template: {template!r} has no {mask}; a masked LM scores the label words at "
                             f"its mask token, e.g. '{{text}} It was {mask}.'")
@@ -166,10 +167,22 @@ def _check_prompting(job, source, config, kind: str) -> None:
     label_word_ids(tokenizer, task_of(job.data))
 
 
+def _masked_lm_skeleton(source):
+    """The model's AutoModelForMaskedLM form, built on the meta device from its config (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    from rayeff.models import tiny_config
+
+    config = tiny_config(source) if source.tiny_config else AutoConfig.from_pretrained(source.weights)
+    with torch.device("meta"):
+        return AutoModelForMaskedLM.from_config(config)
+
+
 def missing_head_weights(source) -> list[str]:
     """The masked-LM head's weights that a local checkpoint's safetensors files lack (its decoder tied to the input
-    embeddings aside); empty when they are all there, or when the files cannot tell (tiny random configs, hub ids,
-    .bin checkpoints)."""
+    embeddings aside; old BERT checkpoints' LayerNorm gamma/beta read as weight/bias, as transformers reads them);
+    empty when they are all there, or when the files cannot tell (tiny random configs, hub ids, .bin checkpoints)."""
     import json
 
     from safetensors import safe_open
@@ -184,13 +197,11 @@ def missing_head_weights(source) -> list[str]:
             keys = set(f.keys())
     else:
         return []
-    import torch
-    from transformers import AutoConfig, AutoModelForMaskedLM
-
     from rayeff.models import masked_lm_head
 
-    with torch.device("meta"):
-        lm = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(str(folder)))
+    keys |= {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+             for k in keys}
+    lm = _masked_lm_skeleton(source)
     head = masked_lm_head(lm)
     prefix = next(name for name, module in lm.named_children() if module is head)
     tied = lm.get_input_embeddings().weight

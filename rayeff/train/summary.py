@@ -26,7 +26,7 @@ def memory_figures(account: dict, device_peak: DevicePeak) -> dict:
 
 def logged_losses(losses: list[float], log_every: int) -> dict:
     """One entry per logged step (every log_every steps, and the last step): the mean training loss since the
-    previous one, as the progress line shows it."""
+    previous one (at a last step off the log_every grid, over fewer steps than the progress line's window)."""
     ends = list(range(log_every, len(losses) + 1, log_every))
     if losses and (not ends or ends[-1] != len(losses)):
         ends.append(len(losses))
