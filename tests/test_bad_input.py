@@ -240,3 +240,59 @@ def test_bench_overwrite_replaces_an_existing_output_only_when_asked(world, tmp_
     assert output.read_text() == '{"earlier": "result"}' and not ray_calls
     main(bench(world, tmp_path / "runs", "compare", "--methods", "read", "--overwrite", output=output))
     assert ray_calls, "with --overwrite the benchmark goes on to run"
+
+
+HOLD_LOCK = """
+import sys, time
+from rayeff.cluster.storage import output_lock
+with output_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+RACE = """
+import sys
+from rayeff.cli import main
+from rayeff.config import load_job
+from rayeff.errors import UserError
+from rayeff.train.runner import run_in_process
+job = load_job(sys.argv[1], ["output_dir=" + sys.argv[2]])
+try:
+    run_in_process(job)
+    print("proceeded")
+except UserError as err:
+    print("refused:", err)
+"""
+
+
+def test_one_command_per_output_folder_and_a_killed_holder_leaves_it_free(tmp_path, capsys, ray_calls, glue_dir):
+    """Two runs on one folder, started together: exactly one proceeds, the other is refused with one line. A folder
+    held by a command that is then killed (SIGKILL: no clean-up) is free again."""
+    import subprocess
+    import sys
+
+    job = tmp_path / "job.yaml"
+    job.write_text(GOOD.replace("train_subset: 8}", f"train_subset: 8, data_dir: {glue_dir}}}"))
+    out = tmp_path / "out"
+    racers = [subprocess.Popen([sys.executable, "-c", RACE, str(job), str(out)], stdout=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    said = sorted(p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in racers)
+    assert said[0] == "proceeded" and said[1].startswith(f"refused: output_dir: {out} "), said
+    # refused while the other runs, or (had it been slower to start) once the other's run is there
+    assert "is in use by another rayeff run running now" in said[1] or "already holds a run" in said[1], said
+    assert (out / "result.json").is_file()
+
+    held = tmp_path / "held"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(held)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    code = main(["run", str(job), "--output", str(held), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not ray_calls and len(err.splitlines()) == 1, err
+    assert f"output_dir: {held} is in use by another rayeff run running now" in err
+    assert sorted(p.name for p in held.iterdir()) == [".rayeff.lock"]   # nothing of a run written
+    holder.kill()
+    holder.wait()
+    from rayeff.config import load_job
+    from rayeff.train.runner import run_in_process
+
+    assert run_in_process(load_job(job, [f"output_dir={held}"]))["status"] == "finished"

@@ -10,8 +10,10 @@ On a multi-node cluster every worker writes checkpoints, so a folder on the driv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from rayeff.errors import UserError
@@ -20,6 +22,33 @@ from rayeff.errors import UserError
 SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "cephfs", "glusterfs",
                       "beegfs", "9p", "virtiofs", "fuse.gcsfuse", "fuse.s3fs", "fuse.juicefs", "fuse.sshfs",
                       "fuse.mountpoint-s3", "efs", "wekafs")
+
+
+LOCK_FILE = ".rayeff.lock"
+
+
+@contextlib.contextmanager
+def output_lock(location: str, what: str = "run") -> Iterator[None]:
+    """Holds the output folder for one rayeff command at a time: a second run or sweep on it is refused with one
+    line. The lock is the operating system's (flock, through `filelock`) on a file in the folder, so a command that
+    crashes or is killed leaves it free. An object-store location has no such lock and is not held."""
+    if is_uri(location):
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    folder = Path(location)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"output_dir: {location} is in use by another rayeff {what} running now; wait for it to end, "
+                        "or choose another --output") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def is_uri(location: str) -> bool:

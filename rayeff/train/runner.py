@@ -21,7 +21,7 @@ from typing import Iterator
 import yaml
 
 from rayeff.cluster.connect import init_ray
-from rayeff.cluster.storage import Storage, check_shared, location_name
+from rayeff.cluster.storage import Storage, check_shared, location_name, output_lock
 from rayeff.config import JobSpec
 from rayeff.data.task import check_data, task_of
 from rayeff.errors import UserError
@@ -181,13 +181,19 @@ def normalise_paths(job: JobSpec) -> None:
 def run_job(job: JobSpec, address: str | None = None, show_progress: bool = True) -> dict:
     """Run one job to its end on Ray (a local one, or the cluster at `address`) and return what result.json
     holds."""
+    normalise_paths(job)
+    source = prepare(job)
+    with output_lock(job.output_dir):
+        check_output_dir(Storage(job.output_dir), job.resume)   # again: a run that held the folder may have ended
+        return _run_on_ray(job, source, address, show_progress)
+
+
+def _run_on_ray(job: JobSpec, source: ModelSource, address: str | None, show_progress: bool) -> dict:
     from ray.util.queue import Queue
 
     from rayeff.train.interrupts import StopRequest, stop_on_signal
     from rayeff.train.progress import ProgressDisplay
 
-    normalise_paths(job)
-    source = prepare(job)
     check_local_gpus(job, address)
     init_ray(address, job.scaling.num_workers * job.scaling.cpus_per_worker)
     queue = Queue(maxsize=1000, actor_options={"num_cpus": 0}) if show_progress else None
@@ -216,17 +222,23 @@ def run_in_process(job: JobSpec) -> dict:
     """Run one job with one worker in this process, without Ray: the same loop, checkpoints, resume and
     result.json as `run_job` (for tests, and for debugging a method where a debugger can reach it). The output
     folder must be local."""
-    from rayeff.train.context import InProcessContext
-    from rayeff.train.worker import prepare_process, run_worker
-
     if job.scaling.num_workers != 1:
         raise UserError("scaling.num_workers: a run in process has one worker; set 1, or run it on Ray")
     normalise_paths(job)
     if not Storage(job.output_dir).local:
         raise UserError(f"output_dir: {job.output_dir} is not a local folder; a run in process writes locally")
     source = prepare(job)
-    output = open_output(job)
+    with output_lock(job.output_dir):
+        check_output_dir(Storage(job.output_dir), job.resume)
+        output = open_output(job)
+        return _run_here(job, source, output)
+
+
+def _run_here(job: JobSpec, source: ModelSource, output: Storage) -> dict:
     import torch
+
+    from rayeff.train.context import InProcessContext
+    from rayeff.train.worker import prepare_process, run_worker
 
     device = torch.device("cuda", 0) if job.scaling.gpus_per_worker > 0 else torch.device("cpu")
     ctx = InProcessContext(Path(output.location) / TRAIN_DIR, device, resume=job.resume)

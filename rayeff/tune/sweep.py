@@ -102,23 +102,31 @@ def _requeue_interrupted(study) -> list[int]:
 
 def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None = None,
               address: str | None = None, resume: bool = False) -> dict:
+    from rayeff.cluster.storage import output_lock
+    from rayeff.train.preflight import check_sweep_inputs
+
+    sweep, job, space = load_sweep(sweep_file, overrides, data_dir)
+    output = Storage(sweep.output_dir)
+    _started(output, sweep, resume)
+    check_sweep_inputs(sweep, job, address)   # before anything is written or Ray starts
+    job.data.resolve_paths()
+    with output_lock(sweep.output_dir, "sweep"):
+        return _run_sweep_locked(sweep, job, space, output, address, resume)
+
+
+def _run_sweep_locked(sweep: SweepSpec, job, space, output: Storage, address: str | None, resume: bool) -> dict:
     import optuna
     import ray
 
-    from rayeff.train.preflight import check_sweep_inputs
-    from rayeff.cluster.storage import check_shared
     from rayeff.cluster.connect import init_ray
+    from rayeff.cluster.storage import check_shared
     from rayeff.tune.limits import SweepLimits
     from rayeff.tune.priors import PriorStore, warm_start
     from rayeff.tune.results import study_records
     from rayeff.tune.searcher import STUDY_NAME
     from rayeff.tune.space import SearchSpace
 
-    sweep, job, space = load_sweep(sweep_file, overrides, data_dir)
-    output = Storage(sweep.output_dir)
-    started = _started(output, sweep, resume)
-    check_sweep_inputs(sweep, job, address)   # before anything is written or Ray starts
-    job.data.resolve_paths()
+    started = _started(output, sweep, resume)   # again, now that the folder is this sweep's
     if started is None:
         descriptors, first, priors = _descriptors(job), [], None
         store = PriorStore(sweep.priors.store)
