@@ -24,22 +24,28 @@ SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", 
                       "fuse.mountpoint-s3", "efs", "wekafs")
 
 
-LOCK_FILE = ".rayeff.lock"
+def rayeff_cache_dir() -> Path:
+    """This machine's rayeff state: the tokenised-data cache and the output-folder locks (RAYEFF_CACHE)."""
+    return Path(os.environ.get("RAYEFF_CACHE", Path.home() / ".cache" / "rayeff"))
 
 
 @contextlib.contextmanager
 def output_lock(location: str, what: str = "run") -> Iterator[None]:
-    """Holds the output folder for one rayeff command at a time: a second run or sweep on it is refused with one
-    line. The lock is the operating system's (flock, through `filelock`) on a file in the folder, so a command that
-    crashes or is killed leaves it free. An object-store location has no such lock and is not held."""
+    """Holds a local output folder for one rayeff command at a time on this machine: a second run or sweep on it is
+    refused with one line. The lock is the operating system's (flock, through `filelock`) on a file named after the
+    folder's path in rayeff's cache folder, so nothing is written to the output folder before the run writes it,
+    and a command that crashes or is killed leaves it free. An object-store location is not locked."""
     if is_uri(location):
         yield
         return
+    import hashlib
+
     from filelock import FileLock, Timeout
 
-    folder = Path(location)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder / LOCK_FILE), timeout=0)
+    locks = rayeff_cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(Path(location).resolve()).encode()).hexdigest()[:24]
+    lock = FileLock(str(locks / f"{key}.lock"), timeout=0)
     try:
         lock.acquire()
     except Timeout:

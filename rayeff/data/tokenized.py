@@ -27,7 +27,9 @@ from rayeff.data.task import load_examples, task_of
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("RAYEFF_CACHE", Path.home() / ".cache" / "rayeff"))
+    from rayeff.cluster.storage import rayeff_cache_dir
+
+    return rayeff_cache_dir()
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:

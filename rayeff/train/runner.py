@@ -183,6 +183,7 @@ def run_job(job: JobSpec, address: str | None = None, show_progress: bool = True
     holds."""
     normalise_paths(job)
     source = prepare(job)
+    check_local_gpus(job, address)
     with output_lock(job.output_dir):
         check_output_dir(Storage(job.output_dir), job.resume)   # again: a run that held the folder may have ended
         return _run_on_ray(job, source, address, show_progress)
@@ -194,7 +195,6 @@ def _run_on_ray(job: JobSpec, source: ModelSource, address: str | None, show_pro
     from rayeff.train.interrupts import StopRequest, stop_on_signal
     from rayeff.train.progress import ProgressDisplay
 
-    check_local_gpus(job, address)
     init_ray(address, job.scaling.num_workers * job.scaling.cpus_per_worker)
     queue = Queue(maxsize=1000, actor_options={"num_cpus": 0}) if show_progress else None
     stop_request = StopRequest.remote()
