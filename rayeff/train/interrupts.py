@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 import ray
@@ -53,8 +54,12 @@ class InterruptWatch:
 
 @contextlib.contextmanager
 def stop_on_signal(request) -> Iterator[None]:
-    """While the body runs (in the main thread): the first SIGINT or SIGTERM asks the workers to stop after their
-    current step; a second raises KeyboardInterrupt, which stops at once."""
+    """While the body runs: the first SIGINT or SIGTERM asks the workers to stop after their current step; a second
+    raises KeyboardInterrupt, which stops at once. Python delivers signals to the main thread only, so a run started
+    from another thread (a library caller's) keeps the signal handling it had."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.getsignal(s) for s in signals}
     asked = []
