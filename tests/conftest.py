@@ -15,11 +15,10 @@ import pytest
 from rayeff.cluster.connect import keep_local_ray_on_loopback
 
 keep_local_ray_on_loopback()  # before anything imports ray: the tests' local Rays stay on 127.0.0.1
-# Ray Train's controller polls its workers every 2 s, so each run ended up to 4 s after its last step, and it starts
-# a preemption-watcher actor per run (one more process importing Ray) that a test machine never needs. Both are
-# Ray Train's own switches (ray/train/v2/_internal/constants.py, Ray 2.60), passed on to every Ray the tests start.
+# Ray Train's controller polls its workers every 2 s, so each run ended up to 4 s after its last step. This is Ray
+# Train's own switch (ray/train/v2/_internal/constants.py, Ray 2.60), passed on to every Ray the tests start. (Its
+# preemption watcher the product turns off itself: rayeff/train/runner.py make_trainer.)
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,6 +62,10 @@ def test_read_job_on_minilm_with_two_workers_beats_the_untrained_model(tmp_path,
     untrained, majority = untrained_and_majority_accuracy(job_file, [f"data.data_dir={glue_dir}", *overrides])
     _, stderr = run.communicate(timeout=900)
     assert run.returncode == 0, stderr[-3000:]
+    # a healthy run shows no error-level line from the libraries underneath (Ray's C++ log lines read
+    # "[date time E pid tid] file.cc:line: ...", Python's logging "ERROR")
+    errors = [line for line in stderr.splitlines() if re.search(r"\d E \d+ \d+\]|\bERROR\b", line)]
+    assert not errors, errors
     result = json.loads((out / "result.json").read_text())
     assert result["workers"] == 2 and result["method"] == "read" and result["model"] == "minilm-l6"
     assert result["time"]["steps"] == 3

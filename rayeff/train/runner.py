@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -101,6 +102,11 @@ def make_trainer(job: JobSpec, source: ModelSource, progress_queue=None, callbac
 
     from rayeff.train.worker import train_loop_per_worker
 
+    # Ray Train's preemption watcher only logs node drains for ray.train.get_preemption_info, which rayeff does not
+    # read (a preempted worker fails and the run restarts from its checkpoint, failure.max_failures); made as Ray
+    # 2.60 makes it, it prints an error-level core_worker line at every start. Ray Train hands this switch from the
+    # driver to its controller, on a cluster too; a user who sets it keeps theirs.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     use_gpu = job.scaling.gpus_per_worker > 0
     resources = {"CPU": job.scaling.cpus_per_worker}
     if use_gpu:
