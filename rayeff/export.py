@@ -53,11 +53,11 @@ def export_run(run_dir: str, output: str, adapter_only: bool = False) -> tuple[P
     lm, model = rebuild_trained(run / "final" / TRAINABLE_FILE, job, task)
     form = "adapter" if adapter_only else export_form(job, model)
     out.mkdir(parents=True, exist_ok=True)
+    if form in ("language_model", "sequence_classifier") and _has_lora(model):
+        model.backbone = model.backbone.merge_and_unload()   # the decoder (encoder) inside `lm`, merged in place
     if form == "adapter":
         _save_adapter(model, job, out)
     elif form == "language_model":
-        if _has_lora(model):
-            model.backbone = model.backbone.merge_and_unload()   # the decoder (encoder) inside `lm`, merged in place
         lm.save_pretrained(str(out), safe_serialization=True)
     elif form == "sequence_classifier":
         _hugging_face_classifier(model, task).save_pretrained(str(out), safe_serialization=True)
@@ -109,8 +109,6 @@ def _hugging_face_classifier(model: nn.Module, task) -> nn.Module:
 
     from transformers import AutoModelForSequenceClassification
 
-    if _has_lora(model):
-        model.backbone = model.backbone.merge_and_unload()
     backbone = model.backbone
     config = copy.deepcopy(backbone.config)
     config.num_labels = task.num_labels
@@ -184,8 +182,9 @@ def load_trained(folder: Path) -> Trained:
     from rayeff.train.checkpointer import TRAINABLE_FILE
     from rayeff.train.run_setup import build_base
 
-    form = export_form_of(folder)
-    job, task = trained_job_and_task(folder)
+    record = export_record(folder)
+    form = record and record["form"]
+    job, task = trained_job_and_task(folder, record)
     if form in (None, "rayeff"):   # a run's folder, or the trained tensors on the base model
         weights = folder / "final" / TRAINABLE_FILE if form is None else folder / WEIGHTS_FILE
         lm, model = rebuild_trained(weights, job, task)
@@ -203,28 +202,36 @@ def load_trained(folder: Path) -> Trained:
     return Trained(job, task, model.eval(), tokenizer, scoring)
 
 
-def trained_job_and_task(folder: Path):
-    """The job behind a run's folder (checked finished) or an export, and its task, without loading the model: an
-    export's task is the one it recorded, so its data need not be at hand."""
+def trained_job_and_task(folder: Path, record: dict | None = None):
+    """The job behind a run's folder (checked finished) or an export (`record`, its rayeff_export.json: read here
+    when not given), and its task, without loading the model: an export's task is the one it recorded, so its data
+    need not be at hand."""
     from rayeff.config import load_job
     from rayeff.data.task import task_from_record, task_of
 
-    if export_form_of(folder) is None:
+    record = record or export_record(folder)
+    if record is None:
         job = finished_run(folder)[0]
         return job, task_of(job.data)
-    record = json.loads((folder / EXPORT_FILE).read_text()).get("task")
     job = load_job(folder / JOB_FILE)
-    return job, task_from_record(record) if record else task_of(job.data)
+    return job, task_from_record(record["task"]) if record.get("task") else task_of(job.data)
 
 
 def export_form_of(folder: Path) -> str | None:
     """The form of an export folder; None for a finished run's folder; a one-line error for anything else."""
+    record = export_record(folder)
+    return record and record["form"]
+
+
+def export_record(folder: Path) -> dict | None:
+    """An export folder's rayeff_export.json (form, method, base model, task); None for a finished run's folder; a
+    one-line error for anything else, and for an adapter-only export, which PEFT loads rather than rayeff."""
     if (folder / EXPORT_FILE).is_file():
-        form = json.loads((folder / EXPORT_FILE).read_text()).get("form")
-        if form == "adapter":
+        record = json.loads((folder / EXPORT_FILE).read_text())
+        if record.get("form") == "adapter":
             raise UserError(f"{folder} is an adapter-only export, which PEFT loads onto its base model; give the "
                             "run's folder or an export without --adapter-only")
-        return form
+        return record
     if (folder / "job.yaml").is_file():
         return None
     raise UserError(f"{folder} is neither a run's folder (job.yaml, result.json, final/) nor one `rayeff export` "

@@ -157,6 +157,15 @@ def tiny_config(source: ModelSource):
                                                   **spec)
 
 
+def model_config(source: ModelSource):
+    """The model's config alone, no weights: a tiny alias's, or the folder's or hub model's config.json."""
+    if source.tiny_config is not None:
+        return tiny_config(source)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source.weights)
+
+
 def load_backbone(source: ModelSource, dropout: float | None = None) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
@@ -319,9 +328,9 @@ def load_language_model(source: ModelSource, dropout: float | None = None) -> nn
     """The model's Hugging Face language-model form, with its pretrained LM head: AutoModelForCausalLM for a
     decoder, AutoModelForMaskedLM for an encoder; pretrained weights, or a tiny config's random ones (seeded by the
     caller)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    config = tiny_config(source) if source.tiny_config is not None else AutoConfig.from_pretrained(source.weights)
+    config = model_config(source)
     if dropout is not None:
         _set_dropout(config, dropout)
     auto = AutoModelForCausalLM if backbone_kind(config) == "decoder" else AutoModelForMaskedLM

@@ -151,9 +151,9 @@ def scoring_of(spec: DataSpec, source) -> str | None:
     """The prompt scoring a job's data and model take, read from the model's config alone (no weights)."""
     if spec.task_type != "prompted_classification":
         return None
-    from rayeff.models import backbone_kind, backbone_skeleton
+    from rayeff.models import backbone_kind, model_config
 
-    return prompt_scoring(backbone_kind(backbone_skeleton(source).config))
+    return prompt_scoring(backbone_kind(model_config(source)))
 
 
 def prompt_ids(prompt: str, tokenizer, max_length: int, scoring: str) -> list[int]:

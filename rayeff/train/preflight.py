@@ -7,6 +7,7 @@ against the model's positions, local GPUs, a checkpoint to resume from, the prio
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from rayeff.checks import check_output_file, check_output_location, path_exists
@@ -120,9 +121,9 @@ def check_model_suits_task(job, source) -> None:
     one, and the tokenizer a mask token); each label word is one token."""
     if job.data.task_type not in ("causal_lm", "prompted_classification"):
         return
-    from rayeff.models import backbone_kind, backbone_skeleton
+    from rayeff.models import backbone_kind, model_config
 
-    config = backbone_skeleton(source).config
+    config = model_config(source)
     kind = backbone_kind(config)
     if job.data.task_type == "causal_lm":
         if kind != "decoder":
@@ -167,16 +168,17 @@ def _check_prompting(job, source, config, kind: str) -> None:
     label_word_ids(tokenizer, task_of(job.data))
 
 
+@functools.lru_cache(maxsize=2)
 def _masked_lm_skeleton(source):
-    """The model's AutoModelForMaskedLM form, built on the meta device from its config (no weights)."""
+    """The model's AutoModelForMaskedLM form, built on the meta device from its config (no weights); memoised, as
+    the prompted-task checks ask twice."""
     import torch
-    from transformers import AutoConfig, AutoModelForMaskedLM
+    from transformers import AutoModelForMaskedLM
 
-    from rayeff.models import tiny_config
+    from rayeff.models import model_config
 
-    config = tiny_config(source) if source.tiny_config else AutoConfig.from_pretrained(source.weights)
     with torch.device("meta"):
-        return AutoModelForMaskedLM.from_config(config)
+        return AutoModelForMaskedLM.from_config(model_config(source))
 
 
 def missing_head_weights(source) -> list[str]:
