@@ -1,6 +1,6 @@
 """`rayeff run` as a user runs it, in a subprocess that starts its own local Ray: the real MiniLM on 2 workers,
-an output folder that refuses a second run without --resume, a run killed mid-way (SIGKILL) and runs interrupted
-(SIGINT, SIGTERM) that resume to the same final weights as an uninterrupted one."""
+an output folder that refuses a second run without --resume, and a run interrupted (SIGINT), killed mid-way (SIGKILL)
+and terminated (SIGTERM) that resumes each time, to the same final weights as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from rayeff.data.tokenized import Collator, load_train_and_dev
 from rayeff.models import build_classifier, load_tokenizer, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def rayeff(*args, **kwargs):
@@ -78,7 +78,7 @@ def test_read_job_on_minilm_with_two_workers_beats_the_untrained_model(tmp_path,
     assert "--resume" in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
 
-KILL_JOB = """
+SIGNAL_JOB = """
 model: {name: tiny-bert}
 data: {task: sst2, train_subset: 800, eval_subset: 16}
 method: {name: full}
@@ -88,91 +88,68 @@ deepspeed: {zero_stage: 1}
 """
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    return sorted(p for p in (out / "train").glob("step_*") if (p / "train_state.json").is_file())
+def _checkpoint_steps(out: Path) -> list[int]:
+    return sorted(json.loads(state.read_text())["step"] for state in (out / "train").glob("step_*/train_state.json"))
 
 
-def test_run_killed_mid_way_resumes_to_the_uninterrupted_weights(tmp_path, glue_dir):
-    job = tmp_path / "job.yaml"
-    job.write_text(KILL_JOB)
-    common = ["--data-dir", glue_dir, "--no-progress"]
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "rayeff.cli", "run", job, "--output", killed, *common],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def _signalled(job: Path, out: Path, how: signal.Signals, past_step: int,
+               *options: str) -> subprocess.CompletedProcess:
+    """`rayeff run` signalled once it has written a checkpoint past `past_step`: SIGINT (Ctrl-C in a terminal) and
+    SIGKILL to its process group, SIGTERM to the process alone (a process manager)."""
+    proc = subprocess.Popen([sys.executable, "-m", "rayeff.cli", "run", job, "--output", out, *options],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.time() + 600
-    while not _checkpoints(killed) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(3)  # let Ray's own processes notice the driver is gone
-    assert not (killed / "result.json").exists(), "the run finished before it could be killed"
-    steps_done = json.loads((_checkpoints(killed)[-1] / "train_state.json").read_text())["step"]
-    assert 10 <= steps_done < 100
+    while not any(s > past_step for s in _checkpoint_steps(out)) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    if how == signal.SIGTERM:
+        proc.send_signal(how)
+    else:
+        os.killpg(proc.pid, how)
+    stdout, stderr = proc.communicate(timeout=600)
+    if how == signal.SIGKILL:
+        time.sleep(3)  # let Ray's own processes notice the driver is gone
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
-    resumed = rayeff("run", job, "--output", killed, "--resume", *common)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+def test_a_run_interrupted_killed_and_terminated_resumes_each_time_to_the_uninterrupted_weights(tmp_path, glue_dir):
+    """Full fine-tuning under ZeRO-1 on two workers, through `rayeff run` as a user runs it: Ctrl-C (SIGINT) ends
+    the run after a whole step with a checkpoint at that step, status `stopped: interrupted` and exit 130; resumed,
+    it is killed outright (SIGKILL, mid-way between checkpoints); resumed, it is stopped by SIGTERM as by Ctrl-C;
+    resumed once more, it ends with the final weights and per-step losses of a run never interrupted."""
+    job = tmp_path / "job.yaml"
+    job.write_text(SIGNAL_JOB)
+    common = ["--data-dir", str(glue_dir), "--no-progress"]
     straight = rayeff("run", job, "--output", tmp_path / "straight", *common)
     assert straight.returncode == 0, straight.stderr[-3000:]
+    reference = json.loads((tmp_path / "straight" / "result.json").read_text())
+    out = tmp_path / "run"
 
-    a = load_file(str(killed / "final" / "trainable.safetensors"))
+    def assert_interrupted(stopped: subprocess.CompletedProcess) -> int:
+        assert stopped.returncode == 130, stopped.stderr[-3000:]
+        assert "stopping after the current step" in stopped.stderr and "interrupted at step" in stopped.stderr
+        result = json.loads((out / "result.json").read_text())
+        assert result["status"] == "stopped: interrupted" and 10 <= result["time"]["steps"] < 100
+        assert _checkpoint_steps(out)[-1] == result["time"]["steps"]   # its last checkpoint is at the stop
+        assert result["step_losses"] == reference["step_losses"][:result["time"]["steps"]]
+        return result["time"]["steps"]
+
+    interrupted_at = assert_interrupted(_signalled(job, out, signal.SIGINT, 0, *common))
+    killed = _signalled(job, out, signal.SIGKILL, interrupted_at, *common, "--resume")
+    assert killed.returncode == -signal.SIGKILL
+    killed_after = _checkpoint_steps(out)[-1]
+    assert interrupted_at < killed_after < 100
+    assert json.loads((out / "result.json").read_text())["time"]["steps"] == interrupted_at   # not rewritten
+    terminated_at = assert_interrupted(_signalled(job, out, signal.SIGTERM, killed_after, *common, "--resume"))
+    assert terminated_at > killed_after
+
+    resumed = rayeff("run", job, "--output", out, "--resume", *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(str(out / "final" / "trainable.safetensors"))
     b = load_file(str(tmp_path / "straight" / "final" / "trainable.safetensors"))
     assert a.keys() == b.keys() and len(a) > 10
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    res_a = json.loads((killed / "result.json").read_text())
-    res_b = json.loads((tmp_path / "straight" / "result.json").read_text())
-    assert res_a["step_losses"] == res_b["step_losses"] and res_a["time"]["steps"] == 100
-
-
-INTERRUPT_JOB = """
-model: {name: tiny-llama}
-data: {train_file: %s, dev_fraction: 0.1, task_type: causal_lm, template: "Q: {question}\\nA: ",
-       columns: {response: answer}}
-method: {name: adazeta, q_max: 2, q_target: 2, bottleneck: 8, tt_rank: 2}
-training: {max_steps: 120, batch_size: 8, lr: 1.0e-3, log_every: 10, checkpoint_every: 20, max_seq_length: 32}
-scaling: {num_workers: 2}
-""" % (ROOT / "jobs" / "data" / "sums.jsonl")
-
-
-def _interrupted(job: Path, out: Path, how: str) -> subprocess.CompletedProcess:
-    """`rayeff run` signalled once its first checkpoint is written: SIGINT to its process group (Ctrl-C in a
-    terminal) or SIGTERM to the process alone (a process manager)."""
-    proc = subprocess.Popen([sys.executable, "-m", "rayeff.cli", "run", job, "--output", out, "--no-progress"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 600
-    while not _checkpoints(out) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    if how == "SIGINT":
-        os.killpg(proc.pid, signal.SIGINT)
-    else:
-        proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=600)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def test_sigint_and_sigterm_stop_after_a_step_with_a_checkpoint_and_resume_to_the_uninterrupted_weights(tmp_path):
-    """Two AdaZeta workers (1 vs N workers is bit-exact, so the uninterrupted reference runs in process): each
-    signal ends the run after a whole step, status `stopped: interrupted`, exit 130, its last checkpoint at that
-    step; resumed, the run's final weights are those of a run never interrupted."""
-    from rayeff.train.runner import run_in_process
-
-    job = tmp_path / "job.yaml"
-    job.write_text(INTERRUPT_JOB)
-    straight = run_in_process(load_job(job, [f"output_dir={tmp_path / 'straight'}", "scaling.num_workers=1"]))
-    for how in ("SIGINT", "SIGTERM"):
-        out = tmp_path / how
-        stopped = _interrupted(job, out, how)
-        assert stopped.returncode == 130, stopped.stderr[-3000:]
-        assert "stopping after the current step" in stopped.stderr and "interrupted at step" in stopped.stderr
-        result = json.loads((out / "result.json").read_text())
-        assert result["status"] == "stopped: interrupted" and 20 <= result["time"]["steps"] < 120
-        last = json.loads((_checkpoints(out)[-1] / "train_state.json").read_text())["step"]
-        assert last == result["time"]["steps"]
-        assert result["step_losses"] == straight["step_losses"][:last]
-    resumed = rayeff("run", job, "--output", tmp_path / "SIGINT", "--resume", "--no-progress")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = load_file(str(tmp_path / "SIGINT" / "final" / "trainable.safetensors"))
-    b = load_file(straight["weights"])
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "finished" and result["time"]["steps"] == 100
+    assert result["step_losses"] == reference["step_losses"]

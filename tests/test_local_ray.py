@@ -83,6 +83,7 @@ def ray_tmpdir():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("situation", ["stale cluster file", pytest.param("RAY_ADDRESS", marks=pytest.mark.slow),
                                        pytest.param("ray imported first", marks=pytest.mark.slow)])
 def test_a_run_without_address_starts_its_own_local_ray_on_loopback(situation, ray_tmpdir):
@@ -106,3 +107,24 @@ def test_a_run_without_address_starts_its_own_local_ray_on_loopback(situation, r
     assert {"gcs_server", "raylet"} <= names and any("DashboardAgent" in n for n in names), got["listening"]
     beyond = [s for s in got["listening"] if not is_loopback(s[0])]
     assert not beyond, f"listening beyond loopback: {beyond}"
+
+
+@pytest.mark.parametrize("workers, user_set, interval", [(2, None, "0.25"), (32, None, "2.0"), (2, "5", "5")])
+def test_the_controller_polls_small_worker_groups_often_unless_the_user_says_otherwise(
+        tmp_path, monkeypatch, workers, user_set, interval):
+    """What Ray Train hands its controller (read when `fit` starts it), as `make_trainer` leaves the driver."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from rayeff.config import validate_job
+    from rayeff.models import resolve_model
+    from rayeff.train import runner
+
+    monkeypatch.setenv(runner.HEALTH_CHECK_INTERVAL, "unset")   # so that monkeypatch restores the environment after
+    monkeypatch.delenv(runner.HEALTH_CHECK_INTERVAL)
+    monkeypatch.setattr(runner, "_health_check_set", [])
+    if user_set is not None:
+        monkeypatch.setenv(runner.HEALTH_CHECK_INTERVAL, user_set)
+    job = validate_job({"model": {"name": "tiny-bert"}, "data": {"task": "sst2"}, "method": {"name": "full"},
+                        "scaling": {"num_workers": workers}, "output_dir": str(tmp_path / "run")})
+    runner.make_trainer(job, resolve_model("tiny-bert"))
+    assert get_env_vars_to_propagate()[runner.HEALTH_CHECK_INTERVAL] == interval

@@ -72,6 +72,7 @@ def untrained_accuracy(job_file: Path, glue_dir: Path) -> float:
     return compute_metrics(task.metrics, predictions, dev["label"])["accuracy"]
 
 
+@pytest.mark.ray
 def test_adazeta_on_minilm_16_shot_sst2_beats_the_untrained_model(tmp_path, glue_dir):
     job_file = ROOT / "jobs" / "sst2-adazeta.yaml"
     # Half the job's 40 epochs (its query schedule still ramps to q_target = 8 by the end): 0.589 against the
@@ -119,6 +120,26 @@ def test_a_zeroth_order_run_resumes_exactly(tmp_path, glue_dir):
     assert resumed["status"] == "finished" and resumed["time"]["steps"] == 4
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_zeroth_order_run_asked_to_stop_ends_after_that_step_and_resumes_to_the_same_weights(tmp_path, glue_dir,
+                                                                                                monkeypatch):
+    """The driver's stop request (rayeff/train/interrupts.py) as the zeroth-order loop hears it: rank 0 at its second
+    step, as it would from the driver; the run ends after that step with a checkpoint there."""
+    from rayeff.train.reporter import Reporter
+
+    straight = run_in_process(zo_job(tmp_path, glue_dir, "straight"))
+    calls = []
+    monkeypatch.setattr(Reporter, "interruptible", property(lambda self: True))
+    monkeypatch.setattr(Reporter, "stop_flag", lambda self: calls.append(1) or float(len(calls) >= 2))
+    stopped = run_in_process(zo_job(tmp_path, glue_dir, "stopped"))
+    assert stopped["status"] == "stopped: interrupted" and stopped["time"]["steps"] == 2
+    assert sorted(p.name for p in (tmp_path / "stopped" / "train").glob("step_*")) == ["step_00000002"]
+    monkeypatch.setattr(Reporter, "stop_flag", lambda self: 0.0)
+    resumed = run_in_process(zo_job(tmp_path, glue_dir, "stopped", resume=True))
+    assert resumed["status"] == "finished" and resumed["step_losses"] == straight["step_losses"]
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, glue_dir):
