@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
             view.add_argument("id", type=int, help="the sweep's id (from `rayeff priors list`)")
         view.add_argument("--store", default="runs/priors.db", help="the prior store (default runs/priors.db)")
 
+    report = commands.add_parser("report", help="an HTML page with plots of a run, a sweep or a `bench compare` "
+                                                "JSON (the PNGs written beside it)")
+    report.add_argument("path", metavar="PATH", help="a run folder, a sweep folder, or a bench compare JSON file")
+    report.add_argument("--output", required=True, help="the HTML file to write (FILE-<figure>.png beside it)")
+
     submit = commands.add_parser("submit", help="submit a job or a sweep to a Ray cluster (Ray's Jobs API)")
     submit.add_argument("file", help="job or sweep YAML file; validated here before anything is submitted")
     _file_options(submit, "job (or sweep)", "continue the run or sweep in the output folder",
@@ -270,6 +275,14 @@ def cmd_priors(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from rayeff.report.page import write_report
+
+    written = write_report(args.path, args.output)
+    print(f"rayeff: wrote {written['html']} ({written['kind']}, {len(written['figures'])} figures beside it)")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from rayeff.cluster.jobs import submit
 
@@ -376,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         commands = {"run": cmd_run, "export": cmd_export, "predict": cmd_predict, "tune": cmd_tune,
-                    "priors": cmd_priors, "submit": cmd_submit, "jobs": cmd_jobs, "status": cmd_status,
-                    "bench": cmd_bench}
+                    "priors": cmd_priors, "report": cmd_report, "submit": cmd_submit, "jobs": cmd_jobs,
+                    "status": cmd_status, "bench": cmd_bench}
         return commands[args.command](args)
     except UserError as err:
         print(f"rayeff: error: {err}", file=sys.stderr)

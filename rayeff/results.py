@@ -65,6 +65,21 @@ class Energy(Figures):
                                             "checkpointing)")
 
 
+class EnergyReading(Figures):
+    """The run's energy at a logged step (the reading its progress line shows)."""
+
+    step: int = Field(description="the step it was read after")
+    joules: float = Field(description="energy of the whole run so far, over all workers")
+
+
+class Evaluation(Figures):
+    """One evaluation on the dev set, and the run's energy when it ended."""
+
+    step: int = Field(description="the step it evaluated")
+    joules: float = Field(description="energy of the whole run so far, over all workers, evaluation included")
+    metrics: dict[str, float] = Field(description="the dev metrics, by the task's metric names")
+
+
 class Memory(Figures):
     """The tensor account of one worker, the largest over workers (rayeff/measure/memory.py), and the device's
     peak (rayeff/train/summary.py `memory_figures`)."""
@@ -170,6 +185,12 @@ class RunResult(Figures):
     loss_history_steps: list[int] = Field(description="the step of each loss_history entry")
     step_losses: list[float] = Field(description="every step's training loss")
     energy: Energy = Field(description="energy of the run")
+    energy_history: list[EnergyReading] = Field(
+        default_factory=list, description="the run's energy at each logged step, and at the last (to draw loss "
+                                          "against joules)")
+    eval_history: list[Evaluation] = Field(
+        default_factory=list, description="each evaluation: every training.eval_every steps, and the final one (the "
+                                          "run's `metrics`)")
     memory: Memory = Field(description="memory of one worker, the largest over workers")
     time: Timing = Field(description="training-step time")
     workers: int = Field(description="Ray Train workers")

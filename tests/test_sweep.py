@@ -23,11 +23,17 @@ from rayeff.errors import UserError
 from rayeff.methods.read import side_parameter_formula
 from rayeff.tune.limits import ENERGY, TIME, SweepLimits
 from rayeff.tune.priors import PriorStore
-from rayeff.tune.results import dominates, pareto_front
+from rayeff.tune.results import pareto_front
 from rayeff.tune.spec import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BERT_HEAD = (32 * 32 + 32) + (32 * 2 + 2)   # the mlp head on tiny-bert's width 32, two labels
+
+
+def dominates(a: list[float], b: list[float], modes: list[str]) -> bool:
+    """a is at least as good as b in every objective and better in one (the tests' own check of a front)."""
+    no_worse = all(x >= y if m == "max" else x <= y for x, y, m in zip(a, b, modes))
+    return no_worse and any(x > y if m == "max" else x < y for x, y, m in zip(a, b, modes))
 
 
 def write_sweep(tmp_path, glue_dir, name="sweep", steps=2, **changes) -> Path:
@@ -54,7 +60,9 @@ def write_sweep(tmp_path, glue_dir, name="sweep", steps=2, **changes) -> Path:
 # Before the tests that use sweep_ray: this one starts Rays of its own (the CLI's), and two local Rays on one
 # machine slow each other and confuse Ray Train's placement-group cleaner.
 @pytest.mark.slow
-def test_a_killed_multi_objective_sweep_resumes_without_losing_or_repeating_a_trial(tmp_path, glue_dir):
+@pytest.mark.ray
+def test_a_killed_multi_objective_sweep_resumes_without_losing_or_repeating_a_trial(tmp_path, glue_dir,
+                                                                                      check_report):
     path = write_sweep(tmp_path, glue_dir, steps=6, num_trials=2, searcher={"kind": "nsga2", "seed": 1},
                        objective=[{"metric": "dev", "mode": "max"}, {"metric": "energy_j", "mode": "min"}])
     out, db = tmp_path / "sweep", f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}"
@@ -86,6 +94,10 @@ def test_a_killed_multi_objective_sweep_resumes_without_losing_or_repeating_a_tr
     for t in front:
         assert not any(dominates(o["objectives"], t["objectives"], ["max", "min"]) for o in report["trials"])
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # `rayeff report` on the sweep folder: every trial, the front, the energy of each
+    page = tmp_path / "report" / "sweep.html"
+    assert main(["report", str(out), "--output", str(page)]) == 0
+    check_report(page, {"trials", "trial-energy"})
 
 
 @pytest.fixture(scope="module")
@@ -192,13 +204,23 @@ def test_sweep_limits_refuse_trials_that_would_pass_the_budget():
     assert late.start("a") == TIME and late.update("a", 1.0)[0] == TIME
 
 
-def test_the_pareto_front_holds_the_trials_no_other_dominates():
-    def t(n, acc, joules, feasible=True):
-        return {"number": n, "objectives": [acc, joules], "feasible": feasible}
-
-    trials = [t(0, 0.8, 10), t(1, 0.9, 20), t(2, 0.7, 15), t(3, 0.9, 25), t(4, 0.95, 5, feasible=False)]
-    assert [x["number"] for x in pareto_front(trials, ["max", "min"])] == [1, 0]
-    assert dominates([0.9, 20], [0.9, 25], ["max", "min"]) and not dominates([0.9, 20], [0.9, 20], ["max", "min"])
+def test_the_pareto_front_is_optunas_best_trials_among_feasible_complete_trials():
+    """The front comes from the study (`study.best_trials`), which leaves out trials over a budget (a constraint
+    > 0) and trials that did not complete, whatever their objectives."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    trials = []
+    for n, (acc, joules, over, state) in enumerate([(0.8, 10, 0, "COMPLETE"), (0.9, 20, 0, "COMPLETE"),
+                                                    (0.7, 15, 0, "COMPLETE"), (0.9, 25, 0, "COMPLETE"),
+                                                    (0.95, 5, 1.0, "COMPLETE"), (0.99, 1, 0, "PRUNED")]):
+        state = optuna.trial.TrialState[state]
+        values = [acc, joules] if state == optuna.trial.TrialState.COMPLETE else None
+        study.add_trial(optuna.trial.create_trial(state=state, values=values,
+                                                  constraints={"energy_over_budget_j": over}))
+        trials.append({"number": n, "objectives": [acc, joules], "feasible": over <= 0 and values is not None})
+    front = pareto_front(study, trials, ["max", "min"])
+    assert [t["number"] for t in front] == [1, 0]
+    feasible = [t for t in trials if t["feasible"]]   # checked by hand: no feasible trial dominates one on it
+    assert all(not any(dominates(o["objectives"], t["objectives"], ["max", "min"]) for o in feasible) for t in front)
 
 
 @pytest.mark.parametrize("changes, message", [

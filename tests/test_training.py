@@ -78,7 +78,8 @@ def test_result_json_is_complete(tmp_path, glue_dir):
     assert (tmp_path / "read" / "final" / "trainable.safetensors").is_file()
 
 
-def test_bench_compare_writes_each_result_and_ratios_to_full(tmp_path, glue_dir, one_worker_runs_in_process):
+def test_bench_compare_writes_each_result_and_ratios_to_full(tmp_path, glue_dir, one_worker_runs_in_process,
+                                                             check_report):
     job = tiny_job(tmp_path, glue_dir, "unused")
     out = tmp_path / "compare.json"
     report = compare_methods(job, ["full", "lora", "read"], str(out), runs_dir=str(tmp_path / "runs"),
@@ -94,6 +95,14 @@ def test_bench_compare_writes_each_result_and_ratios_to_full(tmp_path, glue_dir,
     assert ratios["read"]["trainable_params"] < 1.0 and ratios["lora"]["trainable_params"] < 1.0
     assert ratios["read"]["tensor_account_bytes"] < ratios["lora"]["tensor_account_bytes"] < 1.0
     assert {r["time"]["steps"] for r in report["results"].values()} == {5}
+
+    # `rayeff report` on the comparison: each method's curves, memory account and cost, side by side
+    from rayeff.cli import main
+
+    page = tmp_path / "compare.html"
+    assert main(["report", str(out), "--output", str(page)]) == 0
+    check_report(page, {"curves", "memory", "cost"})
+    assert all(f"<h3>{method}</h3>" in page.read_text() for method in ("full", "lora", "read"))   # the settings
 
 
 def test_energy_budget_stops_the_run_with_a_resumable_checkpoint(tmp_path, glue_dir):

@@ -83,9 +83,10 @@ def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
             status = INTERRUPTED
         if due(state.step, t.log_every) or last:
             energy = meter.energy(state)
+            state.logged(energy)
             status = reporter.log(reporter.progress(state, total, energy), energy) or status
-        if due(state.step, t.eval_every) and not last:
-            state.last_eval = evaluate(engine, run, ctx)
+        if due(state.step, t.eval_every) and not last and status == "finished":   # (a stop evaluates below)
+            state.evaluated(evaluate(engine, run, ctx), meter.energy(state))
             record_routing(run.routing_layers, state)
         if due(state.step, t.checkpoint_every) and not last and status == "finished":
             energy = meter.energy(state)

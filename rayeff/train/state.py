@@ -24,6 +24,8 @@ class TrainState:
     loss_sum: float = 0.0
     losses: list = field(default_factory=list)
     last_eval: dict = field(default_factory=dict)
+    energy_history: list = field(default_factory=list)   # {"step", "joules"} at each logged step
+    eval_history: list = field(default_factory=list)     # {"step", "joules", "metrics"} at each evaluation
     extra: dict = field(default_factory=dict)  # the loop's own counters (e.g. ZO queries so far)
 
     def advance(self, loss: float, samples: int) -> None:
@@ -31,6 +33,15 @@ class TrainState:
         self.step, self.batch_in_epoch, self.samples = self.step + 1, self.batch_in_epoch + 1, self.samples + samples
         self.losses.append(loss)
         self.loss_sum += loss
+
+    def logged(self, energy: dict) -> None:
+        """Note the run's energy at a logged step."""
+        self.energy_history.append({"step": self.step, "joules": energy["joules"]})
+
+    def evaluated(self, metrics: dict, energy: dict) -> None:
+        """Note an evaluation's metrics, and the run's energy once it ended."""
+        self.last_eval = metrics
+        self.eval_history.append({"step": self.step, "joules": energy["joules"], "metrics": metrics})
 
 
 INTERRUPTED = "stopped: interrupted"   # a run's status when the driver asked it to stop (rayeff/train/interrupts.py)

@@ -34,6 +34,14 @@ def logged_losses(losses: list[float], log_every: int) -> dict:
     return {"loss_history": [sum(losses[a:b]) / (b - a) for a, b in zip(starts, ends)], "loss_history_steps": ends}
 
 
+def final_reading(history: list[dict], step: int, energy: dict) -> list[dict]:
+    """The energy history ending at the last step: a run stopped off the training.log_every grid gets the final
+    reading there (taken after the final evaluation, so that point includes it)."""
+    if history and history[-1]["step"] == step:
+        return history
+    return [*history, {"step": step, "joules": energy["joules"]}]
+
+
 def run_summary(run: RunSetup, ctx: TrainContext, state: TrainState, status: str, metrics: dict, energy: dict,
                 memory: dict, total_steps: int, loop_figures: dict | None = None) -> dict:
     """The final report's summary (a `RunResult`, as a dict); `loop_figures` adds a loop's own section (the
@@ -42,7 +50,9 @@ def run_summary(run: RunSetup, ctx: TrainContext, state: TrainState, status: str
     result = RunResult(
         status=status, method=job.method.name, model=job.model.name, task=run.task.name, metrics=metrics,
         train_loss=s.loss_sum / max(s.step, 1), **logged_losses(s.losses, job.training.log_every),
-        step_losses=s.losses, energy=energy, memory=memory,
+        step_losses=s.losses, energy=energy, energy_history=final_reading(s.energy_history, s.step, energy),
+        eval_history=[*s.eval_history, {"step": s.step, "joules": energy["joules"], "metrics": metrics}],
+        memory=memory,
         time={"train_seconds": s.train_seconds, "steps": s.step, "samples": s.samples,
               "samples_per_second": s.samples / max(s.train_seconds, 1e-9),
               "seconds_per_step": s.train_seconds / max(s.step, 1),

@@ -105,10 +105,11 @@ def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
             status = INTERRUPTED   # every worker heard it (rank 0 from the driver), after the same step
         if due(state.step, t.log_every) or last:
             energy = meter.energy(state)
+            state.logged(energy)
             progress = reporter.progress(state, total, energy, query_progress(state, ctx.world_size))
             status = reporter.log(progress, energy) or status
-        if due(state.step, t.eval_every) and not last:
-            state.last_eval = evaluate(module, run, ctx)
+        if due(state.step, t.eval_every) and not last and status == "finished":   # (a stop evaluates below)
+            state.evaluated(evaluate(module, run, ctx), meter.energy(state))
         if due(state.step, t.checkpoint_every) and not last and status == "finished":
             energy = meter.energy(state)
             progress = reporter.progress(state, total, energy, query_progress(state, ctx.world_size))

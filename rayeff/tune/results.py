@@ -16,24 +16,18 @@ def study_records(study) -> list[dict]:
             for t in sorted(study.trials, key=lambda t: t.number) if RECORD_ATTR in t.user_attrs]
 
 
-def dominates(a: list[float], b: list[float], modes: list[str]) -> bool:
-    """a is at least as good as b in every objective and better in one."""
-    better = [x > y if m == "max" else x < y for x, y, m in zip(a, b, modes)]
-    no_worse = [x >= y if m == "max" else x <= y for x, y, m in zip(a, b, modes)]
-    return all(no_worse) and any(better)
-
-
-def pareto_front(trials: list[dict], modes: list[str]) -> list[dict]:
-    """Feasible trials that no other feasible trial dominates, sorted by the first objective."""
-    feasible = [t for t in trials if t["feasible"]]
-    front = [t for t in feasible if not any(dominates(o["objectives"], t["objectives"], modes) for o in feasible)]
+def pareto_front(study, trials: list[dict], modes: list[str]) -> list[dict]:
+    """The records of the study's Pareto-optimal trials, best first by the first objective. Optuna's
+    `study.best_trials` chooses them: complete trials whose constraints (the searcher's budgets, and `unfinished`)
+    are all <= 0, that no other such trial dominates."""
+    optimal = {t.number for t in study.best_trials}
+    front = [t for t in trials if t["number"] in optimal]
     return sorted(front, key=lambda t: t["objectives"][0], reverse=modes[0] == "max")
 
 
-def best_trial(trials: list[dict], sweep: SweepSpec) -> dict | None:
+def best_trial(study, trials: list[dict], sweep: SweepSpec) -> dict | None:
     """The best feasible trial by the first objective (for several objectives: the front's best by the first)."""
-    modes = [o.mode for o in sweep.objectives]
-    candidates = pareto_front(trials, modes)
+    candidates = pareto_front(study, trials, [o.mode for o in sweep.objectives])
     return candidates[0] if candidates else None
 
 

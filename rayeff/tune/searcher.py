@@ -112,9 +112,9 @@ class SweepSearch(Searcher):
             return
         trial = self._trials[trial_id]
         record = trial_record(trial_id, dict(trial.params), result, SweepSpec.model_validate(self._sweep_dump))
-        trial.set_user_attr(RECORD_ATTR, record)
-        for key, value in record["constraints"].items():
+        for key, value in record["constraints"].items():   # first: a recorded trial always has its constraints
             trial.set_constraint(key, value)
+        trial.set_user_attr(RECORD_ATTR, record)
         state, values = outcome(record, error)
         if self._ignores_constraints and not record["feasible"] and state == optuna.trial.TrialState.COMPLETE:
             state, values = optuna.trial.TrialState.FAIL, None   # keep an over-budget trial out of CMA-ES's model

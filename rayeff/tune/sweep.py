@@ -208,23 +208,28 @@ def write_results(sweep: SweepSpec, job, output: Storage, started: dict, study, 
     from rayeff.tune.results import best_trial, pareto_front, plot_pareto, study_records
     from rayeff.tune.trial import job_with_params
 
+    from rayeff.measure.energy import energy_axis_label
+
     trials = study_records(study)
-    best = best_trial(trials, sweep)
+    best = best_trial(study, trials, sweep)
+    labels = objective_labels(sweep, job, trials)
     total = sum((t.get("energy") or {}).get("joules", 0.0) for t in trials)
     budget = sweep.energy.sweep_budget_j
     report = {"sweep": sweep.model_dump(mode="json"), "search_space": started["space"],
-              "descriptors": started["descriptors"], "priors": started["priors"], "trials": trials, "best": best,
+              "descriptors": started["descriptors"], "priors": started["priors"], "objective_labels": labels,
+              "trials": trials, "best": best,
               "energy": {"total_j": total, "sweep_budget_j": budget,
                          "overshoot_j": max(total - budget, 0.0) if budget is not None else None,
                          "stopped_by": stopped_by,
-                         "sources": sorted({(t.get("energy") or {}).get("source") for t in trials} - {None})},
+                         "sources": sorted({(t.get("energy") or {}).get("source") for t in trials} - {None}),
+                         "axis_label": energy_axis_label([(t.get("energy") or {}).get("source") for t in trials],
+                                                         job.energy.watts_per_cpu)},
               "requeued_after_interruption": requeued, "output_dir": output.location,
               "study": output.child(STUDY_FILE),
               "dashboard": f"optuna-dashboard sqlite:///{output.child(STUDY_FILE)}" if output.local else
               f"copy {output.child(STUDY_FILE)} here, then: optuna-dashboard sqlite:///{STUDY_FILE}"}
     if len(sweep.objectives) > 1:
-        labels = objective_labels(sweep, job, trials)
-        front = pareto_front(trials, [o.mode for o in sweep.objectives])
+        front = pareto_front(study, trials, [o.mode for o in sweep.objectives])
         report["pareto_front"] = [t["number"] for t in front]
         output.write_json("pareto.json", {"objectives": labels, "front": front})
         with tempfile.TemporaryDirectory() as tmp:
