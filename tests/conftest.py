@@ -131,43 +131,6 @@ def s3_server():
                 os.environ[k] = v
 
 
-# Fixtures that start a Ray in the test process (or a test cluster beside it).
-RAY_FIXTURES = {"local_ray", "sweep_ray", "ray_head"}
-
-
-def pytest_itemcollected(item):
-    """The suite runs on two pytest-xdist workers (pyproject.toml: `-n 2 --dist loadgroup`). The tests that start a
-    Ray (marked `ray`, or using a Ray fixture) form one group and run one after another on one worker, in file order:
-    two local Rays on one machine find each other (Ray Train's placement-group cleaner then removes a live run's
-    workers) and each wants the machine's CPUs. Every other test runs in process, in the second group. (Marked as
-    each test is collected: xdist reads the groups into the test ids in its pytest_collection_modifyitems.)"""
-    ray = item.get_closest_marker("ray") is not None or bool(RAY_FIXTURES & set(item.fixturenames))
-    item.add_marker(pytest.mark.xdist_group("ray" if ray else "in_process"))
-
-
-def pytest_collection_finish(session):
-    """On an xdist worker, every test id must carry its group (`...@ray`), as xdist's loadgroup writes it: if a pytest
-    or xdist release stops doing so, the suite fails here rather than running Ray tests side by side."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and session.config.getvalue("loadgroup"):
-        ungrouped = [item.nodeid for item in session.items if "@" not in item.nodeid.rsplit("]", 1)[-1]]
-        if ungrouped:
-            raise pytest.UsageError(f"xdist's loadgroup left {len(ungrouped)} tests ungrouped (e.g. {ungrouped[0]}); "
-                                    "see the pytest pin in pyproject.toml")
-
-
-@pytest.fixture(autouse=True)
-def _in_process_tests_yield_the_cpu(request):
-    """The worker of the in-process group runs under Linux's SCHED_IDLE policy (its threads and children too): it gets
-    a core only when nothing else wants it. The Ray group is the suite's longest path, and Ray runs its workers at
-    nice 15, which a merely niced test process would still outrank. The policy stays with that worker process; the
-    Ray group's worker leaves its own as it is."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and request.node.get_closest_marker("xdist_group").args[0] != "ray" \
-            and hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(0) != os.SCHED_IDLE:
-        for thread in os.listdir("/proc/self/task"):   # every thread it has; those it starts later inherit it
-            os.sched_setscheduler(int(thread), os.SCHED_IDLE, os.sched_param(0))
-    yield
-
-
 @pytest.fixture
 def check_report():
     """A check of a `rayeff report` page: it embeds exactly the figures named, each a PNG that decodes, each the

@@ -60,7 +60,6 @@ def write_sweep(tmp_path, glue_dir, name="sweep", steps=2, **changes) -> Path:
 # Before the tests that use sweep_ray: this one starts Rays of its own (the CLI's), and two local Rays on one
 # machine slow each other and confuse Ray Train's placement-group cleaner.
 @pytest.mark.slow
-@pytest.mark.ray
 def test_a_killed_multi_objective_sweep_resumes_without_losing_or_repeating_a_trial(tmp_path, glue_dir,
                                                                                       check_report):
     path = write_sweep(tmp_path, glue_dir, steps=6, num_trials=2, searcher={"kind": "nsga2", "seed": 1},
@@ -180,6 +179,7 @@ def test_a_trial_energy_budget_stops_every_trial_and_the_sweep_goes_on(tmp_path,
                for t in per_trial["trials"])
     assert not (tmp_path / "sweep" / "best_job.yaml").exists()
     # The sweep's own energy budget is checked in the ASHA test's second sweep.
+
 
 
 def _trials(db: str) -> list:

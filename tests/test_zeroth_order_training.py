@@ -72,7 +72,6 @@ def untrained_accuracy(job_file: Path, glue_dir: Path) -> float:
     return compute_metrics(task.metrics, predictions, dev["label"])["accuracy"]
 
 
-@pytest.mark.ray
 def test_adazeta_on_minilm_16_shot_sst2_beats_the_untrained_model(tmp_path, glue_dir):
     job_file = ROOT / "jobs" / "sst2-adazeta.yaml"
     # Half the job's 40 epochs (its query schedule still ramps to q_target = 8 by the end): 0.589 against the
