@@ -258,6 +258,40 @@ class FailureSpec(Spec):
                               "a worker dies (-1: no limit); Ray Train's FailureConfig")
 
 
+MLFLOW_SCHEMES = ("http://", "https://", "sqlite:///", "postgresql://", "mysql://", "mssql://", "databricks")
+
+
+class TrackingSpec(Spec):
+    """Where rank 0 sends the run's settings, progress and results (rayeff/tracking.py)."""
+
+    mlflow: bool | str | None = Field(None, description="an MLflow tracking URI (http://host:port, sqlite:///FILE, "
+                                      "a database URL, databricks), or true: a SQLite store OUTPUT/mlflow.db")
+    tensorboard: bool | str | None = Field(None, description="a folder for TensorBoard event files (relative: under "
+                                           "the output folder), or true: OUTPUT/tensorboard")
+    experiment: str = Field("rayeff", min_length=1, description="the MLflow experiment the run is logged in")
+    parent_run_id: str | None = Field(None, description="the MLflow run this one nests under (a sweep sets it for "
+                                      "its trials)")
+
+    @field_validator("mlflow")
+    @classmethod
+    def _mlflow_uri(cls, value: bool | str | None) -> bool | str | None:
+        if isinstance(value, str) and not value.startswith(MLFLOW_SCHEMES):
+            hint = " (MLflow 3 refuses file stores: use sqlite:///PATH.db)" if value.startswith(("file:", "/", ".")) \
+                else ""
+            raise ValueError(f"{value!r} is not an MLflow tracking URI{hint}; give http://HOST:PORT, "
+                             "sqlite:///PATH.db, a database URL, databricks, or true")
+        return value
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _tensorboard_folder(cls, value: bool | str | None) -> bool | str | None:
+        return no_nul(value) if isinstance(value, str) else value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.mlflow) or bool(self.tensorboard)
+
+
 class JobSpec(Spec):
     model: ModelSpec = ModelSpec()
     data: DataSpec
@@ -267,6 +301,7 @@ class JobSpec(Spec):
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     energy: EnergySpec = EnergySpec()
     failure: FailureSpec = FailureSpec()
+    tracking: TrackingSpec = TrackingSpec()
     output_dir: str = Field("runs/job", description="where result.json, checkpoints and final weights go")
     resume: bool = Field(False, description="continue from the checkpoint in output_dir")
 

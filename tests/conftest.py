@@ -96,6 +96,33 @@ def one_worker_runs_in_process(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (`mlflow server`) on a free loopback port, its store a SQLite file; its URI."""
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port",
+                               str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                               "--default-artifact-root", str(folder / "artifacts")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+            break
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+            time.sleep(0.5)
+    yield uri
+    os.killpg(server.pid, 15)   # the server and its workers
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on a free port with a bucket, and the environment pyarrow reads it from (set before any Ray
     that uses it starts, so its workers inherit it)."""

@@ -169,10 +169,14 @@ def test_an_asha_sweep_records_every_trial_and_a_later_sweep_starts_from_it_unti
 
 
 @pytest.mark.slow
-def test_a_trial_energy_budget_stops_every_trial_and_the_sweep_goes_on(tmp_path, glue_dir, sweep_ray):
+def test_a_trial_energy_budget_stops_every_trial_and_the_sweep_goes_on(tmp_path, glue_dir, sweep_ray, mlflow_server):
+    """Also: the sweep logs to a real MLflow server, one parent run and one nested run per trial."""
+    from mlflow.tracking import MlflowClient
+
     from rayeff.tune.sweep import run_sweep
 
-    per_trial = run_sweep(str(write_sweep(tmp_path, glue_dir, num_trials=2, energy={"trial_budget_j": 1e-9})))
+    per_trial = run_sweep(str(write_sweep(tmp_path, glue_dir, num_trials=2, energy={"trial_budget_j": 1e-9},
+                                          tracking={"mlflow": mlflow_server, "experiment": "budget"})))
     assert [t["status"] for t in per_trial["trials"]] == ["stopped: energy budget"] * 2
     assert not any(t["feasible"] for t in per_trial["trials"]) and per_trial["best"] is None
     assert all(t["energy"]["joules"] > 0 and t["constraints"]["energy_over_budget_j"] > 0
@@ -180,6 +184,18 @@ def test_a_trial_energy_budget_stops_every_trial_and_the_sweep_goes_on(tmp_path,
     assert not (tmp_path / "sweep" / "best_job.yaml").exists()
     # The sweep's own energy budget is checked in the ASHA test's second sweep.
 
+    client = MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("budget").experiment_id])
+    [parent] = [r for r in runs if "rayeff.sweep" in r.data.tags]
+    trials = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert len(runs) == 3 and sorted(trials) == sorted(t["trial_id"] for t in per_trial["trials"])
+    assert parent.data.params["sweep.energy.trial_budget_j"] == "1e-09" and parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials"] == 2
+    for trial in per_trial["trials"]:
+        logged = trials[trial["trial_id"]]
+        assert logged.data.tags["rayeff.status"] == "stopped: energy budget" and logged.info.status == "KILLED"
+        assert logged.data.metrics["energy_joules"] == pytest.approx(trial["energy"]["joules"])
+        assert logged.data.params["method.hidden_size"] == str(trial["params"]["method.hidden_size"])
 
 
 def _trials(db: str) -> list:

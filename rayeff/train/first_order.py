@@ -104,7 +104,7 @@ def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
                           total)
     # A diverged run holds the weights from before its bad step: its final checkpoint is new, the earlier kept.
     checkpointer.save(state, energy, summary, write, diverged=status == "diverged")
-    reporter.end(status, energy)
+    reporter.end(status, energy, summary)
 
 
 # -- the engine ---------------------------------------------------------------------------------------------------

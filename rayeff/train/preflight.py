@@ -217,6 +217,7 @@ def check_job_inputs(job, source) -> None:
     load (see rayeff/train/checkpoint_safety.py)."""
     from rayeff.cluster.storage import is_uri
 
+    check_tracking(job.tracking, job.output_dir)
     check_output_location(job.output_dir)
     check_cache_dir(job.data.cache_dir)
     check_model_folder(source)
@@ -228,6 +229,25 @@ def check_job_inputs(job, source) -> None:
         train = Path(job.output_dir).expanduser() / TRAIN_DIR
         if train.is_dir():
             check_checkpoint_files(train)
+
+
+def check_tracking(tracking, output_dir: str) -> None:
+    """The trackers a job (or sweep) names are installed, and a store kept in the output folder has a local one.
+    Whether a tracking server answers is not checked here: a run never fails for want of its tracker."""
+    import importlib.util
+
+    from rayeff.cluster.storage import is_uri
+
+    if tracking.mlflow and importlib.util.find_spec("mlflow") is None:
+        raise UserError("tracking.mlflow: MLflow is not installed here; pip install 'rayeff[tracking]' (or mlflow)")
+    if tracking.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+        raise UserError("tracking.tensorboard: tensorboardX is not installed here; pip install tensorboardX")
+    local_only = [name for name, value in (("mlflow", tracking.mlflow), ("tensorboard", tracking.tensorboard))
+                  if value is True or (name == "tensorboard" and isinstance(value, str)
+                                       and not Path(value).expanduser().is_absolute())]
+    if local_only and is_uri(output_dir):
+        raise UserError(f"tracking.{local_only[0]}: it would be kept in the output folder {output_dir}, which is not "
+                        "local; give an MLflow URI or an absolute folder")
 
 
 def check_prior_store(path: str) -> None:
@@ -247,6 +267,7 @@ def check_sweep_inputs(sweep, job, address: str | None) -> None:
     store; before the sweep writes anything or starts Ray."""
     from rayeff.models import resolve_model
 
+    check_tracking(sweep.tracking, sweep.output_dir)
     check_output_location(sweep.output_dir)
     check_prior_store(sweep.priors.store)
     check_cache_dir(job.data.cache_dir)

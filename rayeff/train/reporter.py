@@ -1,6 +1,7 @@
 """Where a run's progress goes while it trains: the driver's display (a Ray queue), the cluster's live metrics and
-status board (rayeff/cluster/live.py), and, in a sweep, the sweep's limits actor, which may tell the run to stop.
-Rank 0 speaks for the run; every rank hears the sweep's answer, so all stop together."""
+status board (rayeff/cluster/live.py), the job's experiment trackers (rayeff/tracking.py), and, in a sweep, the
+sweep's limits actor, which may tell the run to stop. Rank 0 speaks for the run; every rank hears the sweep's answer,
+so all stop together."""
 
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ class Reporter:
 
             self.live = LiveRun(links["labels"], dev_metric, job.energy.budget_j,
                                 {"task": task_name, "model": job.model.name, "output_dir": job.output_dir})
+        self.tracker = None
+        if rank == 0 and job.tracking.enabled:
+            from pathlib import Path
+
+            from rayeff.tracking import Tracker
+
+            self.tracker = Tracker.open(job, self.trial_key or Path(job.output_dir).name)
 
     def progress(self, state: TrainState, total_steps: int, energy: dict, extra: dict | None = None) -> dict:
         """This step's `Progress` (rayeff/results.py), as the dict that travels; `extra` adds a loop's own fields
@@ -67,6 +75,8 @@ class Reporter:
             return
         if self.live is not None:
             self.live.update(progress, self.sweep_remaining_j)
+        if self.tracker is not None:
+            self.tracker.log_progress(progress)
         if self.progress_queue is not None:
             try:
                 self.progress_queue.put_nowait(progress)
@@ -85,6 +95,9 @@ class Reporter:
             answer, self.sweep_remaining_j = ray.get(self.sweep_limits.update.remote(self.trial_key, energy["joules"]))
         return all_gather(answer)[0]
 
-    def end(self, status: str, energy: dict) -> None:
+    def end(self, status: str, energy: dict, summary: dict) -> None:
+        """The run has ended with `status`; `summary` is what result.json will hold."""
         if self.live is not None:
             self.live.end(status, energy["joules"])
+        if self.tracker is not None:
+            self.tracker.finish(status, summary)

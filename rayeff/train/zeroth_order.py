@@ -124,7 +124,7 @@ def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
     summary = run_summary(run, ctx, state, status, metrics, energy, memory, total, figures)
     # A diverged run holds the weights from before its bad step: its final checkpoint is new, the earlier kept.
     checkpointer.save(state, energy, summary, write, diverged=status == "diverged")
-    reporter.end(status, energy)
+    reporter.end(status, energy, summary)
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> tuple:

@@ -22,7 +22,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from rayeff.config import JobSpec, describe_errors, load_job, parse_overrides, read_yaml_mapping, set_field
+from rayeff.config import (
+    JobSpec,
+    TrackingSpec,
+    describe_errors,
+    load_job,
+    parse_overrides,
+    read_yaml_mapping,
+    set_field,
+)
 from rayeff.data.task import task_of
 from rayeff.errors import UserError
 from rayeff.results import RunResult
@@ -81,6 +89,9 @@ class SweepSpec(Spec):
     energy: SweepEnergySpec = SweepEnergySpec()
     time_limit_s: float | None = Field(None, gt=0, description="wall time of one `rayeff tune` invocation")
     priors: PriorsSpec = PriorsSpec()
+    tracking: TrackingSpec = Field(TrackingSpec(), description="one parent MLflow run for the sweep and one nested "
+                                   "run per trial (true: a SQLite store in the sweep's folder); TensorBoard event "
+                                   "files per trial")
     output_dir: str = "runs/sweep"
 
     @field_validator("priors", mode="before")

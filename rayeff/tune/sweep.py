@@ -157,14 +157,34 @@ def _run_sweep_locked(sweep: SweepSpec, job, space, output: Storage, address: st
     done = study_records(study)
     earlier_j = [(r.get("energy") or {}).get("joules", 0.0) for r in done]
     limits = ray.remote(num_cpus=0)(SweepLimits).remote(sweep.energy.sweep_budget_j, sweep.time_limit_s, earlier_j)
+    sweep, parent = with_parent_run(sweep, output)
     if sweep.num_trials > len(done):
         _run_trials(sweep, job, space, output, study_file, limits, len(done))
     report = write_results(sweep, job, output, started, optuna.load_study(study_name=STUDY_NAME, storage=storage_url),
                            ray.get(limits.why_stopped.remote()), requeued)
+    if parent is not None:
+        parent.finish_sweep(report)
     save_study(output.location, str(study_file))
     PriorStore(sweep.priors.store).add(output.location, started["descriptors"],
                                        [o.model_dump() for o in sweep.objectives], started["space"], report["trials"])
     return report
+
+
+def with_parent_run(sweep: SweepSpec, output: Storage):
+    """With `tracking.mlflow`: the sweep's parent MLflow run (the same one again on --resume), and the sweep with
+    the store as a URI and the parent's id, which its trials nest under. Without, or if MLflow cannot be reached
+    (one warning line): the sweep unchanged, and None."""
+    from rayeff.tracking import FAILED, SweepRun, guarded, mlflow_uri
+
+    if not sweep.tracking.mlflow:
+        return sweep, None
+    uri = mlflow_uri(sweep.tracking, output.location)
+    parent = guarded(SweepRun.open, uri, sweep.tracking.experiment, output.location, name=f"MLflow at {uri}")
+    if parent is FAILED:
+        return sweep.model_copy(update={"tracking": sweep.tracking.model_copy(update={"mlflow": None})}), None
+    parent.log_settings(sweep.model_dump(mode="json", exclude={"tracking"}))
+    tracking = sweep.tracking.model_copy(update={"mlflow": uri, "parent_run_id": parent.run_id})
+    return sweep.model_copy(update={"tracking": tracking}), parent
 
 
 def _run_trials(sweep: SweepSpec, job, space, output: Storage, study_file: Path, limits, done: int) -> None:

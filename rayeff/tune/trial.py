@@ -52,6 +52,8 @@ def trial_job(base: dict, params: dict, sweep: SweepSpec, output_dir: str) -> Jo
     raw = job_with_params(base, params, output_dir)
     if sweep.energy.trial_budget_j is not None:
         raw["energy"]["budget_j"] = sweep.energy.trial_budget_j
+    if sweep.tracking.enabled:   # (the sweep driver has made mlflow a URI and set the parent run)
+        raw["tracking"] = sweep.tracking.model_dump(mode="json")
     if sweep.scheduler is not None:   # ASHA needs an evaluated, reported objective every interval
         every = sweep.scheduler.report_every_steps
         raw["training"]["eval_every"] = raw["training"]["checkpoint_every"] = every
