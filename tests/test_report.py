@@ -4,6 +4,8 @@ same PNGs beside it, and the run's figures drawn from its own histories."""
 
 from __future__ import annotations
 
+import json
+
 from rayeff.cli import main
 from rayeff.config import validate_job
 from rayeff.train.runner import run_in_process
@@ -31,6 +33,14 @@ def test_a_run_report_has_its_curves_memory_and_settings(tmp_path, glue_dir, cap
     check_report(page, {"curves", "memory"})
     text = page.read_text()
     assert "estimate" in text and "lora" in text and "eval_every: 4" in text   # energy's source, the settings
+
+    # a result.json written before rayeff kept the histories (one loss_history entry per step) still reports
+    older = {k: v for k, v in result.items() if k not in ("energy_history", "eval_history", "loss_history_steps")}
+    older["loss_history"] = result["step_losses"]
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "result.json").write_text(json.dumps(older))
+    assert main(["report", str(tmp_path / "older"), "--output", str(tmp_path / "older.html")]) == 0
+    check_report(tmp_path / "older.html", {"curves", "memory"})
 
 
 def test_report_refuses_what_it_cannot_read_in_one_line(tmp_path, capsys):

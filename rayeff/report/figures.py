@@ -28,7 +28,7 @@ def curves(runs: dict[str, dict], energy_label: str) -> Figure:
     with_eval = any(r.get("eval_history") for r in runs.values())
     fig, axes = plt.subplots(2 if with_eval else 1, 2, figsize=(10, 7 if with_eval else 3.8), dpi=110, squeeze=False)
     for name, r in runs.items():
-        steps, losses = r["loss_history_steps"], r["loss_history"]
+        steps, losses = logged_steps(r), r["loss_history"]
         axes[0][0].plot(steps, losses, marker=".", label=name)
         if r.get("energy_history"):   # (a result.json from before rayeff kept it has none)
             axes[0][1].plot(joules_at(steps, r["energy_history"]), losses, marker=".", label=name)
@@ -45,9 +45,18 @@ def curves(runs: dict[str, dict], energy_label: str) -> Figure:
         axes[row][1].set(xlabel=energy_label, ylabel=what)
         for ax in axes[row]:
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.has_data():
+                ax.legend(fontsize=8)
+            else:   # results written before rayeff kept energy readings (energy_history)
+                ax.text(0.5, 0.5, "no energy readings in this result", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     return fig
+
+
+def logged_steps(result: dict) -> list[int]:
+    """The steps of a result's loss_history entries. Results written before rayeff kept loss_history_steps held one
+    entry per step."""
+    return result.get("loss_history_steps") or list(range(1, len(result["loss_history"]) + 1))
 
 
 def memory_bars(memories: dict[str, dict]) -> Figure:
