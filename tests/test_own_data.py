@@ -15,6 +15,7 @@ from rayeff.config import DataSpec, validate_job
 from rayeff.data.glue import load_split
 from rayeff.data.task import load_examples, task_of
 from rayeff.data.tokenized import load_train_and_dev
+from rayeff.errors import UserError
 from rayeff.models import load_tokenizer, resolve_model
 from rayeff.train.runner import run_in_process
 
@@ -123,6 +124,20 @@ def test_dev_fraction_holds_out_a_seeded_share_that_train_never_sees(tmp_path):
     assert sorted(dev_a + train_a) == sorted(r["review"] for r in RECORDS)
     assert load_examples(own(train, dev_fraction=0.2), "dev")["text_a"] == dev_a        # the same seed, the same share
     assert load_examples(own(train, dev_fraction=0.2, seed=1), "dev")["text_a"] != dev_a
+
+
+def test_tsv_quotes_are_text_as_in_glue_and_csv_quotes_are_quoting(tmp_path):
+    """A TSV has no quoting (QNLI's dev.tsv has fields that open with a quote and end elsewhere); a CSV field may be
+    quoted to hold the delimiter; a TSV row with a field too many names the fix."""
+    (tmp_path / "q.tsv").write_text('review\tstars\n"quoted" start, and "more\tpos\nplain\tneg\n')
+    read = load_examples(own(tmp_path / "q.tsv", dev_fraction=0.5, seed=0), "train")["text_a"] + \
+        load_examples(own(tmp_path / "q.tsv", dev_fraction=0.5, seed=0), "dev")["text_a"]
+    assert sorted(read) == ['"quoted" start, and "more', "plain"]
+    (tmp_path / "q.csv").write_text('review,stars\n"a, b",pos\nc,neg\n')
+    assert load_examples(own(tmp_path / "q.csv", dev_file=str(tmp_path / "q.csv")), "dev")["text_a"] == ["a, b", "c"]
+    (tmp_path / "wide.tsv").write_text("review\tstars\na\tb\tpos\n")
+    with pytest.raises(UserError, match="line 2: 3 fields but the header names 2; a TSV field cannot hold a tab"):
+        load_examples(own(tmp_path / "wide.tsv", dev_fraction=0.5), "train")
 
 
 def test_a_text_pair_column_and_k_shot_sampling(tmp_path):

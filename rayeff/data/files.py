@@ -139,9 +139,12 @@ def _equal_columns(columns: dict, p: Path, field: str) -> dict[str, list]:
 
 def _read_delimited(p: Path, field: str) -> dict[str, list]:
     csv.field_size_limit(sys.maxsize)
-    delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
+    # TSV as GLUE and most NLP corpora write it (and IANA's text/tab-separated-values defines it): no quoting, a
+    # quote is an ordinary character. CSV quotes as RFC 4180 does.
+    tsv = p.suffix.lower() == ".tsv"
     try:
-        reader = csv.reader(io.StringIO(_text(p, field), newline=""), delimiter=delimiter, strict=True)
+        reader = csv.reader(io.StringIO(_text(p, field), newline=""), delimiter="\t" if tsv else ",", strict=True,
+                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
         rows = list(reader)
     except csv.Error as err:
         raise UserError(f"{field}: {p} line {reader.line_num}: {err}") from None
@@ -151,8 +154,9 @@ def _read_delimited(p: Path, field: str) -> dict[str, list]:
     body = [r for r in rows[1:] if any(cell.strip() for cell in r)]
     for number, row in enumerate(rows[1:], 2):
         if len(row) > len(header):
-            raise UserError(f"{field}: {p} line {number}: {len(row)} fields but the header names {len(header)}; "
-                            "quote fields that hold the delimiter")
+            fix = ("a TSV field cannot hold a tab: remove it, or write the data as .csv (quoted) or .jsonl" if tsv
+                   else "quote fields that hold the delimiter")
+            raise UserError(f"{field}: {p} line {number}: {len(row)} fields but the header names {len(header)}; {fix}")
     return {name: [r[i] if i < len(r) else None for r in body] for i, name in enumerate(header)}
 
 
