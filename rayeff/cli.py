@@ -9,6 +9,8 @@
     rayeff bench zo --job JOB.yaml --output OUT.json [--data-dir DIR] [--loss-target L] [--queries Q]
     rayeff bench moe --job JOB.yaml --output OUT.json [--experts 4,8] [--top-k 1,2] [--data-dir DIR]
     rayeff bench priors --output OUT.json [--sweep SWEEP.yaml] [--sources sst2] [--targets stsb] [--seeds 0,1,2]
+    rayeff bench priors --table TABLE.json --output OUT.json [--replay-seeds 30] [--source-trials 24]
+    rayeff bench table SWEEP_DIR SWEEP_DIR ... --output TABLE.json
     rayeff submit JOB_OR_SWEEP.yaml --address http://HEAD:8265 [--set ...] [--data-dir DIR] [--output DIR] [--follow]
     rayeff jobs list|status ID|logs ID [--follow]|stop ID [--address http://HEAD:8265]
     rayeff status [--address ADDR]
@@ -170,10 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     pri.add_argument("--seeds", default="0,1,2", help="comma-separated sampler seeds (at least 3 for a median)")
     pri.add_argument("--target-fraction", type=float, default=0.99,
                      help="target: this fraction of the best dev metric seen on the task (default 0.99)")
+    pri.add_argument("--table", help="replay sweeps from this table (`rayeff bench table`) instead of running them: "
+                                     "every strategy, each task left out in turn, --replay-seeds seeds")
+    pri.add_argument("--replay-seeds", type=int, default=30, help="with --table: sampler seeds per target (default 30)")
+    pri.add_argument("--source-trials", type=int, default=24,
+                     help="with --table: trials of each source's replayed earlier sweep (default 24)")
+    pri.add_argument("--max-trials", type=int,
+                     help="with --table: trials per replayed sweep (default: the grid's size)")
+    pri.add_argument("--strategies", help="with --table: comma-separated, from random, cold_tpe, transfer_ensemble, "
+                                          "transfer_weighted, transfer_enqueue, cmaes_warm (default: all)")
     _bench_output(pri)
     pri.add_argument("--runs-dir", help="folder for the sweeps and stores (default: next to --output)")
     pri.add_argument("--data-dir", help="GLUE data in its download layout")
     pri.add_argument("--address", help="join the Ray cluster at this address instead of starting a local Ray")
+    table = kinds.add_parser("table", help="finished grid sweeps gathered into one table for `bench priors --table`")
+    table.add_argument("sweeps", nargs="+", metavar="SWEEP_DIR", help="grid sweep folders; each names a task")
+    table.add_argument("--made-by", help="the command or script that ran the sweeps, kept in the table")
+    _bench_output(table)
     return parser
 
 
@@ -339,6 +354,26 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "table":
+        from rayeff.bench.table import build_table
+
+        table = build_table(args.sweeps, args.output, made_by=args.made_by, overwrite=args.overwrite)
+        print(f"rayeff: {len(table['tasks'])} tasks x {len(next(iter(table['tasks'].values()))['configurations'])} "
+              f"configurations of {table['method']}; wrote {args.output}")
+        return 0
+    if args.bench == "priors" and args.table:
+        from rayeff.bench.replay import STRATEGIES, bench_priors_table
+
+        strategies = tuple(_names(args.strategies)) if args.strategies else STRATEGIES
+        report = bench_priors_table(args.table, args.output, seeds=args.replay_seeds, source_trials=args.source_trials,
+                                    max_trials=args.max_trials, strategies=strategies, overwrite=args.overwrite)
+        for name, figures in report["strategies"].items():
+            ratios = (f" (x{figures['ratio_top5']:.2f}, x{figures['ratio_top1']:.2f} of cold TPE)"
+                      if "ratio_top5" in figures else "")
+            print(f"  {name:18s} median trials to top 5%: {figures['median_top5']:g}, to top 1%: "
+                  f"{figures['median_top1']:g}{ratios}")
+        print(f"rayeff: wrote {args.output} and {report['plot']}")
+        return 0
     if args.bench == "priors":
         from rayeff.bench.priors import bench_priors
 

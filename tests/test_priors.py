@@ -1,13 +1,13 @@
-"""The prior store and the warm start taken from it, without Ray: distances, mapping into a space, narrowing."""
+"""The prior store and the sources a sweep with priors learns from, without Ray: distances, the nearest sweeps,
+stored trials as Optuna trials."""
 
 from __future__ import annotations
 
-import math
-
+import optuna
 import pytest
 
 from rayeff.errors import UserError
-from rayeff.tune.priors import PriorStore, best_trials, distance, fit_into, narrowed, warm_start
+from rayeff.tune.priors import PriorStore, best_trials, distance, nearest_sweeps, source_task
 from rayeff.tune.space import SearchSpace
 
 SPACE = SearchSpace.model_validate({"method": "read", "params": {
@@ -35,45 +35,39 @@ def test_distance_counts_mismatches_and_decades():
     assert distance(setting(), setting(task_type="regression", num_labels=1, model_family="gpt2")) == 2.5
 
 
-def test_prior_parameters_are_clipped_rounded_and_filtered_into_the_space():
-    got = fit_into({"training.lr": 0.5, "method.hidden_size": 700.4, "method.rnn": "rnn", "method.other": 3}, SPACE)
-    assert got == {"training.lr": 0.1, "method.hidden_size": 512}
-    assert fit_into({"method.hidden_size": 99.6, "method.rnn": "lstm"}, SPACE) == {"method.hidden_size": 100,
-                                                                                  "method.rnn": "lstm"}
-
-
-def test_narrowing_spans_the_good_trials_with_a_margin_inside_the_original_range():
-    space = narrowed(SPACE, [{"training.lr": 1e-3, "method.s_out": 1.0}, {"training.lr": 4e-3, "method.s_out": 2.0}])
-    lr, s_out = space.params["training.lr"], space.params["method.s_out"]
-    assert (lr.low, lr.high, lr.log) == (pytest.approx(5e-4), pytest.approx(8e-3), True)
-    assert (s_out.low, s_out.high) == (pytest.approx(0.6), pytest.approx(2.4))
-    assert space.params["method.hidden_size"] == SPACE.params["method.hidden_size"]  # no prior value: unchanged
-    assert space.params["method.rnn"] == SPACE.params["method.rnn"]
-    edge = narrowed(SPACE, [{"training.lr": 0.09}]).params["training.lr"]
-    assert edge.high == 0.1 and math.isclose(edge.low, 0.045)
-
-
-def test_the_store_keeps_sweeps_and_warm_starts_from_the_nearest(tmp_path):
+def test_the_store_keeps_sweeps_and_the_nearest_become_sources(tmp_path):
     store = PriorStore(tmp_path / "priors.db")
+    space = SPACE.model_dump(mode="json")
     far = store.add("far", setting(task="stsb", task_type="regression", num_labels=1, train_size=100_000),
-                    [{"metric": "dev", "mode": "max"}], {}, trials((5e-2, 0.9)))
-    near = store.add("near", setting(task="qnli", input="pair"), [{"metric": "dev", "mode": "max"}], {},
+                    [{"metric": "dev", "mode": "max"}], space, trials((5e-2, 0.9)))
+    near = store.add("near", setting(task="qnli", input="pair"), [{"metric": "dev", "mode": "max"}], space,
                      trials((2e-3, 0.8), (1e-2, 0.7), (3e-4, 0.6), (1e-1, 0.5)))
     store.add("other-method", setting(method="lora"), [{"metric": "dev", "mode": "max"}], {}, trials((1e-4, 0.99)))
     assert [e["name"] for e in store.entries()] == ["far", "near", "other-method"]
     assert [t["objectives"][0] for t in best_trials(store.entry(near), 2)] == [0.8, 0.7]
 
-    space, first, used = warm_start(store, setting(task="rte", input="pair"), SPACE, max_sweeps=1, top_trials=2,
-                                    narrow=True)
-    assert [s["name"] for s in used["sweeps"]] == ["near"] and used["sweeps"][0]["distance"] == 0
-    assert [f["params"]["training.lr"] for f in first] == [2e-3, 1e-2] and {f["prior"] for f in first} == {near}
-    assert space.params["training.lr"].low == pytest.approx(1e-3) and space.params["training.lr"].high == 2e-2
-    _, both, used = warm_start(store, setting(task="rte", input="pair"), SPACE, 2, 1, narrow=False)
-    assert [s["name"] for s in used["sweeps"]] == ["near", "far"] and used["narrowed_space"] is None
-    assert [f["prior"] for f in both] == [near, far]
+    chosen = nearest_sweeps(store, setting(task="rte", input="pair"), max_sweeps=1)
+    assert [(d, e["id"]) for d, e in chosen] == [(0.0, near)]
+    both = nearest_sweeps(store, setting(task="rte", input="pair"), max_sweeps=5)
+    assert [e["name"] for _, e in both] == ["near", "far"]   # same method only, nearest first
 
     store.add("near", setting(), [{"metric": "dev", "mode": "max"}], {}, trials((1e-3, 0.5)))  # replaced, not added
     assert [e["name"] for e in store.entries()] == ["far", "other-method", "near"]
+
+
+def test_a_stored_sweep_becomes_a_source_of_its_feasible_trials_inside_its_space(tmp_path):
+    store = PriorStore(tmp_path / "priors.db")
+    rows = trials((2e-3, 0.8), (1e-2, 0.7), (3e-4, 0.6), (0.5, 0.9))   # 0.5: outside the stored space's lr range
+    rows[2] = {**rows[2], "feasible": False}
+    rows.append({**rows[0], "status": "stopped: asha"})
+    entry = store.entry(store.add("runs/sweep-q", setting(task="qnli"), [{"metric": "eval_loss", "mode": "min"}],
+                                  SPACE.model_dump(mode="json"), rows))
+    source = source_task(entry)
+    assert source.name == "runs/sweep-q" and source.descriptors["task"] == "qnli"
+    assert source.direction == optuna.study.StudyDirection.MINIMIZE
+    assert [(t.params["training.lr"], t.value) for t in source.trials] == [(2e-3, 0.8), (1e-2, 0.7)]
+    assert source.trials[0].distributions["training.lr"] == optuna.distributions.FloatDistribution(1e-4, 1e-1,
+                                                                                                   log=True)
 
 
 def test_a_missing_or_foreign_store_is_a_one_line_error(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,17 +143,18 @@ def test_an_asha_sweep_records_every_trial_and_a_later_sweep_starts_from_it_unti
     assert best_job.training.eval_every is None   # the job as the user wrote it, not the trial's ASHA settings
     assert [e["name"] for e in PriorStore(tmp_path / "priors.db").entries()] == [str(out)]
 
-    # The next sweep with priors evaluates the stored sweep's best configurations first, in a narrowed space.
+    # The next sweep with priors (the transfer sampler's enqueue method) evaluates the stored sweep's best
+    # configuration first; sweep.json names the source and its weight for each trial.
     # It also has a sweep energy budget that its first trial passes at its first log step: that trial stops there
     # and no other starts. It lives in S3: trials, results and the study (sent back after every trial) go there.
     uri = f"{s3_server}/sweeps/warm"
     warm = run_sweep(str(write_sweep(tmp_path, glue_dir, name="warm", steps=8, num_trials=3,
                                      energy={"sweep_budget_j": 1e-9}, output_dir=uri,
-                                     priors={"use": "auto", "store": str(tmp_path / "priors.db"), "top_trials": 1})))
+                                     priors={"use": "auto", "store": str(tmp_path / "priors.db"),
+                                             "method": "enqueue"})))
     assert warm["priors"]["sweeps"][0]["name"] == str(out) and warm["priors"]["sweeps"][0]["distance"] == 0
-    assert warm["trials"][0]["params"] == report["best"]["params"] and warm["trials"][0]["prior"] == 1
-    lr = warm["search_space"]["params"]["training.lr"]
-    assert lr["low"] == pytest.approx(max(report["best"]["params"]["training.lr"] / 2, 1e-4))
+    assert warm["priors"]["method"] == "enqueue" and warm["priors"]["last_weights"] == {str(out): 1.0}
+    assert warm["trials"][0]["params"] == report["best"]["params"] and warm["trials"][0]["prior"] == {str(out): 1.0}
 
     assert [t["status"] for t in warm["trials"]] == ["stopped: sweep energy budget"]
     assert warm["trials"][0]["time"]["steps"] == 1
@@ -170,13 +172,19 @@ def test_an_asha_sweep_records_every_trial_and_a_later_sweep_starts_from_it_unti
 
 @pytest.mark.slow
 def test_a_trial_energy_budget_stops_every_trial_and_the_sweep_goes_on(tmp_path, glue_dir, sweep_ray, mlflow_server):
-    """Also: the sweep logs to a real MLflow server, one parent run and one nested run per trial."""
+    """Also: the sweep logs to a real MLflow server, one parent run and one nested run per trial; and it is a grid
+    sweep cut short, which runs the first points of its seeded order."""
     from mlflow.tracking import MlflowClient
 
     from rayeff.tune.sweep import run_sweep
 
-    per_trial = run_sweep(str(write_sweep(tmp_path, glue_dir, num_trials=2, energy={"trial_budget_j": 1e-9},
-                                          tracking={"mlflow": mlflow_server, "experiment": "budget"})))
+    grid = {"training.lr": [1e-3, 3e-3], "method.hidden_size": [4, 8]}
+    path = write_sweep(tmp_path, glue_dir, num_trials=2, energy={"trial_budget_j": 1e-9},
+                       searcher={"kind": "grid", "seed": 5, "grid": grid},
+                       tracking={"mlflow": mlflow_server, "experiment": "budget"})
+    per_trial = run_sweep(str(path))
+    points = load_sweep(path)[0].searcher.grid_points()
+    assert [t["params"] for t in per_trial["trials"]] == points[:2] and points[0] != points[1]
     assert [t["status"] for t in per_trial["trials"]] == ["stopped: energy budget"] * 2
     assert not any(t["feasible"] for t in per_trial["trials"]) and per_trial["best"] is None
     assert all(t["energy"]["joules"] > 0 and t["constraints"]["energy_over_budget_j"] > 0
@@ -241,7 +249,16 @@ def test_the_pareto_front_is_optunas_best_trials_among_feasible_complete_trials(
 
 @pytest.mark.parametrize("changes, message", [
     ({"num_trials": None}, "num_trials"),
-    ({"searcher": {"kind": "grid"}}, "searcher.kind"),
+    ({"searcher": {"kind": "grid"}}, "kind grid needs grid"),
+    ({"searcher": {"kind": "grid", "grid": {"training.lr": [1e-3]}}}, "missing ['method.hidden_size']"),
+    ({"searcher": {"kind": "grid", "grid": {"training.lr": [1e-3, 0.5], "method.hidden_size": [4]}}},
+     "searcher.grid.training.lr value 0.5 is outside the search space (float in [0.0001, 0.01])"),
+    ({"searcher": {"kind": "grid", "grid": {"training.lr": [1e-3], "method.hidden_size": [4.5]}}},
+     "searcher.grid.method.hidden_size value 4.5 is outside"),
+    ({"searcher": {"kind": "grid", "grid": {"training.lr": [1e-3], "method.hidden_size": [4, 8]}}},
+     "num_trials is 3 but the grid has 2 points; set num_trials: 2"),
+    ({"searcher": {"kind": "grid", "grid": {"training.lr": [1e-3], "method.hidden_size": [4]}}, "priors": "auto",
+      "num_trials": 1}, "a grid sweep runs its grid as given"),
     ({"energy": {"sweep_budget_j": -5}}, "energy.sweep_budget_j: Input should be greater than 0"),
     ({"objective": {"metric": "f1"}}, "objective.metric 'f1' is not a dev metric of sst2"),
     ({"objective": [{"metric": "dev"}, {"metric": "energy_j", "mode": "min"}], "searcher": {"kind": "cmaes"}},
@@ -251,14 +268,14 @@ def test_the_pareto_front_is_optunas_best_trials_among_feasible_complete_trials(
 ])
 def test_bad_sweep_files_are_one_line_errors(tmp_path, glue_dir, changes, message):
     path = write_sweep(tmp_path, glue_dir, **changes)
-    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(message)):
         load_sweep(path)
 
 
 @pytest.mark.parametrize("space, changes, message", [
     ("  method.rank: {type: int, low: 2, high: 8}\n", {}, "params.method.rank = 2 does not make a valid read job"),
     ("  training.lr: {type: float, low: 1.0e-3, high: 1.0e-3}\n", {}, "the range is empty"),
-    (None, {"searcher": {"kind": "hyperband"}}, "searcher.kind: Input should be 'tpe', 'nsga2' or 'cmaes'"),
+    (None, {"searcher": {"kind": "hyperband"}}, "searcher.kind: Input should be 'tpe', 'nsga2', 'cmaes' or 'grid'"),
     (None, {"energy": {"trial_budget_j": -1}}, "energy.trial_budget_j: Input should be greater than 0"),
 ])
 def test_bad_input_exits_2_and_alters_no_study_or_store(tmp_path, glue_dir, capsys, space, changes, message):

@@ -1,5 +1,6 @@
-"""`rayeff bench priors`: how many trials a sweep needs to reach a target dev metric, with transferred priors and
-without, on tasks the priors were not built from.
+"""`rayeff bench priors`: how many trials a sweep needs to reach a target dev metric, with transferred priors (the
+transfer sampler, `priors: auto`) and without (TPE), on tasks the priors were not built from: the live check,
+real sweeps end to end. `--table` replays sweeps from measured tables instead (`rayeff/bench/replay.py`).
 
     rayeff bench priors --sweep jobs/sweep-bench-priors.yaml --sources sst2 --targets stsb --seeds 0,1,2 \
         --output priors.json --data-dir ../shared/data/glue
@@ -91,7 +92,7 @@ def bench_priors(sweep_file: str, sources: list[str], targets: list[str], seeds:
                 task_runs.append({"seed": seed, "priors": use, "num_trials": len(result["trials"]),
                                   "objectives": [t["objectives"][0] if t["feasible"] else None
                                                  for t in result["trials"]],
-                                  "from_priors": [t["prior"] is not None for t in result["trials"]],
+                                  "source_weights": [t["prior"] for t in result["trials"]],
                                   "priors_used": (result["priors"] or {}).get("sweeps")})
         best = max(v for r in task_runs for v in r["objectives"] if v is not None)
         for r in task_runs:

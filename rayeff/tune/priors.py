@@ -1,11 +1,11 @@
-"""Transfer-learned priors: a store of finished sweeps, and the warm start a new sweep takes from the most similar.
+"""Transferred priors: a store of finished sweeps, and the sources a new sweep learns from.
 
 The store is one SQLite file (`priors.store`, default runs/priors.db). Each finished sweep is kept with descriptors
 of its task and setting (task type, input shape, number of labels, training-set size, model family and size,
 method), its search space and its trials. A sweep with `priors: auto` ranks the stored sweeps of its method by
-distance between descriptors, takes the best trials of the nearest ones, maps them into its own search space and
-evaluates them first (Optuna's enqueued trials); with `narrow: true` each numeric range shrinks to the region the
-priors' good trials occupied, widened by a margin. Without priors nothing here runs.
+distance between descriptors, takes the nearest `max_sweeps` as sources, and samples with the transfer sampler
+(`rayeff/tune/transfer.py`), which learns from how well each source ranks the new sweep's trials how much to trust
+it. Without priors nothing here runs.
 
     rayeff priors list [--store runs/priors.db]
     rayeff priors show ID [--store runs/priors.db]
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rayeff.config import JobSpec
 from rayeff.errors import UserError
-from rayeff.tune.space import ParamSpec, SearchSpace
+from rayeff.tune.space import SearchSpace
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS sweeps (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -39,8 +39,6 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS sweeps (
 # weight per decade of ratio.
 CATEGORICAL_WEIGHTS = {"task_type": 1.0, "input": 0.5, "num_labels": 0.5, "model_family": 1.0}
 DECADE_WEIGHTS = {"train_size": 1.0, "model_params": 1.0}
-LOG_MARGIN = 2.0        # a narrowed log-scale range reaches this factor beyond the good trials
-LINEAR_MARGIN = 0.1     # ... and a linear one this fraction of the original range
 
 
 def describe_setting(job: JobSpec, train_size: int) -> dict:
@@ -130,66 +128,31 @@ def best_trials(entry: dict, count: int) -> list[dict]:
     return sorted(feasible, key=lambda t: t["objectives"][0], reverse=mode == "max")[:count]
 
 
-def fit_into(params: dict, space: SearchSpace) -> dict:
-    """A prior trial's parameters mapped into a search space: numbers clipped (and rounded onto its grid),
-    choices kept where the space has them; parameters the space lacks are dropped, and those it has but the prior
-    lacks are left to the sampler."""
-    out = {}
-    for key, p in space.params.items():
-        if key not in params:
-            continue
-        value = params[key]
-        if p.type == "categorical":
-            if value in p.choices:
-                out[key] = value
-            continue
-        value = min(max(float(value), p.low), p.high)
-        if p.step:
-            value = p.low + round((value - p.low) / p.step) * p.step
-        out[key] = int(round(value)) if p.type == "int" else value
-    return out
-
-
-def narrowed(space: SearchSpace, good: list[dict]) -> SearchSpace:
-    """Each numeric range shrunk to the span of the good trials' values plus a margin, within the original."""
-    params = {}
-    for key, p in space.params.items():
-        values = [t[key] for t in good if key in t]
-        if p.type == "categorical" or not values:
-            params[key] = p
-            continue
-        if p.log:
-            low, high = min(values) / LOG_MARGIN, max(values) * LOG_MARGIN
-        else:
-            margin = LINEAR_MARGIN * (p.high - p.low)
-            low, high = min(values) - margin, max(values) + margin
-        low, high = max(low, p.low), min(high, p.high)
-        if p.type == "int":
-            low, high = math.floor(low), math.ceil(high)
-        if p.step:   # keep the original grid
-            low = p.low + math.floor((low - p.low) / p.step) * p.step
-            high = p.low + math.ceil((high - p.low) / p.step) * p.step
-        params[key] = ParamSpec(**{**p.model_dump(), "low": low, "high": min(high, p.high)})
-    return SearchSpace(method=space.method, params=params)
-
-
-def warm_start(store: PriorStore, descriptors: dict, space: SearchSpace, max_sweeps: int, top_trials: int,
-               narrow: bool) -> tuple[SearchSpace, list[dict], dict]:
-    """From the stored sweeps of the same method nearest to `descriptors`: the (possibly narrowed) space, the
-    configurations to evaluate first (each with the prior it came from), and what was used, for sweep.json."""
+def nearest_sweeps(store: PriorStore, descriptors: dict, max_sweeps: int) -> list[tuple[float, dict]]:
+    """The stored sweeps of the same method with a feasible trial, nearest first, at most `max_sweeps`."""
     ranked = sorted(((distance(descriptors, e["descriptors"]), e) for e in store.entries(descriptors["method"])),
                     key=lambda de: de[0])
-    chosen = [(d, e) for d, e in ranked if best_trials(e, 1)][:max_sweeps]
-    first: list[dict] = []
-    for _, e in chosen:
-        for t in best_trials(e, top_trials):
-            params = fit_into(t["params"], space)
-            if params and params not in [f["params"] for f in first]:
-                first.append({"params": params, "prior": e["id"]})
-    if narrow and first:
-        space = narrowed(space, [f["params"] for f in first])
-        first = [{**f, "params": fit_into(f["params"], space)} for f in first]
-    used = {"store": str(store.path), "sweeps": [{"id": e["id"], "name": e["name"], "distance": round(d, 4),
-                                                  "task": e["descriptors"]["task"]} for d, e in chosen],
-            "enqueued": first, "narrowed_space": space.model_dump(mode="json") if narrow and first else None}
-    return space, first, used
+    return [(d, e) for d, e in ranked if best_trials(e, 1)][:max_sweeps]
+
+
+def source_task(entry: dict):
+    """A stored sweep as a source of the transfer sampler: its finished, feasible trials as Optuna trials over its
+    space, improving in the direction of its first objective. A trial outside that space is left out."""
+    import optuna
+
+    from rayeff.tune.space import optuna_distributions
+    from rayeff.tune.transfer import SourceTask
+
+    space = optuna_distributions(SearchSpace.model_validate(entry["space"])) if entry["space"] else {}
+    maximize = entry["objectives"][0]["mode"] == "max"
+    trials = []
+    for t in entry["trials"]:
+        if not (t["feasible"] and t["objectives"] and t["status"] == "finished") or set(t["params"]) - set(space):
+            continue
+        try:
+            trials.append(optuna.trial.create_trial(params=t["params"], value=t["objectives"][0],
+                                                    distributions={k: space[k] for k in t["params"]}))
+        except ValueError:   # a value outside the space it was stored with
+            continue
+    direction = optuna.study.StudyDirection.MAXIMIZE if maximize else optuna.study.StudyDirection.MINIMIZE
+    return SourceTask(trials, direction, entry["name"], entry["descriptors"])

@@ -44,14 +44,23 @@ def save_study(output_location: str, study_file: str) -> None:
         output.upload(Path(study_file), STUDY_FILE)
 
 
-def make_sampler(spec: SearcherSpec, trials_done: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: SearcherSpec, trials_done: int = 0, priors: tuple[str, list, dict] | None = None
+                 ) -> optuna.samplers.BaseSampler:
     """The sampler, seeded by the sweep's seed plus the trials already done: a resumed sweep must not draw the
-    random start-up points of its first invocation again."""
+    random start-up points of its first invocation again. With priors (method, source tasks, the sweep's
+    distributions): the transfer sampler in TPE's place."""
     seed = spec.seed + trials_done
+    if priors is not None:
+        from rayeff.tune.transfer import TransferSampler
+
+        method, sources, space = priors
+        return TransferSampler(sources, seed=seed, method=method, search_space=space)
     if spec.kind == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if spec.kind == "cmaes":   # categorical parameters fall back to independent sampling
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if spec.kind == "grid":   # the sweep enqueues every grid point; nothing is left to sample
+        return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
 
 
@@ -72,10 +81,12 @@ class SweepSearch(Searcher):
     the sweep driver with its enqueued prior trials, which `study.ask` hands out first).
 
     `space` maps each dotted job field to its `optuna.distributions` distribution (`space.optuna_distributions`);
-    suggestions use the same keys. `limits` is the sweep's `SweepLimits` actor, or None for no limits."""
+    suggestions use the same keys. `limits` is the sweep's `SweepLimits` actor, or None for no limits. `sources`
+    (the stored sweeps' `SourceTask`s, with `priors: auto`) make the sampler the transfer sampler; each trial's user
+    attribute `prior` then holds the sources' weights it was proposed with."""
 
     def __init__(self, sweep: SweepSpec, space: dict, output_location: str, study_file: str, limits=None,
-                 trials_done: int = 0):
+                 trials_done: int = 0, sources: list | None = None):
         keys = objective_keys(sweep)
         modes = [o.mode for o in sweep.objectives]
         super().__init__(metric=keys if len(keys) > 1 else keys[0], mode=modes if len(modes) > 1 else modes[0])
@@ -83,7 +94,8 @@ class SweepSearch(Searcher):
         self._study = optuna.create_study(
             storage=optuna.storages.RDBStorage(f"sqlite:///{study_file}"), study_name=STUDY_NAME, load_if_exists=True,
             directions=["maximize" if m == "max" else "minimize" for m in modes],
-            sampler=make_sampler(sweep.searcher, trials_done),
+            sampler=make_sampler(sweep.searcher, trials_done,
+                                 None if sources is None else (sweep.priors.method, sources, dict(space))),
             pruner=optuna.pruners.NopPruner())   # ASHA, in Tune, stops trials; the study only records them
         self._trials: dict[str, optuna.Trial] = {}   # Tune's trial id -> the Optuna trial asked for it
         self._told: set[str] = set()
@@ -96,7 +108,11 @@ class SweepSearch(Searcher):
         if trial_id not in self._trials:
             if self._limits is not None and ray.get(self._limits.start.remote(trial_id)) is not None:
                 return Searcher.FINISHED
-            self._trials[trial_id] = self._study.ask(self._space)
+            trial = self._study.ask(self._space)
+            weights = getattr(self._study.sampler, "weights", None)
+            if weights is not None:   # the transfer sampler: how much each source counted for this trial
+                trial.set_user_attr("prior", dict(weights))
+            self._trials[trial_id] = trial
         return dict(self._trials[trial_id].params)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

@@ -4,18 +4,21 @@
     search_space: search_spaces/read.yaml
     overrides: {training.max_steps: 60}      # job fields fixed for the whole sweep
     objective: {metric: dev, mode: max}      # or a list: [{metric: dev, mode: max}, {metric: energy_j, mode: min}]
-    searcher: {kind: tpe, seed: 0}           # tpe | nsga2 | cmaes
+    searcher: {kind: tpe, seed: 0}           # tpe | nsga2 | cmaes | grid (with grid: {field: [values], ...})
     scheduler: {kind: asha, report_every_steps: 20}   # optional early stopping
     num_trials: 6
     max_concurrent: 1
     energy: {trial_budget_j: 2000, sweep_budget_j: 6000}
     time_limit_s: 3600
-    priors: auto                             # or none (the default), or {use: auto, store: ..., max_sweeps: 2}
+    priors: auto                             # or none (the default), or {use: auto, store: ..., max_sweeps: 4}
     output_dir: runs/sweep-read
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,8 +54,25 @@ MAX_SEARCHER_SEED = 2**31
 
 
 class SearcherSpec(Spec):
-    kind: Literal["tpe", "nsga2", "cmaes"] = "tpe"
+    kind: Literal["tpe", "nsga2", "cmaes", "grid"] = "tpe"
     seed: int = Field(0, ge=0, lt=MAX_SEARCHER_SEED)
+    grid: dict[str, list[Any]] | None = Field(None, description="kind grid: the values of every tuned field; the "
+                                              "sweep runs each combination once, in an order shuffled by `seed`")
+
+    @model_validator(mode="after")
+    def _grid_with_its_kind(self) -> SearcherSpec:
+        if (self.kind == "grid") != (self.grid is not None):
+            raise ValueError("searcher.grid goes with searcher.kind: grid, and kind grid needs grid: {field: [values]}")
+        if self.grid is not None and not all(self.grid.values()):
+            raise ValueError("searcher.grid: give each field at least one value")
+        return self
+
+    def grid_points(self) -> list[dict]:
+        """Every combination of the grid's values, shuffled by the seed (a sweep cut short still spreads out)."""
+        keys = sorted(self.grid)
+        points = [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+        random.Random(self.seed).shuffle(points)
+        return points
 
 
 class SchedulerSpec(Spec):
@@ -72,9 +92,11 @@ class SweepEnergySpec(Spec):
 class PriorsSpec(Spec):
     use: Literal["none", "auto"] = "none"
     store: str = Field("runs/priors.db", description="SQLite prior store; every finished sweep is added to it")
-    max_sweeps: int = Field(2, gt=0, description="warm-start from at most this many of the most similar sweeps")
-    top_trials: int = Field(3, gt=0, description="best trials taken from each prior sweep")
-    narrow: bool = Field(True, description="narrow numeric ranges to the region the priors' good trials occupy")
+    max_sweeps: int = Field(4, gt=0, description="learn from at most this many of the most similar stored sweeps")
+    method: Literal["ensemble", "weighted", "enqueue"] = Field(
+        "ensemble", description="the transfer sampler's method (rayeff/tune/transfer.py): ensemble (Gaussian "
+        "processes weighted by how well each ranks this sweep's trials), weighted (TPE with the sources' trials as "
+        "weighted observations) or enqueue (their best configurations first, then TPE in their box)")
 
 
 class SweepSpec(Spec):
@@ -108,6 +130,11 @@ class SweepSpec(Spec):
             raise ValueError("searcher.kind: cmaes optimises one objective; use nsga2 or tpe for several")
         if many and self.scheduler is not None:
             raise ValueError("scheduler: ASHA ranks trials by one objective; drop it for a multi-objective sweep")
+        if self.searcher.kind == "grid" and self.priors.use != "none":
+            raise ValueError("priors: a grid sweep runs its grid as given; set priors: none")
+        if self.priors.use == "auto" and (many or self.searcher.kind != "tpe"):
+            raise ValueError("priors: auto samples with the transfer sampler, for one objective and in place of "
+                             "TPE; use searcher.kind: tpe with one objective, or priors: none")
         return self
 
     @property
@@ -139,6 +166,8 @@ def load_sweep(path: str | Path, overrides: list[str] = (), data_dir: str | None
                         f"{sweep.base_job} uses {job.method.name}")
     check_fields(space, f"{path}: {sweep.search_space} with base job {sweep.base_job}",
                  job.model_dump(mode="json"))
+    if sweep.searcher.grid is not None:
+        check_grid(sweep, space, str(path))
     for i, objective in enumerate(sweep.objectives):
         if objective.metric not in ("dev", ENERGY_METRIC) and objective.metric not in task_of(job.data).metrics:
             where = "objective" if len(sweep.objectives) == 1 else f"objective.{i}"
@@ -149,6 +178,30 @@ def load_sweep(path: str | Path, overrides: list[str] = (), data_dir: str | None
             where = "objective" if len(sweep.objectives) == 1 else f"objective.{i}"
             raise UserError(f"{path}: {where}.mode is max but {metric} is lower-is-better; set {where}.mode: min")
     return sweep, job, space
+
+
+def check_grid(sweep: SweepSpec, space: SearchSpace, source: str) -> None:
+    """A grid names every tuned field, each value lies in the field's range (or among its choices), and the sweep
+    runs no more trials than the grid has points."""
+    grid = sweep.searcher.grid
+    missing, extra = sorted(set(space.params) - set(grid)), sorted(set(grid) - set(space.params))
+    if missing or extra:
+        raise UserError(f"{source}: searcher.grid must list exactly the fields of {sweep.search_space}: "
+                        + (f"missing {missing}" if missing else f"{extra} are not in the space"))
+    for key, values in grid.items():
+        p = space.params[key]
+        for value in values:
+            inside = value in p.choices if p.type == "categorical" else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and p.low <= value <= p.high
+                and (p.type == "float" or value == int(value)))
+            if not inside:
+                allowed = p.choices if p.type == "categorical" else f"{p.type} in [{p.low}, {p.high}]"
+                raise UserError(f"{source}: searcher.grid.{key} value {value!r} is outside the search space "
+                                f"({allowed})")
+    size = math.prod(len(v) for v in grid.values())
+    if sweep.num_trials > size:
+        raise UserError(f"{source}: num_trials is {sweep.num_trials} but the grid has {size} points; set "
+                        f"num_trials: {size}")
 
 
 def metric_name(objective: ObjectiveSpec, job: JobSpec) -> str:

@@ -2,8 +2,9 @@
 Optuna (the sweep file's fields: `rayeff/tune/spec.py`).
 
 Each trial is a Tune function that runs its job through a Ray Train `TorchTrainer` (`tune/trial.py`); trial
-functions ask for a tenth of a CPU, so they never hold the CPUs their training workers need. Optuna (TPE, NSGA-II
-or CMA-ES) suggests the parameters; its study lives in `optuna.db` (SQLite, which optuna-dashboard opens) and holds
+functions ask for a tenth of a CPU, so they never hold the CPUs their training workers need. Optuna (TPE, NSGA-II,
+CMA-ES, or with `priors: auto` the transfer sampler; a grid sweep enqueues its grid) suggests the parameters; its
+study lives in `optuna.db` (SQLite, which optuna-dashboard opens) and holds
 every trial's record, so the study is the one account of what ran (`tune/searcher.py`). Energy and time limits are
 kept by one actor that trials consult as they run (`tune/limits.py`).
 
@@ -121,7 +122,7 @@ def _run_sweep_locked(sweep: SweepSpec, job, space, output: Storage, address: st
     from rayeff.cluster.connect import init_ray
     from rayeff.cluster.storage import check_shared
     from rayeff.tune.limits import SweepLimits
-    from rayeff.tune.priors import PriorStore, warm_start
+    from rayeff.tune.priors import PriorStore, nearest_sweeps
     from rayeff.tune.results import study_records
     from rayeff.tune.searcher import STUDY_NAME
     from rayeff.tune.space import SearchSpace
@@ -131,11 +132,14 @@ def _run_sweep_locked(sweep: SweepSpec, job, space, output: Storage, address: st
         descriptors, first, priors = _descriptors(job), [], None
         store = PriorStore(sweep.priors.store)
         if sweep.priors.use == "auto":
-            if store.path.is_file():
-                space, first, priors = warm_start(store, descriptors, space, sweep.priors.max_sweeps,
-                                                  sweep.priors.top_trials, sweep.priors.narrow)
-            else:
-                priors = {"store": str(store.path), "sweeps": [], "enqueued": [], "note": "the store is empty"}
+            chosen = nearest_sweeps(store, descriptors, sweep.priors.max_sweeps) if store.path.is_file() else []
+            priors = {"store": str(store.path), "method": sweep.priors.method,
+                      "sweeps": [{"id": e["id"], "name": e["name"], "distance": round(d, 4),
+                                  "task": e["descriptors"]["task"]} for d, e in chosen]}
+            if not chosen:
+                priors["note"] = "no stored sweep of this method: the sampler has no source and works as plain BO"
+        if sweep.searcher.grid is not None:   # the study hands the grid out in order
+            first = [{"params": point, "prior": None} for point in sweep.searcher.grid_points()]
         started = {"sweep": sweep.model_dump(mode="json"), "space": space.model_dump(mode="json"),
                    "descriptors": descriptors, "priors": priors}
         output.make()
@@ -159,7 +163,8 @@ def _run_sweep_locked(sweep: SweepSpec, job, space, output: Storage, address: st
     limits = ray.remote(num_cpus=0)(SweepLimits).remote(sweep.energy.sweep_budget_j, sweep.time_limit_s, earlier_j)
     sweep, parent = with_parent_run(sweep, output)
     if sweep.num_trials > len(done):
-        _run_trials(sweep, job, space, output, study_file, limits, len(done))
+        sources = _prior_sources(started["priors"])
+        _run_trials(sweep, job, space, output, study_file, limits, len(done), sources)
     report = write_results(sweep, job, output, started, optuna.load_study(study_name=STUDY_NAME, storage=storage_url),
                            ray.get(limits.why_stopped.remote()), requeued)
     if parent is not None:
@@ -168,6 +173,16 @@ def _run_sweep_locked(sweep: SweepSpec, job, space, output: Storage, address: st
     PriorStore(sweep.priors.store).add(output.location, started["descriptors"],
                                        [o.model_dump() for o in sweep.objectives], started["space"], report["trials"])
     return report
+
+
+def _prior_sources(priors: dict | None) -> list | None:
+    """The transfer sampler's sources: the stored sweeps chosen when the sweep started (the same on --resume)."""
+    from rayeff.tune.priors import PriorStore, source_task
+
+    if priors is None:
+        return None
+    store = PriorStore(priors["store"])
+    return [source_task(store.entry(s["id"])) for s in priors["sweeps"]]
 
 
 def with_parent_run(sweep: SweepSpec, output: Storage):
@@ -187,7 +202,8 @@ def with_parent_run(sweep: SweepSpec, output: Storage):
     return sweep.model_copy(update={"tracking": tracking}), parent
 
 
-def _run_trials(sweep: SweepSpec, job, space, output: Storage, study_file: Path, limits, done: int) -> None:
+def _run_trials(sweep: SweepSpec, job, space, output: Storage, study_file: Path, limits, done: int,
+                sources: list | None) -> None:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -196,7 +212,8 @@ def _run_trials(sweep: SweepSpec, job, space, output: Storage, study_file: Path,
     from rayeff.tune.space import optuna_distributions
     from rayeff.tune.trial import objective_keys, run_trial
 
-    searcher = SweepSearch(sweep, optuna_distributions(space), output.location, str(study_file), limits, done)
+    searcher = SweepSearch(sweep, optuna_distributions(space), output.location, str(study_file), limits, done,
+                           sources)
     scheduler = None
     if sweep.scheduler is not None:   # rungs count reports; a trial that runs out of steps simply ends (no max_t)
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=objective_keys(sweep)[0],
@@ -235,8 +252,11 @@ def write_results(sweep: SweepSpec, job, output: Storage, started: dict, study, 
     labels = objective_labels(sweep, job, trials)
     total = sum((t.get("energy") or {}).get("joules", 0.0) for t in trials)
     budget = sweep.energy.sweep_budget_j
+    priors = started["priors"]
+    if priors is not None:   # what the sources weighed when the last trial was proposed (each trial has its own)
+        priors = {**priors, "last_weights": next((t["prior"] for t in reversed(trials) if t["prior"]), None)}
     report = {"sweep": sweep.model_dump(mode="json"), "search_space": started["space"],
-              "descriptors": started["descriptors"], "priors": started["priors"], "objective_labels": labels,
+              "descriptors": started["descriptors"], "priors": priors, "objective_labels": labels,
               "trials": trials, "best": best,
               "energy": {"total_j": total, "sweep_budget_j": budget,
                          "overshoot_j": max(total - budget, 0.0) if budget is not None else None,
