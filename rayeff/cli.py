@@ -179,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --table: trials of each source's replayed earlier sweep (default 24)")
     pri.add_argument("--max-trials", type=int,
                      help="with --table: trials per replayed sweep (default: the grid's size)")
-    pri.add_argument("--strategies", help="with --table: comma-separated, from random, cold_tpe, transfer_ensemble, "
-                                          "transfer_weighted, transfer_enqueue, cmaes_warm (default: all)")
+    pri.add_argument("--strategies", help="with --table: comma-separated, from random, cold_tpe, transfer_none, "
+                                          "transfer_ensemble, transfer_weighted, transfer_enqueue, cmaes_warm "
+                                          "(default: all)")
     _bench_output(pri)
     pri.add_argument("--runs-dir", help="folder for the sweeps and stores (default: next to --output)")
     pri.add_argument("--data-dir", help="GLUE data in its download layout")

@@ -154,6 +154,10 @@ def test_an_asha_sweep_records_every_trial_and_a_later_sweep_starts_from_it_unti
                                              "method": "enqueue"})))
     assert warm["priors"]["sweeps"][0]["name"] == str(out) and warm["priors"]["sweeps"][0]["distance"] == 0
     assert warm["priors"]["method"] == "enqueue" and warm["priors"]["last_weights"] == {str(out): 1.0}
+    finished = [t for t in on_disk["trials"] if t["status"] == "finished"]   # ASHA-stopped ones do not teach
+    assert warm["priors"]["trials_used"] == {str(out): len(finished)} and "sources" not in warm["priors"]
+    assert [e["trials"] for e in json.loads(Storage(uri).read_text("sweep_spec.json"))["priors"]["sources"]] == \
+        [PriorStore(tmp_path / "priors.db").entries()[0]["trials"]]   # the source as it was, for a resume
     assert warm["trials"][0]["params"] == report["best"]["params"] and warm["trials"][0]["prior"] == {str(out): 1.0}
 
     assert [t["status"] for t in warm["trials"]] == ["stopped: sweep energy budget"]
@@ -259,6 +263,9 @@ def test_the_pareto_front_is_optunas_best_trials_among_feasible_complete_trials(
      "num_trials is 3 but the grid has 2 points; set num_trials: 2"),
     ({"searcher": {"kind": "grid", "grid": {"training.lr": [1e-3], "method.hidden_size": [4]}}, "priors": "auto",
       "num_trials": 1}, "a grid sweep runs its grid as given"),
+    ({"searcher": {"kind": "grid", "grid": {"training.lr": [1e-3], "method.hidden_size": [4]}}, "num_trials": 1,
+      "scheduler": {"report_every_steps": 1}}, "a grid sweep runs every point to its end; drop the scheduler"),
+    ({"priors": "auto", "searcher": {"kind": "nsga2"}}, "priors: auto samples with the transfer sampler"),
     ({"energy": {"sweep_budget_j": -5}}, "energy.sweep_budget_j: Input should be greater than 0"),
     ({"objective": {"metric": "f1"}}, "objective.metric 'f1' is not a dev metric of sst2"),
     ({"objective": [{"metric": "dev"}, {"metric": "energy_j", "mode": "min"}], "searcher": {"kind": "cmaes"}},
@@ -289,6 +296,28 @@ def test_bad_input_exits_2_and_alters_no_study_or_store(tmp_path, glue_dir, caps
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert (tmp_path / "priors.db").read_bytes() == before and not (tmp_path / "sweep").exists()
+
+
+def test_a_grid_is_queued_once_with_each_fields_type_and_a_resume_queues_only_what_is_missing(tmp_path, glue_dir):
+    from rayeff.tune.sweep import enqueue_grid
+
+    grid = {"training.lr": [1e-3, 3e-3, 1e-2], "method.hidden_size": [4, 8]}
+    (tmp_path / "steps.yaml").write_text("method: read\nparams:\n"
+                                         "  training.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
+                                         "  method.hidden_size: {type: int, low: 4, high: 16, step: 4}\n")
+    path = write_sweep(tmp_path, glue_dir, num_trials=6, searcher={"kind": "grid", "seed": 1, "grid": grid},
+                       search_space=str(tmp_path / "steps.yaml"))
+    sweep, _, space = load_sweep(path)
+    study = optuna.create_study()
+    enqueue_grid(study, sweep, space)
+    first = study.ask()   # as a killed driver leaves it: one point running, the rest waiting
+    enqueue_grid(study, sweep, space)
+    queued = [t.system_attrs["fixed_params"] for t in study.trials]
+    assert len(study.trials) == 6 and queued == sweep.searcher.grid_points()
+    assert isinstance(queued[0]["training.lr"], float) and first.number == 0
+    with pytest.raises(UserError, match=re.escape("method.hidden_size value 6 is outside the search space (int in "
+                                                  "[4.0, 16.0] on steps of 4.0)")):
+        load_sweep(path, ["searcher.grid={training.lr: [1.0e-3], method.hidden_size: [6]}", "num_trials=1"])
 
 
 def test_the_shipped_sweeps_load():

@@ -111,7 +111,6 @@ def test_enqueue_tries_each_sources_best_in_turn_then_samples_inside_their_box(s
     xs = [q["x"] for q in queue]
     low, high = min(xs) - 1.0, max(xs) + 1.0   # the margin: a tenth of the range of 10
     assert all(max(low, -5) <= t.params["x"] <= min(high, 5) for t in study.trials[9:])
-    assert sampler.weights == {"s0": pytest.approx(1 / 3), "s1": pytest.approx(1 / 3), "s2": pytest.approx(1 / 3)}
 
 
 @pytest.mark.parametrize("method", ["ensemble", "weighted"])
@@ -165,3 +164,45 @@ def test_without_usable_sources_the_ensemble_is_bayesian_optimisation_on_the_tar
     reference.optimize(toy(0.0), n_trials=3)
     assert [t.params for t in study.trials[:2]] == [t.params for t in reference.trials[:2]]
     assert study.trials[2].params != reference.trials[2].params and sampler.weights == {"target": 1.0}
+
+
+def test_a_source_without_one_of_the_targets_parameters_still_counts_on_the_ones_it_has():
+    """The source never tuned `width`: its trials teach the other three parameters; `width` comes from the model
+    of the target's own trials and, before those, from the independent sampler."""
+    def narrower(trial):
+        x = trial.suggest_float("x", -5.0, 5.0)
+        lr = trial.suggest_float("lr", 1e-5, 1e-1, log=True)
+        optimizer = trial.suggest_categorical("optimizer", list(PENALTY))
+        return (x - 1.2) ** 2 + (math.log10(lr) + 3.2) ** 2 + PENALTY[optimizer]
+
+    source = optuna.create_study(study_name="no-width", sampler=optuna.samplers.RandomSampler(seed=9))
+    source.optimize(narrower, n_trials=40)
+    sampler = TransferSampler([source], seed=0)
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+    study.optimize(toy(0.0), n_trials=3)
+    assert sampler.source_trials_used == {"no-width": 40} and sampler.weights_of(0) == {"no-width": 1.0,
+                                                                                      "target": 0.0}
+    first = study.trials[0].params
+    assert abs(first["x"] - 1.2) < 1.0 and abs(math.log10(first["lr"]) + 3.2) < 1.0 and first["optimizer"] == "adam"
+
+
+def test_concurrent_proposals_spread_out_instead_of_landing_on_one_point(sources):
+    """Four asks before any tell (four workers): each keeps clear of the ones still running."""
+    study = optuna.create_study(direction="minimize", sampler=TransferSampler(sources, seed=0))
+    running = [study.ask(sources[0].trials[0].distributions) for _ in range(4)]   # as rayeff's sweeps ask
+    # the sampler's unit cube: x over its range of 10, lr in decades over its 4, width in octaves over its 6,
+    # the optimizer one-hot
+    points = [(t.params["x"] / 10, math.log10(t.params["lr"]) / 4, math.log2(t.params["width"]) / 6,
+               *(float(t.params["optimizer"] == o) for o in PENALTY)) for t in running]
+    gaps = [math.dist(a, b) for i, a in enumerate(points) for b in points[i + 1:]]
+    assert min(gaps) > 0.2, points   # 0.31 when written; 0.055 before running trials were kept clear of
+
+
+def test_each_trial_keeps_the_weights_it_was_proposed_with_and_a_queued_trial_has_none(sources):
+    sampler = TransferSampler(sources, seed=0)
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+    study.enqueue_trial({"x": 0.0, "lr": 1e-3, "width": 8, "optimizer": "adam"})
+    study.optimize(toy(0.0), n_trials=5)
+    assert sampler.weights_of(0) is None   # its values were fixed: the sampler proposed nothing
+    assert all(set(sampler.weights_of(n)) == {"s0", "s1", "s2", "target"} for n in range(1, 5))
+    assert sampler.weights_of(4) == sampler.weights and sum(sampler.weights_of(4).values()) == pytest.approx(1.0)

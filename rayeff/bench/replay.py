@@ -12,8 +12,10 @@ never does is censored at max_trials + 1 and counted as censored.
 
 The replay space is the grid itself: a number's grid values become the integers 0..k-1 in order (a log-spaced grid
 stays evenly spaced), choices stay choices. Strategies: random, cold_tpe (Optuna's TPE), the transfer sampler's
-methods (transfer_ensemble, transfer_weighted, transfer_enqueue) and cmaes_warm (Optuna's CMA-ES warm-started with
-the sources' trials, WS-CMA-ES; choices fall back to independent sampling).
+methods (transfer_ensemble, transfer_weighted, transfer_enqueue), its control without sources (transfer_none:
+Bayesian optimisation on the target alone, which also never repeats a configuration, unlike TPE and random search:
+the gap between it and cold_tpe is not transfer), and cmaes_warm (Optuna's CMA-ES warm-started with the sources'
+trials, WS-CMA-ES; choices fall back to independent sampling).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from rayeff.errors import UserError
 
 SOURCE_SEED = 10_000       # source replays use seeds no target replay uses
 TOP_FRACTIONS = {"top5": 0.05, "top1": 0.01}
-STRATEGIES = ("random", "cold_tpe", "transfer_ensemble", "transfer_weighted", "transfer_enqueue", "cmaes_warm")
+STRATEGIES = ("random", "cold_tpe", "transfer_none", "transfer_ensemble", "transfer_weighted", "transfer_enqueue",
+              "cmaes_warm")
 
 
 def load_table(path: str) -> dict:
@@ -52,10 +55,16 @@ def load_table(path: str) -> dict:
     if len(tasks) < 2:
         raise UserError(f"--table: {path} has {len(tasks)} task; a replay needs a target and at least one source")
     for name, task in tasks.items():
-        keys = {_key(grid, c["params"]) for c in task["configurations"]}
+        try:
+            keys = {_key(grid, c["params"]) for c in task["configurations"]}
+        except (KeyError, ValueError):
+            raise UserError(f"--table: task {name} has a configuration outside the grid; rebuild the table with "
+                            "`rayeff bench table`") from None
         if len(keys) < math.prod(len(v) for v in grid.values()):
             raise UserError(f"--table: task {name} lacks some of the grid's configurations; rebuild the table "
                             "from finished sweeps")
+        if all(c["dev"] is None for c in task["configurations"]):
+            raise UserError(f"--table: task {name} has no configuration with a dev metric")
     return table
 
 
@@ -71,8 +80,9 @@ def replay_space(grid: dict) -> dict:
 
 
 def _key(grid: dict, params: dict) -> tuple:
-    """A configuration's place in the grid, by field name: each value's index (numbers) or the value (choices)."""
-    return tuple(grid[k].index(params[k]) if _numeric(grid[k]) else params[k] for k in sorted(grid))
+    """A configuration's place in the grid, by field name: each number's index among the field's values in
+    increasing order (so the replay's integer axis runs as the values do), or the choice itself."""
+    return tuple(sorted(grid[k]).index(params[k]) if _numeric(grid[k]) else params[k] for k in sorted(grid))
 
 
 def _lookup(grid: dict, replay_params: dict) -> tuple:
@@ -89,8 +99,14 @@ class TaskTable:
         self.values = {_key(grid, c["params"]): worst if c["dev"] is None else sign * c["dev"]
                        for c in task["configurations"]}
         ordered = sorted(self.values.values(), reverse=True)
-        self.thresholds = {name: ordered[max(math.ceil(f * len(ordered)), 1) - 1]
-                           for name, f in TOP_FRACTIONS.items()}
+        self.thresholds, self.top = {}, {}
+        for name, fraction in TOP_FRACTIONS.items():
+            k = max(math.ceil(fraction * len(ordered)), 1)
+            threshold = ordered[k - 1]
+            at_or_above = sum(v >= threshold for v in ordered)   # ties can widen the share
+            self.thresholds[name] = threshold
+            self.top[name] = {"k": k, "threshold": sign * threshold, "configurations_at_or_above": at_or_above,
+                              "fraction_at_or_above": at_or_above / len(ordered)}
         self.grid = grid
 
     def __call__(self, replay_params: dict) -> float:
@@ -126,15 +142,32 @@ def _strategy(name: str, seed: int, sources: list, space: dict):
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cold_tpe":
         return optuna.samplers.TPESampler(seed=seed)
+    if name == "transfer_none":   # the control: the ensemble's machinery without sources (BO on the target alone)
+        return TransferSampler([], seed=seed, search_space=space)
     if name.startswith("transfer_"):
         return TransferSampler(sources, seed=seed, method=name.removeprefix("transfer_"), search_space=space)
-    if name == "cmaes_warm":   # CMA-ES models the numbers only: its source trials must hold exactly those
-        numbers = {k: d for k, d in space.items() if not isinstance(d, optuna.distributions.CategoricalDistribution)}
-        trials = [optuna.trial.create_trial(params={k: t.params[k] for k in numbers}, distributions=numbers,
-                                            value=t.value)
-                  for s in sources for t in s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-        return optuna.samplers.CmaEsSampler(seed=seed, source_trials=trials, warn_independent_sampling=False)
+    if name == "cmaes_warm":
+        return optuna.samplers.CmaEsSampler(seed=seed, source_trials=_cmaes_source_trials(sources, space),
+                                            warn_independent_sampling=False)
     raise ValueError(name)
+
+
+def _cmaes_source_trials(sources: list, space: dict) -> list:
+    """The sources' trials as WS-CMA-ES takes them: over the numbers CMA-ES models (not choices, not single
+    values), each source's values as normal scores of their ranks (the tasks' metrics have their own scales)."""
+    import optuna
+
+    from rayeff.tune.transfer import normal_scores
+
+    numbers = {k: d for k, d in space.items()
+               if not isinstance(d, optuna.distributions.CategoricalDistribution) and not d.single()}
+    trials = []
+    for s in sources:
+        done = s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        scores = normal_scores([t.value for t in done], s.direction)
+        trials += [optuna.trial.create_trial(params={k: t.params[k] for k in numbers}, distributions=numbers,
+                                             value=float(score)) for t, score in zip(done, scores)]
+    return trials
 
 
 def _summary(counts: list[int], censored_at: int) -> dict:
@@ -160,6 +193,9 @@ def bench_priors_table(table_path: str, output: str, seeds: int = 30, source_tri
         raise UserError(f"--strategies: {unknown} unknown; choose from {', '.join(STRATEGIES)}")
     table = load_table(table_path)
     grid, names = table["grid"], sorted(table["tasks"])
+    if "cmaes_warm" in strategies and (len(names) - 1) * source_trials < 10:   # it starts from their top tenth
+        raise UserError(f"--source-trials: warm-started CMA-ES needs at least 10 source trials in all; "
+                        f"{len(names) - 1} sources x {source_trials} is fewer")
     space = replay_space(grid)
     size = math.prod(len(v) for v in grid.values())
     max_trials = max_trials or size
@@ -212,6 +248,7 @@ def bench_priors_table(table_path: str, output: str, seeds: int = 30, source_tri
                       "as max_trials + 1 (censored)",
               "strategies": figures(runs),
               "per_task": {t: figures(per_task[t]) for t in names},
+              "targets": {t: tables[t].top for t in names},
               "runs": {s: runs[s] for s in strategies}}
     report["plot"] = str(output_path.with_suffix(".png"))
     plot_replay(report, Path(report["plot"]))

@@ -31,7 +31,12 @@ def _read_sweep(folder: str) -> dict:
         raise UserError(f"{path}: not readable as JSON ({err})") from None
 
 
-def _configuration(trial: dict) -> dict:
+def _configuration(trial: dict, folder: str) -> dict:
+    """A trial as a table row: run to its end (its dev metric) or failed (no metric). A trial stopped early (an
+    energy budget, a time limit) has a metric that is not comparable with the others': refused."""
+    if trial["status"].startswith("stopped"):
+        raise UserError(f"{folder}: trial {trial['number']} is '{trial['status']}'; a table needs every "
+                        "configuration run to its end (no energy budget or time limit in the grid sweep)")
     finished = trial["status"] == "finished" and trial.get("objectives")
     energy = trial.get("energy") or {}
     return {"params": trial["params"], "dev": trial["objectives"][0] if finished else None,
@@ -64,9 +69,11 @@ def build_table(folders: list[str], output: str, made_by: str | None = None, ove
         if len(sweep["trials"]) < points:
             raise UserError(f"{folder}: {len(sweep['trials'])} of the grid's {points} points ran; finish the sweep "
                             "(rayeff tune ... --resume, with num_trials set to the grid's size)")
+        configurations = [_configuration(t, folder) for t in sweep["trials"]]
+        if all(c["dev"] is None for c in configurations):
+            raise UserError(f"{folder}: every trial failed; its sweep's trial folders say why")
         table["tasks"][name] = {"sweep": folder, "descriptors": sweep["descriptors"],
                                 "metric": sweep["objective_labels"][0], "mode": objective["mode"],
-                                "settings": spec["overrides"],
-                                "configurations": [_configuration(t) for t in sweep["trials"]]}
+                                "settings": spec["overrides"], "configurations": configurations}
     write_json_atomic(output_path, table)
     return table

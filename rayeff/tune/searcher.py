@@ -32,6 +32,7 @@ from rayeff.tune.spec import SearcherSpec, SweepSpec
 from rayeff.tune.trial import objective_keys, trial_record
 
 RECORD_ATTR = "rayeff"
+PRIOR_TRIALS_ATTR = "prior_source_trials"   # how many of each source's trials fit the sweep's space
 STUDY_NAME = "rayeff"
 STUDY_FILE = "optuna.db"
 TRAINING_ITERATION = "training_iteration"   # Tune's count of a trial's reports, the step of intermediate values
@@ -109,9 +110,10 @@ class SweepSearch(Searcher):
             if self._limits is not None and ray.get(self._limits.start.remote(trial_id)) is not None:
                 return Searcher.FINISHED
             trial = self._study.ask(self._space)
-            weights = getattr(self._study.sampler, "weights", None)
-            if weights is not None:   # the transfer sampler: how much each source counted for this trial
-                trial.set_user_attr("prior", dict(weights))
+            weights_of = getattr(self._study.sampler, "weights_of", None)   # the transfer sampler's
+            if weights_of is not None and weights_of(trial.number) is not None:   # (not for a re-queued trial)
+                trial.set_user_attr("prior", weights_of(trial.number))
+                self._study.set_user_attr(PRIOR_TRIALS_ATTR, self._study.sampler.source_trials_used)
             self._trials[trial_id] = trial
         return dict(self._trials[trial_id].params)
 

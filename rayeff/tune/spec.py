@@ -132,6 +132,8 @@ class SweepSpec(Spec):
             raise ValueError("scheduler: ASHA ranks trials by one objective; drop it for a multi-objective sweep")
         if self.searcher.kind == "grid" and self.priors.use != "none":
             raise ValueError("priors: a grid sweep runs its grid as given; set priors: none")
+        if self.searcher.kind == "grid" and self.scheduler is not None:
+            raise ValueError("scheduler: a grid sweep runs every point to its end; drop the scheduler")
         if self.priors.use == "auto" and (many or self.searcher.kind != "tpe"):
             raise ValueError("priors: auto samples with the transfer sampler, for one objective and in place of "
                              "TPE; use searcher.kind: tpe with one objective, or priors: none")
@@ -193,9 +195,11 @@ def check_grid(sweep: SweepSpec, space: SearchSpace, source: str) -> None:
         for value in values:
             inside = value in p.choices if p.type == "categorical" else (
                 isinstance(value, (int, float)) and not isinstance(value, bool) and p.low <= value <= p.high
-                and (p.type == "float" or value == int(value)))
+                and (p.type == "float" or value == int(value))
+                and (not p.step or math.isclose((value - p.low) / p.step, round((value - p.low) / p.step))))
             if not inside:
-                allowed = p.choices if p.type == "categorical" else f"{p.type} in [{p.low}, {p.high}]"
+                allowed = p.choices if p.type == "categorical" else f"{p.type} in [{p.low}, {p.high}]" + (
+                    f" on steps of {p.step}" if p.step else "")
                 raise UserError(f"{source}: searcher.grid.{key} value {value!r} is outside the search space "
                                 f"({allowed})")
     size = math.prod(len(v) for v in grid.values())

@@ -27,7 +27,7 @@ import yaml
 
 from rayeff.cluster.storage import Storage
 from rayeff.errors import UserError
-from rayeff.tune.searcher import STUDY_FILE, save_study
+from rayeff.tune.searcher import PRIOR_TRIALS_ATTR, STUDY_FILE, save_study
 from rayeff.tune.spec import ENERGY_METRIC, SweepSpec, load_sweep, metric_name
 
 DRIVER_CPUS = 0.1
@@ -82,6 +82,18 @@ def _descriptors(job) -> dict:
     return describe_setting(job, len(train))
 
 
+def enqueue_grid(study, sweep: SweepSpec, space) -> None:
+    """A grid sweep's points, queued in the study in their seeded order; a point the study already has (queued,
+    running or done) is not queued again, so a resume queues only what a killed driver had not. Values take the
+    field's type, as the study stores them (a float field's 2 is 2.0), or a resume would not recognise them."""
+    def typed(key: str, value):
+        kind = space.params[key].type
+        return float(value) if kind == "float" else int(value) if kind == "int" else value
+
+    for point in sweep.searcher.grid_points():
+        study.enqueue_trial({k: typed(k, v) for k, v in point.items()}, skip_if_exists=True)
+
+
 def _requeue_interrupted(study) -> list[int]:
     """Trials a killed driver left RUNNING. One whose record was written before the kill is told as recorded;
     the others are failed and their parameters queued again, so they run from the start."""
@@ -129,23 +141,22 @@ def _run_sweep_locked(sweep: SweepSpec, job, space, output: Storage, address: st
 
     started = _started(output, sweep, resume)   # again, now that the folder is this sweep's
     if started is None:
-        descriptors, first, priors = _descriptors(job), [], None
+        descriptors, priors = _descriptors(job), None
         store = PriorStore(sweep.priors.store)
         if sweep.priors.use == "auto":
             chosen = nearest_sweeps(store, descriptors, sweep.priors.max_sweeps) if store.path.is_file() else []
             priors = {"store": str(store.path), "method": sweep.priors.method,
                       "sweeps": [{"id": e["id"], "name": e["name"], "distance": round(d, 4),
-                                  "task": e["descriptors"]["task"]} for d, e in chosen]}
+                                  "task": e["descriptors"]["task"]} for d, e in chosen],
+                      "sources": [e for _, e in chosen]}   # kept whole: a resume learns from the same trials
             if not chosen:
                 priors["note"] = "no stored sweep of this method: the sampler has no source and works as plain BO"
-        if sweep.searcher.grid is not None:   # the study hands the grid out in order
-            first = [{"params": point, "prior": None} for point in sweep.searcher.grid_points()]
         started = {"sweep": sweep.model_dump(mode="json"), "space": space.model_dump(mode="json"),
                    "descriptors": descriptors, "priors": priors}
         output.make()
         output.write_json(STARTED_FILE, started)
     else:
-        space, first = SearchSpace.model_validate(started["space"]), []
+        space = SearchSpace.model_validate(started["space"])
 
     per_trial = job.scaling.num_workers * job.scaling.cpus_per_worker + DRIVER_CPUS
     init_ray(address, sweep.max_concurrent * per_trial)
@@ -154,8 +165,8 @@ def _run_sweep_locked(sweep: SweepSpec, job, space, output: Storage, address: st
     storage_url = f"sqlite:///{study_file}"
     study = optuna.create_study(storage=storage_url, study_name=STUDY_NAME, load_if_exists=True,
                                 directions=["maximize" if o.mode == "max" else "minimize" for o in sweep.objectives])
-    for f in first:
-        study.enqueue_trial(f["params"], user_attrs={"prior": f["prior"]})
+    if sweep.searcher.grid is not None:
+        enqueue_grid(study, sweep, space)
     requeued = _requeue_interrupted(study) if resume else []
     save_study(output.location, str(study_file))
     done = study_records(study)
@@ -176,13 +187,11 @@ def _run_sweep_locked(sweep: SweepSpec, job, space, output: Storage, address: st
 
 
 def _prior_sources(priors: dict | None) -> list | None:
-    """The transfer sampler's sources: the stored sweeps chosen when the sweep started (the same on --resume)."""
-    from rayeff.tune.priors import PriorStore, source_task
+    """The transfer sampler's sources: the stored sweeps as they were when this sweep started (sweep_spec.json
+    keeps them, so a resume learns from the same trials even if the store has changed since)."""
+    from rayeff.tune.priors import source_task
 
-    if priors is None:
-        return None
-    store = PriorStore(priors["store"])
-    return [source_task(store.entry(s["id"])) for s in priors["sweeps"]]
+    return None if priors is None else [source_task(e) for e in priors["sources"]]
 
 
 def with_parent_run(sweep: SweepSpec, output: Storage):
@@ -254,7 +263,9 @@ def write_results(sweep: SweepSpec, job, output: Storage, started: dict, study, 
     budget = sweep.energy.sweep_budget_j
     priors = started["priors"]
     if priors is not None:   # what the sources weighed when the last trial was proposed (each trial has its own)
-        priors = {**priors, "last_weights": next((t["prior"] for t in reversed(trials) if t["prior"]), None)}
+        priors = {**{k: v for k, v in priors.items() if k != "sources"},
+                  "trials_used": study.user_attrs.get(PRIOR_TRIALS_ATTR),
+                  "last_weights": next((t["prior"] for t in reversed(trials) if t["prior"]), None)}
     report = {"sweep": sweep.model_dump(mode="json"), "search_space": started["space"],
               "descriptors": started["descriptors"], "priors": priors, "objective_labels": labels,
               "trials": trials, "best": best,

@@ -75,7 +75,7 @@ class SourceTask:
         return cls(trials, study.direction, name or study.study_name)
 
 
-def _normal_scores(values: Sequence[float], direction: StudyDirection) -> np.ndarray:
+def normal_scores(values: Sequence[float], direction: StudyDirection) -> np.ndarray:
     """Ranks turned into standard-normal quantiles, higher better: comparable across tasks and scales."""
     sign = 1.0 if direction == StudyDirection.MAXIMIZE else -1.0
     ranks = rankdata(sign * np.asarray(values, dtype=float))
@@ -123,16 +123,24 @@ class _Encoding:
 
     def fits(self, params: dict) -> bool:
         """The configuration has every parameter, inside this space."""
+        return self.accepts(params) and all(isinstance(d, CategoricalDistribution) or d.low <= params[n] <= d.high
+                                            for n, d in self.space.items())
+
+    def accepts(self, params: dict) -> bool:
+        """The configuration has every parameter and can be placed in the cube: choices among this space's,
+        numbers (out-of-range ones are clipped to the edge)."""
         for name, d in self.space.items():
-            if name not in params:
-                return False
-            value = params[name]
+            value = params.get(name)
             if isinstance(d, CategoricalDistribution):
-                if value not in d.choices:
+                if name not in params or value not in d.choices:
                     return False
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not d.low <= value <= d.high:
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                    (d.log and value <= 0):
                 return False
         return True
+
+    def restricted(self, names) -> _Encoding:
+        return _Encoding({n: d for n, d in self.space.items() if n in names})
 
     def random(self, rng: np.random.RandomState, count: int) -> np.ndarray:
         blocks = []
@@ -141,7 +149,7 @@ class _Encoding:
                 blocks.append(np.eye(len(d.choices))[rng.randint(len(d.choices), size=count)])
             else:
                 blocks.append(rng.uniform(size=(count, 1)))
-        return np.hstack(blocks)
+        return np.hstack(blocks) if blocks else np.zeros((count, 0))
 
     def around(self, rng: np.random.RandomState, centre: np.ndarray, count: int) -> np.ndarray:
         """Points near `centre`: numbers moved by a small Gaussian step, categories redrawn now and then."""
@@ -160,25 +168,30 @@ class _Encoding:
 
 
 class _Task:
-    """One task's observations in the unit cube, their normal scores, and a Gaussian process fitted on them."""
+    """One task's observations, their normal scores, and a Gaussian process fitted on them in the task's own cube
+    (a source's: the target's parameters it has)."""
 
-    def __init__(self, x: np.ndarray, scores: np.ndarray, seed: int):
+    def __init__(self, encoding: _Encoding, params: list[dict], scores: np.ndarray, seed: int):
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.gaussian_process import GaussianProcessRegressor
         from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
-        self.x, self.scores = x, scores
+        self.encoding, self.params, self.scores = encoding, params, scores
+        self.x = self.encode(params)
         # Matern 5/2 with a length scale per column (ARD) and a noise term: the usual BO surrogate.
-        kernel = ConstantKernel(1.0, (1e-2, 1e2)) * Matern(np.full(x.shape[1], 0.5), (1e-2, 1e1), nu=2.5) + \
+        kernel = ConstantKernel(1.0, (1e-2, 1e2)) * Matern(np.full(self.x.shape[1], 0.5), (1e-2, 1e1), nu=2.5) + \
             WhiteKernel(1e-2, (1e-6, 1.0))
         self.gp = GaussianProcessRegressor(kernel, normalize_y=True, random_state=seed)
         with warnings.catch_warnings():   # a length scale at its bound is expected with a handful of points
             warnings.simplefilter("ignore", ConvergenceWarning)
-            self.gp.fit(x, scores)
+            self.gp.fit(self.x, scores)
 
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and standard deviation of the score at each row of `x`."""
-        return self.gp.predict(x, return_std=True)
+    def encode(self, params: list[dict]) -> np.ndarray:
+        return np.array([self.encoding.encode(p) for p in params])
+
+    def predict(self, params: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of the score of each configuration."""
+        return self.gp.predict(self.encode(params), return_std=True)
 
     def leave_one_out(self) -> np.ndarray:
         """Each observation's prediction from all the others (closed form, the fitted kernel kept)."""
@@ -212,7 +225,20 @@ def learn_weights(source_predictions: list[np.ndarray], target_loo: np.ndarray |
     weights = (best / best.sum(axis=1, keepdims=True)).mean(axis=0)
     diluting = np.median(losses[:, :count], axis=0) > np.percentile(losses[:, count], 95)
     weights[:count][diluting] = 0.0
+    if weights.sum() == 0:   # every winner was a diluting source: the target's own model alone
+        weights[count] = 1.0
     return weights / weights.sum()
+
+
+@dataclass
+class _Source:
+    """A source as the sampler uses it: its trials that fit the target's space, on the parameters it shares."""
+    task: SourceTask
+    trials: list[FrozenTrial]
+    encoding: _Encoding     # the target's space restricted to the shared parameters
+
+    def ranked(self) -> list[FrozenTrial]:
+        return sorted(self.trials, key=lambda t: t.value, reverse=self.task.direction == StudyDirection.MAXIMIZE)
 
 
 class TransferSampler(BaseSampler):
@@ -220,7 +246,11 @@ class TransferSampler(BaseSampler):
 
     `sources`: `optuna.Study` objects (or `SourceTask`s) whose completed trials share parameter names with the
     target. `method`: ensemble (default), weighted or enqueue. `search_space`: the target's, when the sources'
-    distributions differ from it. `independent_sampler` samples parameters outside the space (default TPE)."""
+    distributions differ from it. `independent_sampler` samples parameters outside the space (default TPE).
+
+    After each proposal, `weights` holds the weights it used ({source name: weight, "target": weight}) and
+    `weights_of(trial_number)` those of any trial this sampler proposed; `source_trials_used` says how many of
+    each source's trials fit the target's space."""
 
     def __init__(self, sources: Sequence[Study | SourceTask], seed: int | None = None, method: Method = "ensemble",
                  search_space: dict[str, BaseDistribution] | None = None,
@@ -241,21 +271,26 @@ class TransferSampler(BaseSampler):
         self._intersection = IntersectionSearchSpace()
         self._fitted: tuple[tuple, list[_Task]] | None = None   # the sources' models for one search space
         self._box: dict[str, BaseDistribution] = {}             # enqueue: where TPE samples after the queue
+        self._weights_by_trial: dict[int, dict[str, float]] = {}
         self.weights: dict[str, float] = {}
+        self.source_trials_used: dict[str, int] = {}
 
     def reseed_rng(self) -> None:
         self._rng.seed()
         self._independent.reseed_rng()
         self._box_tpe.reseed_rng()
 
+    def weights_of(self, trial_number: int) -> dict[str, float] | None:
+        return self._weights_by_trial.get(trial_number)
+
     # -- the search space ------------------------------------------------------------------------------------------
 
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         if self._fixed_space is not None:
-            return dict(self._fixed_space)
+            return {n: d for n, d in self._fixed_space.items() if not d.single()}
         space = self._intersection.calculate(study)
         if space:
-            return space
+            return {n: d for n, d in space.items() if not d.single()}
         common: dict[str, BaseDistribution] | None = None   # the target has no trials yet: the sources' space
         for s in self.sources:
             for t in s.trials:
@@ -273,47 +308,56 @@ class TransferSampler(BaseSampler):
 
     def sample_relative(self, study: Study, trial: FrozenTrial, space: dict[str, BaseDistribution]) -> dict:
         self._raise_error_if_multi_objective(study)
-        self._box: dict[str, BaseDistribution] = {}
+        self._box = {}
         if not space:
             return {}
         encoding = _Encoding(space)
         usable = self._usable_sources(encoding)
-        seen = {tuple(encoding.encode(t.params)) for t in study.get_trials(deepcopy=False)
-                if t.number != trial.number and encoding.fits(t.params)}
+        self.source_trials_used = {s.task.name: len(s.trials) for s in usable}
+        others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+        seen = {tuple(encoding.encode(t.params)) for t in others if encoding.fits(t.params)}
+        running = [t.params for t in others if t.state == TrialState.RUNNING and encoding.fits(t.params)]
         if self.method == "enqueue":   # no model, no weights: every source's best configurations count alike
-            self.weights = {s.name: 1.0 / len(usable) for s, _ in usable}
-            return self._enqueued(encoding, usable, seen)
+            self._record(trial, {s.task.name: 1.0 / len(usable) for s in usable})
+            return self._enqueued(encoding, usable, others)
         sources = self._source_models(encoding, usable)
-        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if encoding.fits(t.params)]
+        done = [t for t in others if t.state == TrialState.COMPLETE and encoding.fits(t.params)]
         target = self._target_task(encoding, done, study.direction)
         weights = self._learn(sources, target)
-        self.weights = {s.name: float(w) for (s, _), w in zip(usable, weights[:-1])}
-        self.weights["target"] = float(weights[-1])
+        self._record(trial, {**{s.task.name: float(w) for s, w in zip(usable, weights[:-1])},
+                             "target": float(weights[-1])})
         if self.method == "weighted":
-            return self._weighted_tpe(encoding, sources, target, weights, seen)
-        return self._ensemble_ei(encoding, sources, target, weights, seen)
+            return self._weighted_tpe(encoding, sources, target, weights, seen, running)
+        return self._ensemble_ei(encoding, sources, target, weights, seen, running)
 
-    def _usable_sources(self, encoding: _Encoding) -> list[tuple[SourceTask, list[FrozenTrial]]]:
-        """The sources with a finished trial inside this space, and those trials."""
+    def _record(self, trial: FrozenTrial, weights: dict[str, float]) -> None:
+        self.weights = weights
+        self._weights_by_trial[trial.number] = weights
+
+    def _usable_sources(self, encoding: _Encoding) -> list[_Source]:
+        """Each source's finished trials on the parameters it shares with the target (those every one of its
+        finished trials has), with choices the target offers; sources that share none are left out."""
         usable = []
         for s in self.sources:
             trials = [t for t in s.trials if t.state == TrialState.COMPLETE and t.value is not None
-                      and math.isfinite(t.value) and encoding.fits(t.params)]
-            if trials:
-                usable.append((s, trials))
+                      and math.isfinite(t.value)]
+            shared = set(encoding.space).intersection(*(t.params for t in trials)) if trials else set()
+            sub = encoding.restricted(shared)
+            trials = [t for t in trials if sub.accepts(t.params)]
+            if shared and trials:
+                usable.append(_Source(s, trials, sub))
         return usable
 
-    def _source_models(self, encoding: _Encoding, usable) -> list[_Task]:
-        """Each usable source as a task in this space, fitted once per space (sources do not change)."""
+    def _source_models(self, encoding: _Encoding, usable: list[_Source]) -> list[_Task]:
+        """Each usable source as a task, fitted once per target space (sources do not change)."""
         key = tuple((n, repr(d)) for n, d in encoding.space.items())
         if self._fitted is not None and self._fitted[0] == key:
             return self._fitted[1]
         tasks = []
-        for i, (s, trials) in enumerate(usable):
-            scores = _normal_scores([t.value for t in trials], s.direction)
+        for i, s in enumerate(usable):
+            scores = normal_scores([t.value for t in s.trials], s.task.direction)
             keep = self._subsample(scores)
-            x = np.array([encoding.encode(t.params) for t in trials])
-            tasks.append(_Task(x[keep], scores[keep], self._task_seed(i)))
+            tasks.append(_Task(s.encoding, [s.trials[k].params for k in keep], scores[keep], self._task_seed(i)))
         self._fitted = (key, tasks)
         return tasks
 
@@ -330,19 +374,19 @@ class TransferSampler(BaseSampler):
     def _target_task(self, encoding: _Encoding, done: list[FrozenTrial], direction) -> _Task | None:
         if len(done) < 2:
             return None
-        scores = _normal_scores([t.value for t in done], direction)
-        return _Task(np.array([encoding.encode(t.params) for t in done]), scores, self._task_seed(len(self.sources)))
+        scores = normal_scores([t.value for t in done], direction)
+        return _Task(encoding, [t.params for t in done], scores, self._task_seed(len(self.sources)))
 
     def _learn(self, sources: list[_Task], target: _Task | None) -> np.ndarray:
         if target is None:
             return learn_weights([np.zeros(0)] * len(sources), None, np.zeros(0), self._rng)
-        predictions = [s.predict(target.x)[0] for s in sources]
+        predictions = [s.predict(target.params)[0] for s in sources]
         return learn_weights(predictions, target.leave_one_out(), target.scores, self._rng)
 
     def _fresh(self, encoding: _Encoding, candidates: np.ndarray, seen: set) -> np.ndarray:
         """The candidates snapped onto the space (grids, integers, one category), without repeats and without
-        configurations the target has evaluated; when none is new, random ones that are; when the space holds
-        none, the snapped candidates."""
+        configurations the target has evaluated or is evaluating; when none is new, random ones that are; when
+        the space holds none, the snapped candidates."""
         unique = {tuple(u): u for u in (encoding.encode(encoding.decode(c)) for c in candidates)}
         fresh = [u for k, u in unique.items() if k not in seen]
         if not fresh:
@@ -351,38 +395,49 @@ class TransferSampler(BaseSampler):
             fresh = [u for k, u in extra.items() if k not in seen]
         return np.array(fresh or list(unique.values()))
 
-    def _candidates(self, encoding: _Encoding, centres: list[np.ndarray], seen: set) -> np.ndarray:
-        blocks = [encoding.random(self._rng, RANDOM_CANDIDATES)]
-        blocks += [encoding.around(self._rng, c, LOCAL_CANDIDATES) for c in centres]
-        return self._fresh(encoding, np.vstack(blocks), seen)
+    def _best_points(self, encoding: _Encoding, tasks: list[_Task], weights: np.ndarray) -> list[np.ndarray]:
+        """Each weighted task's two best configurations, in the target's cube (a source's missing parameters at
+        random)."""
+        points = []
+        for task, weight in zip(tasks, weights):
+            if weight > 0:
+                for i in np.argsort(-task.scores)[:2]:
+                    filled = encoding.decode(encoding.random(self._rng, 1)[0]) | task.params[i]
+                    points.append(encoding.encode(filled))
+        return points
 
-    def _best_points(self, tasks: list[_Task], weights: np.ndarray, per_task: int = 2) -> list[np.ndarray]:
-        return [t.x[i] for t, w in zip(tasks, weights) if w > 0 for i in np.argsort(-t.scores)[:per_task]]
-
-    def _ensemble_ei(self, encoding, sources, target, weights, seen) -> dict:
+    def _ensemble_ei(self, encoding, sources, target, weights, seen, running) -> dict:
+        """Expected improvement of the weighted ensemble over the target's best, among random candidates and
+        candidates near each task's best; before the target has two trials, the ensemble's best mean."""
         tasks = sources + ([target] if target is not None else [])
         w = weights if target is not None else weights[:-1]
         if not tasks or not np.any(w > 0):
             return {}
-        candidates = self._candidates(encoding, self._best_points(tasks, w), seen)
+        blocks = [encoding.random(self._rng, RANDOM_CANDIDATES)]
+        blocks += [encoding.around(self._rng, c, LOCAL_CANDIDATES) for c in self._best_points(encoding, tasks, w)]
+        candidates = self._fresh(encoding, np.vstack(blocks), seen)
+        params = [encoding.decode(c) for c in candidates]
         mean, var = np.zeros(len(candidates)), np.zeros(len(candidates))
         for task, weight in zip(tasks, w):
             if weight > 0:
-                m, s = task.predict(candidates)
+                m, s = task.predict(params)
                 mean += weight * m
                 var += (weight * s) ** 2
         if target is None:   # nothing measured yet: the sources' consensus optimum
-            return encoding.decode(candidates[int(np.argmax(mean))])
-        best_seen = target.x[[int(np.argmax(target.scores))]]   # the ensemble's value at the target's best trial
-        incumbent = sum(weight * task.predict(best_seen)[0][0] for task, weight in zip(tasks, w) if weight > 0)
-        std = np.sqrt(np.maximum(var, 1e-12))
-        z = (mean - incumbent) / std
-        improvement = (mean - incumbent) * norm.cdf(z) + std * norm.pdf(z)
-        return encoding.decode(candidates[int(np.argmax(improvement))])
+            gain = mean - mean.min() + 1e-9
+        else:
+            best_seen = [target.params[int(np.argmax(target.scores))]]   # the ensemble at the target's best trial
+            incumbent = sum(weight * task.predict(best_seen)[0][0] for task, weight in zip(tasks, w) if weight > 0)
+            std = np.sqrt(np.maximum(var, 1e-12))
+            z = (mean - incumbent) / std
+            gain = (mean - incumbent) * norm.cdf(z) + std * norm.pdf(z)
+        gain = gain * _away_from(candidates, [encoding.encode(p) for p in running])
+        return params[int(np.argmax(gain))]
 
-    def _weighted_tpe(self, encoding, sources, target, weights, seen) -> dict:
+    def _weighted_tpe(self, encoding, sources, target, weights, seen, running) -> dict:
         """TPE with weighted observations: per task the top quarter is good; Parzen densities of good and rest (a
-        uniform component in each), and the candidate with the best ratio."""
+        uniform component in each), and the candidate with the best ratio. A source's observations take random
+        values for the parameters it lacks (its density is spread over them)."""
         n_target = 0 if target is None else len(target.scores)
         fade = FADE_TRIALS / (FADE_TRIALS + n_target)
         groups = [(t, SOURCE_MASS * fade * w / len(t.scores)) for t, w in zip(sources, weights[:-1]) if w > 0]
@@ -391,36 +446,46 @@ class TransferSampler(BaseSampler):
         good_x, good_w, bad_x, bad_w = [], [], [], []
         for task, weight in groups:
             cut = np.quantile(task.scores, 1 - GOOD_FRACTION)
-            for x, s in zip(task.x, task.scores):
+            filler = encoding.random(self._rng, len(task.params))
+            for p, s, fill in zip(task.params, task.scores, filler):
+                x = encoding.encode(encoding.decode(fill) | p)
                 (good_x if s >= cut else bad_x).append(x)
                 (good_w if s >= cut else bad_w).append(weight)
         if not good_x:
             return {}
         good_x, good_w = np.array(good_x), np.array(good_w)
         picks = self._rng.choice(len(good_x), size=64, p=good_w / good_w.sum())
-        centres = [good_x[i] for i in picks]
-        candidates = self._fresh(encoding, np.vstack([encoding.around(self._rng, c, 1) for c in centres] +
+        candidates = self._fresh(encoding, np.vstack([encoding.around(self._rng, good_x[i], 1) for i in picks] +
                                                      [encoding.random(self._rng, 16)]), seen)
         bandwidth = max(0.05, 0.3 * (len(good_x) + len(bad_x)) ** -0.2)
-        ratio = _density(candidates, good_x, good_w, bandwidth) / _density(
-            candidates, np.array(bad_x) if bad_x else np.zeros((0, candidates.shape[1])), np.array(bad_w), bandwidth)
+        bad = np.array(bad_x) if bad_x else np.zeros((0, candidates.shape[1]))
+        ratio = _density(candidates, good_x, good_w, bandwidth) / _density(candidates, bad, np.array(bad_w), bandwidth)
+        ratio = ratio * _away_from(candidates, [encoding.encode(p) for p in running])
         return encoding.decode(candidates[int(np.argmax(ratio))])
 
-    def _enqueued(self, encoding: _Encoding, usable, seen: set) -> dict:
-        """The sources' best configurations in turn (round robin over sources), then TPE in their box."""
-        ranked = [sorted(trials, key=lambda t: t.value, reverse=s.direction == StudyDirection.MAXIMIZE)
-                  for s, trials in usable]
+    def _enqueued(self, encoding: _Encoding, usable: list[_Source], others: list[FrozenTrial]) -> dict:
+        """The sources' best configurations in turn (round robin over sources), then TPE in their box. A source's
+        configuration covers the parameters it shares with the target; the others are sampled independently."""
+        ranked = [[{n: t.params[n] for n in s.encoding.space} for t in s.ranked()] for s in usable]
         queue = []
         for rank in range(ENQUEUE_TOP):
-            for trials in ranked:
-                params = {n: trials[rank].params[n] for n in encoding.space} if rank < len(trials) else None
-                if params is not None and params not in queue:
-                    queue.append(params)
+            for configurations in ranked:
+                if rank < len(configurations) and configurations[rank] not in queue:
+                    queue.append(configurations[rank])
         self._box = _bounding_box(encoding.space, queue)
         for params in queue:
-            if tuple(encoding.encode(params)) not in seen:
+            if not any(all(t.params.get(n) == v for n, v in params.items()) for t in others):
                 return params
         return {}
+
+
+def _away_from(candidates: np.ndarray, running: list[np.ndarray]) -> np.ndarray:
+    """A factor that falls to 0 at configurations other workers are evaluating now (local penalisation), so that
+    concurrent proposals spread out instead of landing on one point."""
+    factor = np.ones(len(candidates))
+    for r in running:
+        factor *= 1.0 - np.exp(-0.5 * ((candidates - r) ** 2).sum(axis=1) / LOCAL_SCALE ** 2)
+    return factor
 
 
 def _density(points: np.ndarray, centres: np.ndarray, weights: np.ndarray, bandwidth: float) -> np.ndarray:
