@@ -269,6 +269,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         spent = energy_label(t["energy"]) if t.get("energy") else "no energy reported"
         print(f"  trial {t['number']}: {t['status']}, objectives {t['objectives']}, {spent}, {t['params']}")
     print(f"rayeff: best: {best['params']} -> {best['objectives']}" if best else "rayeff: no feasible trial")
+    priors = report["priors"]
+    if priors is not None:
+        weights = priors.get("last_weights") or {}
+        sources = ", ".join(f"{s['name']} (weight {weights.get(s['name'], 0.0):.2f})" for s in priors["sweeps"])
+        print(f"rayeff: priors ({priors['method']}): {sources or 'no stored sweep of this method'}"
+              + (f"; this sweep's own model {weights['target']:.2f}" if "target" in weights else ""))
     print(f"rayeff: {len(report['trials'])} trials, "
           f"{energy_label({'joules': energy['total_j'], 'source': '+'.join(energy['sources'])})}"
           + (f"; stopped by the {energy['stopped_by']}" if energy["stopped_by"] else ""))

@@ -327,6 +327,9 @@ def test_the_shipped_sweeps_load():
     assert [o.metric for o in pareto.objectives] == ["dev", "energy_j"] and pareto.searcher.kind == "nsga2"
     bench, job, _ = load_sweep(ROOT / "jobs" / "sweep-bench-priors.yaml", ["overrides.data.task=stsb"])
     assert job.data.task == "stsb" and bench.max_concurrent == 2 and job.scaling.num_workers == 1
+    table, job, space = load_sweep(ROOT / "jobs" / "sweep-table-read.yaml", ["overrides.data.task=rte"])
+    assert table.searcher.kind == "grid" and table.num_trials == len(table.searcher.grid_points()) == 48
+    assert set(table.searcher.grid) == set(space.params) and job.data.train_subset == 512
 
 
 # The rest of a Progress (rayeff/results.py), as Tune hands it over (flattened); eval is absent before the first one.
