@@ -436,3 +436,20 @@ def test_each_searcher_kind_samples_the_space(kind, sampler):
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 12
     assert all(set(t.params) == set(space) for t in study.trials)
     assert study.trials[0].constraints == {"energy_over_budget_j": 1.0}
+
+
+def test_rayeff_tune_prints_the_sources_and_their_last_weights(monkeypatch, capsys):
+    import argparse
+
+    import rayeff.tune.sweep as sweep_module
+    from rayeff import cli
+
+    report = {"best": None, "trials": [], "output_dir": "out",
+              "energy": {"total_j": 0.0, "sources": [], "stopped_by": None},
+              "priors": {"method": "ensemble", "sweeps": [{"name": "runs/a"}, {"name": "runs/b"}],
+                         "last_weights": {"runs/a": 0.7, "runs/b": 0.0, "target": 0.3}}}
+    monkeypatch.setattr(sweep_module, "run_sweep", lambda *a, **k: report)
+    cli.cmd_tune(argparse.Namespace(sweep="s.yaml", overrides=[], output=None, data_dir=None, address=None,
+                                    resume=False))
+    assert "rayeff: priors (ensemble): runs/a (weight 0.70), runs/b (weight 0.00); this sweep's own model 0.30" \
+        in capsys.readouterr().out
