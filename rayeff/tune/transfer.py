@@ -20,6 +20,12 @@ normal scores (a Gaussian copula, as in Salinas et al. 2020), higher always bett
 - `enqueue`: the sources' best configurations first, then Optuna's TPE inside their bounding box (with a margin):
   the simple warm start, kept as a baseline.
 
+`ensemble` and `weighted` start from a portfolio of the sources' best configurations, up to three, chosen greedily:
+the best summed over sources, then while sources disagree the one that adds most to the sum over sources of the
+best score picked so far (the warm starts of Feurer et al. 2015 and Wistuba et al. 2015). Until the target has two
+trials its model cannot be weighed against the sources'; the portfolio spends those first trials where sources did
+well, rather than on a blend of sources that may disagree.
+
 Before the target has trials, its search space is the parameters every source has, with the sources'
 distributions (pass `search_space` when the target's differs). `ensemble` and `weighted` do not propose a
 configuration the target has already evaluated while others remain (in a discrete space a repeat costs a trial and
@@ -55,6 +61,9 @@ GOOD_FRACTION = 0.25        # weighted: the share of each task's trials that cou
 SOURCE_MASS = 10.0          # weighted: a source's trials weigh as much as this many target trials at first ...
 FADE_TRIALS = 10.0          # ... halved once the target has this many
 ENQUEUE_TOP = 3             # enqueue: each source's best configurations tried first
+PORTFOLIO = 3               # ensemble, weighted: at most this many sources' best configurations first ...
+PORTFOLIO_POOL = 5          # ... chosen among each source's this many best, each pick raising the sum over
+PORTFOLIO_GAIN = 0.5        # sources of their best score picked so far by this much (normal scores)
 LOG_MARGIN, LINEAR_MARGIN = 2.0, 0.1   # enqueue: the box reaches this factor (log) or fraction (linear) beyond them
 
 
@@ -269,7 +278,8 @@ class TransferSampler(BaseSampler):
         self._independent = independent_sampler or TPESampler(seed=seed)
         self._box_tpe = TPESampler(seed=seed)
         self._intersection = IntersectionSearchSpace()
-        self._fitted: tuple[tuple, list[_Task]] | None = None   # the sources' models for one search space
+        self._fitted: tuple[tuple, list[_Task], list[dict]] | None = None   # for one search space: the sources'
+        # models and the portfolio of their best configurations
         self._box: dict[str, BaseDistribution] = {}             # enqueue: where TPE samples after the queue
         self._weights_by_trial: dict[int, dict[str, float]] = {}
         self.weights: dict[str, float] = {}
@@ -320,12 +330,16 @@ class TransferSampler(BaseSampler):
         if self.method == "enqueue":   # no model, no weights: every source's best configurations count alike
             self._record(trial, {s.task.name: 1.0 / len(usable) for s in usable})
             return self._enqueued(encoding, usable, others)
-        sources = self._source_models(encoding, usable)
+        sources, portfolio = self._source_models(encoding, usable)
         done = [t for t in others if t.state == TrialState.COMPLETE and encoding.fits(t.params)]
         target = self._target_task(encoding, done, study.direction)
         weights = self._learn(sources, target)
         self._record(trial, {**{s.task.name: float(w) for s, w in zip(usable, weights[:-1])},
                              "target": float(weights[-1])})
+        if len(others) < len(portfolio):   # the study's first trials
+            unseen = [p for p in portfolio if not any(_agrees(t.params, p) for t in others)]
+            if unseen:
+                return unseen[0]
         if self.method == "weighted":
             return self._weighted_tpe(encoding, sources, target, weights, seen, running)
         return self._ensemble_ei(encoding, sources, target, weights, seen, running)
@@ -348,18 +362,20 @@ class TransferSampler(BaseSampler):
                 usable.append(_Source(s, trials, sub))
         return usable
 
-    def _source_models(self, encoding: _Encoding, usable: list[_Source]) -> list[_Task]:
-        """Each usable source as a task, fitted once per target space (sources do not change)."""
+    def _source_models(self, encoding: _Encoding, usable: list[_Source]) -> tuple[list[_Task], list[dict]]:
+        """Each usable source as a task, and the portfolio of their best configurations; fitted once per target
+        space (sources do not change)."""
         key = tuple((n, repr(d)) for n, d in encoding.space.items())
         if self._fitted is not None and self._fitted[0] == key:
-            return self._fitted[1]
+            return self._fitted[1], self._fitted[2]
         tasks = []
         for i, s in enumerate(usable):
             scores = normal_scores([t.value for t in s.trials], s.task.direction)
             keep = self._subsample(scores)
             tasks.append(_Task(s.encoding, [s.trials[k].params for k in keep], scores[keep], self._task_seed(i)))
-        self._fitted = (key, tasks)
-        return tasks
+        portfolio = _portfolio(usable, tasks)
+        self._fitted = (key, tasks, portfolio)
+        return tasks, portfolio
 
     def _subsample(self, scores: np.ndarray) -> np.ndarray:
         if len(scores) <= MAX_SOURCE_TRIALS:
@@ -474,9 +490,49 @@ class TransferSampler(BaseSampler):
                     queue.append(configurations[rank])
         self._box = _bounding_box(encoding.space, queue)
         for params in queue:
-            if not any(all(t.params.get(n) == v for n, v in params.items()) for t in others):
+            if not any(_agrees(t.params, params) for t in others):
                 return params
         return {}
+
+
+def _portfolio(usable: list[_Source], tasks: list[_Task]) -> list[dict]:
+    """Up to PORTFOLIO configurations from the sources' best (each source's PORTFOLIO_POOL best, on the parameters
+    it shares with the target), picked greedily: the one with the best summed score over sources, then each pick
+    maximises the sum over sources of the best score among the picks, while it raises it by PORTFOLIO_GAIN. A
+    configuration's score in a source is its observed one there, else that source's model's prediction."""
+    pool: list[dict] = []
+    for s in usable:
+        for t in s.ranked()[:PORTFOLIO_POOL]:
+            params = {n: t.params[n] for n in s.encoding.space}
+            if params not in pool:
+                pool.append(params)
+    if not pool:
+        return []
+    scores = np.empty((len(pool), len(tasks)))
+    for j, (s, task) in enumerate(zip(usable, tasks)):
+        names = list(s.encoding.space)
+        observed = {tuple((n, p[n]) for n in names): v for p, v in zip(task.params, task.scores)}
+        for i, params in enumerate(pool):
+            if any(n not in params for n in names):   # lacks some of this source's parameters: no evidence here
+                scores[i, j] = task.scores.min()
+            else:
+                key = tuple((n, params[n]) for n in names)
+                scores[i, j] = observed[key] if key in observed else task.predict([params])[0][0]
+    picks = [int(np.argmax(scores.sum(axis=1)))]
+    covered = scores[picks[0]]
+    while len(picks) < min(PORTFOLIO, len(tasks)):   # then what covers the sources the picks serve worst
+        gains = np.maximum(covered, scores).sum(axis=1) - covered.sum()
+        best = int(np.argmax(gains))
+        if gains[best] < PORTFOLIO_GAIN:   # the sources agree: one more of their best would teach little
+            break
+        picks.append(best)
+        covered = np.maximum(covered, scores[best])
+    return [pool[i] for i in picks]
+
+
+def _agrees(params: dict, partial: dict) -> bool:
+    """`params` holds every value of `partial`."""
+    return all(n in params and params[n] == v for n, v in partial.items())
 
 
 def _away_from(candidates: np.ndarray, running: list[np.ndarray]) -> np.ndarray:
