@@ -109,10 +109,11 @@ def guarded(call, *args, name: str | None = None):
 
 class MLflowSink:
     """One run in MLflow: the job as parameters, each logged step's progress and the final figures as metrics
-    (step-indexed), the energy's source as tags."""
+    (step-indexed), the energy's source as tags. A resumed job continues the MLflow run its output folder had."""
 
     def __init__(self, client, run_id: str, uri: str):
         self.client, self.run_id, self.name = client, run_id, f"MLflow at {uri}"
+        self.source_tagged = False
 
     @classmethod
     def open(cls, job, run_name: str) -> MLflowSink | None:
@@ -120,17 +121,25 @@ class MLflowSink:
         if uri is None:
             return None
         client = mlflow_client(uri)
+        experiment = experiment_id(client, job.tracking.experiment)
         tags = {"rayeff.method": job.method.name, "rayeff.model": job.model.name,
                 "rayeff.output_dir": str(job.output_dir)}
         if job.tracking.parent_run_id:
             tags["mlflow.parentRunId"] = job.tracking.parent_run_id
-        run = client.create_run(experiment_id(client, job.tracking.experiment), run_name=run_name, tags=tags)
+        if job.resume:
+            earlier = earlier_run(client, experiment, tags)
+            if earlier is not None:   # its parameters are logged (MLflow refuses to change one): go on with it
+                client.update_run(earlier, status="RUNNING")
+                return cls(client, earlier, uri)
+        run = client.create_run(experiment, run_name=run_name, tags=tags)
         log_params(client, run.info.run_id, flat(job.model_dump(mode="json", exclude={"tracking"})))
         return cls(client, run.info.run_id, uri)
 
     def log_progress(self, progress: dict) -> None:
         log_metrics(self.client, self.run_id, progress_metrics(progress), progress["step"])
-        self.client.set_tag(self.run_id, "energy_source", progress["energy_source"])
+        if not self.source_tagged:   # one source for the whole run
+            self.client.set_tag(self.run_id, "energy_source", progress["energy_source"])
+            self.source_tagged = True
 
     def finish(self, status: str, summary: dict | None) -> None:
         if summary is not None:
@@ -177,6 +186,16 @@ class SweepRun:
             self.client.set_terminated(self.run_id, "FINISHED")
 
         guarded(finish, name="MLflow")
+
+
+def earlier_run(client, experiment: str, tags: dict[str, str]) -> str | None:
+    """The latest run in `experiment` with these tags (the output folder's, under the same parent), or None."""
+    keys = [k for k in ("rayeff.output_dir", "mlflow.parentRunId") if k in tags]
+    if any("'" in tags[k] for k in keys):   # not expressible in MLflow's filter: a new run
+        return None
+    query = " and ".join(f"tags.`{k}` = '{tags[k]}'" for k in keys)
+    runs = client.search_runs([experiment], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
 
 
 def run_status(status: str) -> str:

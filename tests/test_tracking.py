@@ -16,8 +16,9 @@ from rayeff.config import validate_job
 from rayeff.train.runner import run_in_process
 
 
-def tiny_job(tmp_path, glue_dir, name, tracking):
+def tiny_job(tmp_path, glue_dir, name, tracking, **sections):
     return validate_job({
+        **sections,
         "model": {"name": "tiny-bert"},
         "data": {"task": "sst2", "data_dir": str(glue_dir), "train_subset": 48, "eval_subset": 16},
         "method": {"name": "lora", "rank": 4},
@@ -51,6 +52,27 @@ def test_a_run_logs_its_curves_and_results_to_mlflow_and_tensorboard(tmp_path, g
     assert [e.value for e in loss] == pytest.approx(result["loss_history"], rel=1e-6)
     assert [e.step for e in events.Scalars("eval/accuracy")] == [4, 6]
     assert events.Scalars("result/dev_accuracy")[0].value == pytest.approx(result["metrics"]["accuracy"])
+
+
+def test_a_resumed_run_goes_on_in_its_mlflow_run(tmp_path, glue_dir):
+    """Stopped at step 2 (an energy budget), then resumed: one MLflow run (in the output folder's own store),
+    finished, its curve from both parts."""
+    tracking = {"mlflow": True, "experiment": "resumed"}
+    stopped = run_in_process(tiny_job(tmp_path, glue_dir, "run", tracking, energy={"budget_j": 1e-9}))
+    assert stopped["status"] == "stopped: energy budget" and stopped["time"]["steps"] == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("resumed").experiment_id
+    [first] = client.search_runs([experiment])
+    assert first.info.status == "KILLED"
+    resumed = run_in_process(tiny_job(tmp_path, glue_dir, "run", tracking, resume=True))
+    assert resumed["status"] == "finished" and resumed["time"]["steps"] == 6
+    [run] = client.search_runs([experiment])
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [2, 4, 6]
+    assert [m.value for m in history][1:] == pytest.approx(resumed["loss_history"][1:])
+    assert run.data.tags["rayeff.status"] == "finished" and run.data.metrics["dev_accuracy"] == \
+        pytest.approx(resumed["metrics"]["accuracy"])
 
 
 def test_an_unreachable_tracker_costs_one_warning_line_and_nothing_else(tmp_path, glue_dir, capfd):
