@@ -386,7 +386,7 @@ def test_rayeff_tune_output_and_the_pareto_axis_say_estimate(source, estimated, 
                       objective=[{"metric": "dev", "mode": "max"}, {"metric": "energy_j", "mode": "min"}])
     job = JobSpec.model_validate({"method": {"name": "full"}, "model": {"name": "tiny-bert"},
                                   "data": {"task": "sst2"}, "output_dir": "o"})
-    labels = sweep_module.objective_labels(sweep, job, [trial])
+    labels = sweep_module.objective_labels(sweep, job, sweep_module.trial_energy_label([trial], job))
     assert labels[0] == "dev accuracy, max"
     assert labels[1] == ("energy (J, estimate: CPU-s x 10 W), min" if estimated else f"energy (J, {source}), min")
 

@@ -238,12 +238,16 @@ def _run_trials(sweep: SweepSpec, job, space, output: Storage, study_file: Path,
                run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=output.location, verbose=0)).fit()
 
 
-def objective_labels(sweep: SweepSpec, job, trials: list[dict]) -> list[str]:
-    """Each objective's name for pareto.json and the Pareto plot's axes; energy says how its trials measured it
-    ("energy (J, estimate: CPU-s x 10 W), min")."""
+def trial_energy_label(trials: list[dict], job) -> str:
+    """The energy axis's label for these trials: their sources, and the formula where any is an estimate."""
     from rayeff.measure.energy import energy_axis_label
 
-    energy = energy_axis_label([(t.get("energy") or {}).get("source") for t in trials], job.energy.watts_per_cpu)
+    return energy_axis_label([(t.get("energy") or {}).get("source") for t in trials], job.energy.watts_per_cpu)
+
+
+def objective_labels(sweep: SweepSpec, job, energy: str) -> list[str]:
+    """Each objective's name for pareto.json and the Pareto plot's axes; energy's (`energy`) says how its trials
+    measured it ("energy (J, estimate: CPU-s x 10 W), min")."""
     return [f"{energy if o.metric == ENERGY_METRIC else 'dev ' + metric_name(o, job)}, {o.mode}"
             for o in sweep.objectives]
 
@@ -251,14 +255,13 @@ def objective_labels(sweep: SweepSpec, job, trials: list[dict]) -> list[str]:
 def write_results(sweep: SweepSpec, job, output: Storage, started: dict, study, stopped_by: str | None,
                   requeued: list[int]) -> dict:
     from rayeff.config import validate_job
-    from rayeff.tune.results import best_trial, pareto_front, plot_pareto, study_records
+    from rayeff.tune.results import best_trial, pareto_front, study_records
     from rayeff.tune.trial import job_with_params
-
-    from rayeff.measure.energy import energy_axis_label
 
     trials = study_records(study)
     best = best_trial(study, trials, sweep)
-    labels = objective_labels(sweep, job, trials)
+    energy_label = trial_energy_label(trials, job)
+    labels = objective_labels(sweep, job, energy_label)
     total = sum((t.get("energy") or {}).get("joules", 0.0) for t in trials)
     budget = sweep.energy.sweep_budget_j
     priors = started["priors"]
@@ -273,8 +276,7 @@ def write_results(sweep: SweepSpec, job, output: Storage, started: dict, study, 
                          "overshoot_j": max(total - budget, 0.0) if budget is not None else None,
                          "stopped_by": stopped_by,
                          "sources": sorted({(t.get("energy") or {}).get("source") for t in trials} - {None}),
-                         "axis_label": energy_axis_label([(t.get("energy") or {}).get("source") for t in trials],
-                                                         job.energy.watts_per_cpu)},
+                         "axis_label": energy_label},
               "requeued_after_interruption": requeued, "output_dir": output.location,
               "study": output.child(STUDY_FILE),
               "dashboard": f"optuna-dashboard sqlite:///{output.child(STUDY_FILE)}" if output.local else
@@ -283,8 +285,14 @@ def write_results(sweep: SweepSpec, job, output: Storage, started: dict, study, 
         front = pareto_front(study, trials, [o.mode for o in sweep.objectives])
         report["pareto_front"] = [t["number"] for t in front]
         output.write_json("pareto.json", {"objectives": labels, "front": front})
-        with tempfile.TemporaryDirectory() as tmp:
-            plot_pareto(trials, front, labels, Path(tmp) / "pareto.png")
+        with tempfile.TemporaryDirectory() as tmp:   # the trials and front as `rayeff report` draws them
+            import matplotlib.pyplot as plt
+
+            from rayeff.report.figures import trial_scatter
+
+            figure = trial_scatter(trials, report["pareto_front"], labels)
+            figure.savefig(Path(tmp) / "pareto.png")
+            plt.close(figure)
             output.upload(Path(tmp) / "pareto.png", "pareto.png")
     if best is not None:
         best_job = validate_job(job_with_params(job.model_dump(mode="json"), best["params"], output.child("best")))
