@@ -279,6 +279,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
           f"{energy_label({'joules': energy['total_j'], 'source': '+'.join(energy['sources'])})}"
           + (f"; stopped by the {energy['stopped_by']}" if energy["stopped_by"] else ""))
     print(f"rayeff: wrote {report['output_dir']}/sweep.json")
+    if report["interrupted"]:
+        print(f"rayeff: interrupted: the running trials stopped with a checkpoint; `rayeff tune {args.sweep} --resume` "
+              "continues them and the sweep", file=sys.stderr)
+        return 130
     return 0
 
 

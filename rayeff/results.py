@@ -108,6 +108,8 @@ class Timing(Figures):
     samples_per_second: float = Field(description="samples / train_seconds")
     seconds_per_step: float = Field(description="train_seconds / steps")
     seconds_per_sample: float = Field(description="train_seconds / samples")
+    resumed_at_steps: list[int] = Field([], description="the step of each checkpoint the run was resumed from "
+                                        "(--resume, a restarted worker, a sweep's continued trial), in order")
 
 
 class QueryScheduleFigures(Figures):

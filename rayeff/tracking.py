@@ -183,7 +183,7 @@ class SweepRun:
             if report.get("best"):
                 metrics.update({f"best_objective_{i}": float(v) for i, v in enumerate(report["best"]["objectives"])})
             log_metrics(self.client, self.run_id, metrics, len(report["trials"]))
-            self.client.set_terminated(self.run_id, "FINISHED")
+            self.client.set_terminated(self.run_id, "KILLED" if report.get("interrupted") else "FINISHED")
 
         guarded(finish, name="MLflow")
 

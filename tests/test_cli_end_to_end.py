@@ -152,4 +152,7 @@ def test_a_run_interrupted_killed_and_terminated_resumes_each_time_to_the_uninte
         assert torch.equal(a[name], b[name]), name
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "finished" and result["time"]["steps"] == 100
+    # resumed at the interrupt, at the last checkpoint Ray Train recorded before the kill, and at the terminate
+    resumes = result["time"]["resumed_at_steps"]
+    assert resumes[0] == interrupted_at and interrupted_at <= resumes[1] <= killed_after and resumes[2] == terminated_at
     assert result["step_losses"] == reference["step_losses"]

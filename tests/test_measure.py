@@ -374,7 +374,7 @@ def test_rayeff_tune_output_and_the_pareto_axis_say_estimate(source, estimated, 
 
     trial = {"number": 0, "status": "finished", "objectives": [0.8, 1921.0], "params": {}, "feasible": True,
              "energy": {"joules": 1921.0, "source": source}}
-    report = {"best": None, "trials": [trial], "output_dir": "out", "priors": None,
+    report = {"best": None, "trials": [trial], "output_dir": "out", "priors": None, "interrupted": False,
               "energy": {"total_j": 1921.0, "sources": [source], "stopped_by": None}}
     monkeypatch.setattr(sweep_module, "run_sweep", lambda *a, **k: report)
     cli.cmd_tune(argparse.Namespace(sweep="s.yaml", overrides=[], output=None, data_dir=None, address=None,

@@ -1,5 +1,5 @@
 """`rayeff tune`: sweeps of READ on tiny-bert through Ray Tune + Optuna (ASHA, budgets, priors, a multi-objective
-sweep killed and resumed), the sweep limits and Pareto front by hand, and bad sweep files."""
+sweep interrupted, killed and resumed), the sweep limits and Pareto front by hand, and bad sweep files."""
 
 from __future__ import annotations
 
@@ -15,17 +15,21 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from rayeff.cli import main
 from rayeff.cluster.storage import Storage
 from rayeff.config import load_job
 from rayeff.errors import UserError
 from rayeff.methods.read import side_parameter_formula
+from rayeff.train.runner import run_in_process
 from rayeff.tune.limits import ENERGY, TIME, SweepLimits
 from rayeff.tune.priors import PriorStore
 from rayeff.tune.results import pareto_front
 from rayeff.tune.spec import load_sweep
+from rayeff.tune.trial import trial_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BERT_HEAD = (32 * 32 + 32) + (32 * 2 + 2)   # the mlp head on tiny-bert's width 32, two labels
@@ -61,34 +65,67 @@ def write_sweep(tmp_path, glue_dir, name="sweep", steps=2, **changes) -> Path:
 # Before the tests that use sweep_ray: this one starts Rays of its own (the CLI's), and two local Rays on one
 # machine slow each other and confuse Ray Train's placement-group cleaner.
 @pytest.mark.slow
-def test_a_killed_multi_objective_sweep_resumes_without_losing_or_repeating_a_trial(tmp_path, glue_dir,
-                                                                                      check_report):
-    path = write_sweep(tmp_path, glue_dir, steps=6, num_trials=2, searcher={"kind": "nsga2", "seed": 1},
+def test_an_interrupted_and_a_killed_sweep_continue_their_trials_from_checkpoints(tmp_path, glue_dir,
+                                                                                  check_report):
+    """A 2-trial multi-objective sweep through `rayeff tune`. Ctrl-C (SIGINT to its process group) while the first
+    trial trains: exit 130, that trial stopped after a step with a checkpoint there, no other trial started.
+    `--resume` continues it from that checkpoint in its own folder, then starts the second; SIGKILL to the driver
+    while that one trains; `--resume` continues it from its last checkpoint. Both end with the weights of their job
+    run straight through, bit for bit, and no trial is lost or repeated."""
+    path = write_sweep(tmp_path, glue_dir, steps=120, num_trials=2, searcher={"kind": "nsga2", "seed": 1},
                        objective=[{"metric": "dev", "mode": "max"}, {"metric": "energy_j", "mode": "min"}])
+    base = yaml.safe_load((tmp_path / "job.yaml").read_text())
+    base["training"].update(checkpoint_every=20, log_every=5)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(base))
     out, db = tmp_path / "sweep", f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}"
     command = [sys.executable, "-m", "rayeff.cli", "tune", str(path)]
-    driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:   # kill it while its second trial runs
-        time.sleep(1)
-        trials = _trials(db)
-        if len(trials) >= 2 and trials[0].state.is_finished() and not trials[1].state.is_finished():
-            break
-    else:
-        driver.kill()
-        pytest.fail("the sweep never reached its second trial")
+
+    def start(*extra) -> subprocess.Popen:
+        return subprocess.Popen(command + list(extra), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+
+    driver = start()
+    interrupted_folder = _folder_once_checkpointed(db, out, 0, driver)
+    os.killpg(driver.pid, signal.SIGINT)
+    _, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 130, stderr[-3000:]
+    assert "stopping after the current step" in stderr and "--resume" in stderr.strip().splitlines()[-1]
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["interrupted"] and report["trials"] == []   # the trial is not done, and no other started
+    assert [t.state for t in _trials(db)] == [optuna.trial.TrialState.RUNNING]
+    stopped = json.loads((interrupted_folder / "result.json").read_text())
+    assert stopped["status"] == "stopped: interrupted" and 20 <= stopped["time"]["steps"] < 120
+    assert _checkpoint_steps(interrupted_folder)[-1] == stopped["time"]["steps"]
+
+    driver = start("--resume")
+    # trial 1 continues trial 0; trial 2 is new: killed once it has written two checkpoints, so that Ray Train has
+    # recorded at least the first (it records one shortly after it is written)
+    killed_folder = _folder_once_checkpointed(db, out, 2, driver, count=2)
     os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
-    first = _trials(db)[0].user_attrs["rayeff"]
+    driver.communicate()
+    time.sleep(3)   # let Ray's own processes notice the driver is gone
+    killed_at = _checkpoint_steps(killed_folder)[-1]
 
     resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     report = json.loads((out / "sweep.json").read_text())
-    assert len(report["trials"]) == 2 and len({t["trial_id"] for t in report["trials"]}) == 2
-    assert report["trials"][0]["trial_id"] == first["trial_id"]   # kept, not run again
-    assert report["requeued_after_interruption"] == [1]
-    assert report["trials"][1]["params"] == _trials(db)[1].params   # the killed trial, run again from the start
-    assert all(t["status"] == "finished" for t in report["trials"])
+    trials = _trials(db)
+    assert [t["number"] for t in report["trials"]] == [1, 3] and len({t["trial_id"] for t in report["trials"]}) == 2
+    assert report["requeued_after_interruption"] == [2] and not report["interrupted"]
+    assert all(t["status"] == "finished" and t["time"]["steps"] == 120 for t in report["trials"])
+    spec = load_sweep(path)[0]
+    for record, first, folder, resumed_at in ((report["trials"][0], trials[0], interrupted_folder,
+                                               stopped["time"]["steps"]),
+                                              (report["trials"][1], trials[2], killed_folder, killed_at)):
+        assert record["params"] == first.params and record["output_dir"] == str(folder)   # the same trial, continued
+        # from the checkpoint at the interrupted step; after the kill, from the last one Ray Train had recorded (one
+        # being written as the driver died is not used)
+        [at] = record["time"]["resumed_at_steps"]
+        assert at == resumed_at if folder == interrupted_folder else 20 <= at <= resumed_at
+        straight = run_in_process(trial_job(base, first.params, spec, str(tmp_path / f"straight-{first.number}")))
+        a, b = load_file(str(folder / "final" / "trainable.safetensors")), load_file(straight["weights"])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert json.loads((folder / "result.json").read_text())["step_losses"] == straight["step_losses"]
     front = json.loads((out / "pareto.json").read_text())["front"]
     assert [t["number"] for t in front] == report["pareto_front"] and front
     for t in front:
@@ -98,6 +135,25 @@ def test_a_killed_multi_objective_sweep_resumes_without_losing_or_repeating_a_tr
     page = tmp_path / "report" / "sweep.html"
     assert main(["report", str(out), "--output", str(page)]) == 0
     check_report(page, {"trials", "trial-energy"})
+
+
+def _checkpoint_steps(folder: Path) -> list[int]:
+    return sorted(json.loads(s.read_text())["step"] for s in (folder / "train").glob("step_*/train_state.json"))
+
+
+def _folder_once_checkpointed(db: str, out: Path, number: int, driver: subprocess.Popen, count: int = 1) -> Path:
+    """The run folder of the sweep's trial `number` once it holds `count` checkpoints while the trial trains."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None:
+        trials = _trials(db)
+        if len(trials) > number and trials[number].state == optuna.trial.TrialState.RUNNING:
+            attrs = trials[number].user_attrs
+            folder = out / "trials" / attrs.get("continues", attrs.get("tune_trial_id", "?"))
+            if len(_checkpoint_steps(folder)) >= count:
+                return folder
+        time.sleep(0.1)
+    driver.kill()
+    pytest.fail(f"the sweep's trial {number} never wrote a checkpoint: {driver.communicate()[1][-2000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -444,7 +500,7 @@ def test_rayeff_tune_prints_the_sources_and_their_last_weights(monkeypatch, caps
     import rayeff.tune.sweep as sweep_module
     from rayeff import cli
 
-    report = {"best": None, "trials": [], "output_dir": "out",
+    report = {"best": None, "trials": [], "output_dir": "out", "interrupted": False,
               "energy": {"total_j": 0.0, "sources": [], "stopped_by": None},
               "priors": {"method": "ensemble", "sweeps": [{"name": "runs/a"}, {"name": "runs/b"}],
                          "last_weights": {"runs/a": 0.7, "runs/b": 0.0, "target": 0.3}}}

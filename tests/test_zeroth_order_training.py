@@ -114,6 +114,7 @@ def test_a_zeroth_order_run_resumes_exactly(tmp_path, glue_dir):
     assert stopped["status"] == "stopped: energy budget" and stopped["time"]["steps"] == 2
     resumed = run_in_process(zo_job(tmp_path, glue_dir, "resumed", training={"log_every": 2}, resume=True))
     assert resumed["status"] == "finished" and resumed["time"]["steps"] == 4
+    assert resumed["time"]["resumed_at_steps"] == [2] and straight["time"]["resumed_at_steps"] == []
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -48,6 +48,7 @@ class Checkpointer:
             rng_file = folder / f"rng_rank{self.ctx.rank}.pt"
             if rng_file.is_file():
                 set_rng_state(safe_load(rng_file), self.ctx.device)
+            state.resumed_at_steps = [*state.resumed_at_steps, state.step]
             return state
 
     def save(self, state: TrainState, energy: dict, metrics: dict, write: Callable[[Path, dict], None],

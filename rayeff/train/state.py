@@ -27,6 +27,7 @@ class TrainState:
     energy_history: list = field(default_factory=list)   # {"step", "joules"} at each logged step
     eval_history: list = field(default_factory=list)     # {"step", "joules", "metrics"} at each evaluation
     extra: dict = field(default_factory=dict)  # the loop's own counters (e.g. ZO queries so far)
+    resumed_at_steps: list = field(default_factory=list)   # the step of each checkpoint this run was resumed from
 
     def advance(self, loss: float, samples: int) -> None:
         """Count a finished step."""

@@ -56,7 +56,7 @@ def run_summary(run: RunSetup, ctx: TrainContext, state: TrainState, status: str
         time={"train_seconds": s.train_seconds, "steps": s.step, "samples": s.samples,
               "samples_per_second": s.samples / max(s.train_seconds, 1e-9),
               "seconds_per_step": s.train_seconds / max(s.step, 1),
-              "seconds_per_sample": s.train_seconds / max(s.samples, 1)},
+              "seconds_per_sample": s.train_seconds / max(s.samples, 1), "resumed_at_steps": s.resumed_at_steps},
         workers=ctx.world_size, zero_stage=job.deepspeed.zero_stage, device=ctx.device.type,
         total_steps=total_steps, **(loop_figures or {}),
         **({"moe": {**parameter_figures(run.model), "routing": s.extra.get("moe_routing", [])}}

@@ -14,8 +14,14 @@ is told as pruned with its last reported value. The study (SQLite) is thereby th
 `sweep.json` is written from it, and a resumed sweep reads it to know what is done; Tune's own searcher checkpoint
 is therefore not written (`rayeff tune --resume` resumes a sweep, not `Tuner.restore`).
 
-Before a trial starts, the sweep's limits actor is asked whether the sweep may start another (energy, time). After
-each completion, a sweep whose output is in an object store sends its study copy back (`save_study`).
+Before a trial starts, the sweep's limits actor is asked whether the sweep may start another (energy, time), and
+the sweep's stop request whether the user interrupted it. After each completion, a sweep whose output is in an
+object store sends its study copy back (`save_study`).
+
+An interrupted trial (Ctrl-C: it checkpointed after its current step) is not told: it stays RUNNING in the study, as
+the trials of a killed driver do, and `--resume` queues it again to continue from its checkpoint in its own folder
+(user attribute `continues`: the Tune trial id that names the folder; Tune hands it to the trial as
+`config["rayeff.continues"]`).
 """
 
 from __future__ import annotations
@@ -29,13 +35,16 @@ from ray.tune.search import Searcher
 
 from rayeff.cluster.storage import Storage
 from rayeff.tune.spec import SearcherSpec, SweepSpec
-from rayeff.tune.trial import objective_keys, trial_record
+from rayeff.train.state import INTERRUPTED
+from rayeff.tune.trial import CONTINUES_KEY, objective_keys, trial_record
 
 RECORD_ATTR = "rayeff"
 PRIOR_TRIALS_ATTR = "prior_source_trials"   # how many of each source's trials fit the sweep's space
 STUDY_NAME = "rayeff"
 STUDY_FILE = "optuna.db"
 TRAINING_ITERATION = "training_iteration"   # Tune's count of a trial's reports, the step of intermediate values
+TRIAL_ID_ATTR = "tune_trial_id"             # the Tune trial an Optuna trial was asked for
+CONTINUES_ATTR = "continues"                # a re-queued trial's folder: the Tune trial id it was first run as
 
 
 def save_study(output_location: str, study_file: str) -> None:
@@ -87,7 +96,7 @@ class SweepSearch(Searcher):
     attribute `prior` then holds the sources' weights it was proposed with."""
 
     def __init__(self, sweep: SweepSpec, space: dict, output_location: str, study_file: str, limits=None,
-                 trials_done: int = 0, sources: list | None = None):
+                 trials_done: int = 0, sources: list | None = None, stop_request=None):
         keys = objective_keys(sweep)
         modes = [o.mode for o in sweep.objectives]
         super().__init__(metric=keys if len(keys) > 1 else keys[0], mode=modes if len(modes) > 1 else modes[0])
@@ -102,20 +111,25 @@ class SweepSearch(Searcher):
         self._told: set[str] = set()
         self._output_location, self._study_file = output_location, study_file
         self._sweep_dump = sweep.model_dump(mode="json")
-        self._limits = limits
+        self._limits, self._stop_request = limits, stop_request
         self._ignores_constraints = sweep.searcher.kind == "cmaes"   # Optuna's CmaEsSampler does not read them
 
     def suggest(self, trial_id: str) -> dict | str:
         if trial_id not in self._trials:
+            if self._stop_request is not None and ray.get(self._stop_request.is_requested.remote()):
+                return Searcher.FINISHED
             if self._limits is not None and ray.get(self._limits.start.remote(trial_id)) is not None:
                 return Searcher.FINISHED
             trial = self._study.ask(self._space)
+            trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
             weights_of = getattr(self._study.sampler, "weights_of", None)   # the transfer sampler's
             if weights_of is not None and weights_of(trial.number) is not None:   # (not for a re-queued trial)
                 trial.set_user_attr("prior", weights_of(trial.number))
                 self._study.set_user_attr(PRIOR_TRIALS_ATTR, self._study.sampler.source_trials_used)
             self._trials[trial_id] = trial
-        return dict(self._trials[trial_id].params)
+        trial = self._trials[trial_id]
+        continues = trial.user_attrs.get(CONTINUES_ATTR)
+        return {**trial.params, **({CONTINUES_KEY: continues} if continues else {})}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """A report while the trial runs: its objective becomes an Optuna intermediate value (single objective
@@ -130,6 +144,9 @@ class SweepSearch(Searcher):
             return
         trial = self._trials[trial_id]
         record = trial_record(trial_id, dict(trial.params), result, SweepSpec.model_validate(self._sweep_dump))
+        if record["status"] == INTERRUPTED:   # left RUNNING: --resume continues it from its checkpoint
+            self._told.add(trial_id)
+            return
         for key, value in record["constraints"].items():   # first: a recorded trial always has its constraints
             trial.set_constraint(key, value)
         trial.set_user_attr(RECORD_ATTR, record)

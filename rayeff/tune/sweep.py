@@ -13,13 +13,18 @@ sent back after every trial): `optuna.db`, `sweep_spec.json` (the sweep as start
 `trials/<id>/` (each trial's run), `sweep.json`, `best_job.yaml` (the best feasible trial's job, ready for
 `rayeff run`), and for a multi-objective sweep `pareto.json` and `pareto.png`.
 
-Resume: a killed driver leaves the study with its finished trials recorded. `--resume` re-opens it, re-queues the
-trials that were running (their parameters, evaluated again from the start) and runs only what is missing.
+Interrupts: Ctrl-C or SIGTERM starts no new trial and makes each running trial stop after its current step with a
+checkpoint (as `rayeff run` does); the sweep writes sweep.json and ends with exit 130. A second signal stops at once.
+
+Resume: a killed or interrupted driver leaves the study with its finished trials recorded. `--resume` re-opens it,
+re-queues the trials that were running, each continuing its run from its last checkpoint in its own folder, and runs
+only what is missing.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -34,6 +39,7 @@ DRIVER_CPUS = 0.1
 STARTED_FILE = "sweep_spec.json"
 # Fields a resumed sweep may change: how many trials, how many at once, its limits.
 RESUMABLE_CHANGES = {"num_trials", "max_concurrent", "time_limit_s", "energy"}
+TUNE_SIGINT_SWITCH = "TUNE_DISABLE_SIGINT_HANDLER"   # read by Ray Tune 2.60's tune.run when fit() starts
 
 
 def _started(output: Storage, sweep: SweepSpec, resume: bool) -> dict | None:
@@ -95,11 +101,12 @@ def enqueue_grid(study, sweep: SweepSpec, space) -> None:
 
 
 def _requeue_interrupted(study) -> list[int]:
-    """Trials a killed driver left RUNNING. One whose record was written before the kill is told as recorded;
-    the others are failed and their parameters queued again, so they run from the start."""
+    """Trials a killed or interrupted driver left RUNNING. One whose record was written before the kill is told as
+    recorded; the others are failed and queued again with their parameters and their folder, so that each
+    continues its run from its last checkpoint (from the start if it had none)."""
     import optuna
 
-    from rayeff.tune.searcher import RECORD_ATTR, outcome
+    from rayeff.tune.searcher import CONTINUES_ATTR, RECORD_ATTR, TRIAL_ID_ATTR, outcome
 
     requeued = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -108,7 +115,11 @@ def _requeue_interrupted(study) -> list[int]:
             study.tell(t.number, values, state=state)
             continue
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k == "prior"})
+        attrs = {k: v for k, v in t.user_attrs.items() if k == "prior"}
+        folder = t.user_attrs.get(CONTINUES_ATTR) or t.user_attrs.get(TRIAL_ID_ATTR)
+        if folder:
+            attrs[CONTINUES_ATTR] = folder
+        study.enqueue_trial(t.params, user_attrs=attrs)
         requeued.append(t.number)
     return requeued
 
@@ -173,16 +184,19 @@ def _run_sweep_locked(sweep: SweepSpec, job, space, output: Storage, address: st
     earlier_j = [(r.get("energy") or {}).get("joules", 0.0) for r in done]
     limits = ray.remote(num_cpus=0)(SweepLimits).remote(sweep.energy.sweep_budget_j, sweep.time_limit_s, earlier_j)
     sweep, parent = with_parent_run(sweep, output)
+    interrupted = False
     if sweep.num_trials > len(done):
         sources = _prior_sources(started["priors"])
-        _run_trials(sweep, job, space, output, study_file, limits, len(done), sources)
+        interrupted = _run_trials(sweep, job, space, output, study_file, limits, len(done), sources)
     report = write_results(sweep, job, output, started, optuna.load_study(study_name=STUDY_NAME, storage=storage_url),
-                           ray.get(limits.why_stopped.remote()), requeued)
+                           ray.get(limits.why_stopped.remote()), requeued, interrupted)
     if parent is not None:
         parent.finish_sweep(report)
     save_study(output.location, str(study_file))
-    PriorStore(sweep.priors.store).add(output.location, started["descriptors"],
-                                       [o.model_dump() for o in sweep.objectives], started["space"], report["trials"])
+    if not interrupted:   # an unfinished sweep is no prior yet (--resume finishes it, and adds it then)
+        PriorStore(sweep.priors.store).add(output.location, started["descriptors"],
+                                           [o.model_dump() for o in sweep.objectives], started["space"],
+                                           report["trials"])
     return report
 
 
@@ -212,17 +226,21 @@ def with_parent_run(sweep: SweepSpec, output: Storage):
 
 
 def _run_trials(sweep: SweepSpec, job, space, output: Storage, study_file: Path, limits, done: int,
-                sources: list | None) -> None:
+                sources: list | None) -> bool:
+    """Run the sweep's remaining trials through Ray Tune; whether the user interrupted it (Ctrl-C, SIGTERM)."""
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    from rayeff.train.interrupts import StopRequest, stop_on_signal
     from rayeff.tune.searcher import SweepSearch
     from rayeff.tune.space import optuna_distributions
     from rayeff.tune.trial import objective_keys, run_trial
 
+    stop_request = StopRequest.remote()
     searcher = SweepSearch(sweep, optuna_distributions(space), output.location, str(study_file), limits, done,
-                           sources)
+                           sources, stop_request)
     scheduler = None
     if sweep.scheduler is not None:   # rungs count reports; a trial that runs out of steps simply ends (no max_t)
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=objective_keys(sweep)[0],
@@ -230,12 +248,24 @@ def _run_trials(sweep: SweepSpec, job, space, output: Storage, study_file: Path,
                                   reduction_factor=sweep.scheduler.reduction_factor, max_t=10**6)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=job.model_dump(mode="json"), sweep=sweep.model_dump(mode="json"),
-                             sweep_dir=output.location, limits=limits), {"CPU": DRIVER_CPUS})
+                             sweep_dir=output.location, limits=limits, stop_request=stop_request), {"CPU": DRIVER_CPUS})
     attempt = sum(name.startswith("tune-") for name in output.names())   # one Tune experiment per invocation
-    tune.Tuner(trainable,
-               tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, sweep.max_concurrent),
-                                           scheduler=scheduler, num_samples=sweep.num_trials - done),
-               run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=output.location, verbose=0)).fit()
+    tuner = tune.Tuner(trainable,
+                       tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, sweep.max_concurrent),
+                                                   scheduler=scheduler, num_samples=sweep.num_trials - done),
+                       run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=output.location, verbose=0))
+    # Tune's own Ctrl-C handler ends the experiment and stops trials mid-step; rayeff's lets them checkpoint first.
+    before = os.environ.get(TUNE_SIGINT_SWITCH)
+    os.environ[TUNE_SIGINT_SWITCH] = "1"
+    try:
+        with stop_on_signal(stop_request):
+            tuner.fit()
+    finally:
+        if before is None:
+            os.environ.pop(TUNE_SIGINT_SWITCH, None)
+        else:
+            os.environ[TUNE_SIGINT_SWITCH] = before
+    return ray.get(stop_request.is_requested.remote())
 
 
 def trial_energy_label(trials: list[dict], job) -> str:
@@ -253,7 +283,7 @@ def objective_labels(sweep: SweepSpec, job, energy: str) -> list[str]:
 
 
 def write_results(sweep: SweepSpec, job, output: Storage, started: dict, study, stopped_by: str | None,
-                  requeued: list[int]) -> dict:
+                  requeued: list[int], interrupted: bool = False) -> dict:
     from rayeff.config import validate_job
     from rayeff.tune.results import best_trial, pareto_front, study_records
     from rayeff.tune.trial import job_with_params
@@ -277,7 +307,8 @@ def write_results(sweep: SweepSpec, job, output: Storage, started: dict, study, 
                          "stopped_by": stopped_by,
                          "sources": sorted({(t.get("energy") or {}).get("source") for t in trials} - {None}),
                          "axis_label": energy_label},
-              "requeued_after_interruption": requeued, "output_dir": output.location,
+              "requeued_after_interruption": requeued, "interrupted": interrupted,
+              "output_dir": output.location,
               "study": output.child(STUDY_FILE),
               "dashboard": f"optuna-dashboard sqlite:///{output.child(STUDY_FILE)}" if output.local else
               f"copy {output.child(STUDY_FILE)} here, then: optuna-dashboard sqlite:///{STUDY_FILE}"}

@@ -33,23 +33,26 @@ class TrialReport(BaseModel):
     progress: Progress | None = None
 
 
+CONTINUES_KEY = "rayeff.continues"   # in a trial's config: the folder (trial id) of the run it continues
+
+
 def objective_keys(sweep: SweepSpec) -> list[str]:
     return [f"objective_{i}" for i in range(len(sweep.objectives))]
 
 
-def job_with_params(base: dict, params: dict, output_dir: str) -> dict:
+def job_with_params(base: dict, params: dict, output_dir: str, resume: bool = False) -> dict:
     """The base job (a dump) with tuned parameters set and its own output folder."""
     raw = copy.deepcopy(base)
     for key, value in params.items():
         set_field(raw, key, value)
-    raw["output_dir"], raw["resume"] = output_dir, False
+    raw["output_dir"], raw["resume"] = output_dir, resume
     return raw
 
 
-def trial_job(base: dict, params: dict, sweep: SweepSpec, output_dir: str) -> JobSpec:
-    """A trial's job: the base job with its parameters and the sweep's per-trial settings; raises UserError when
-    the combination is not a valid job."""
-    raw = job_with_params(base, params, output_dir)
+def trial_job(base: dict, params: dict, sweep: SweepSpec, output_dir: str, resume: bool = False) -> JobSpec:
+    """A trial's job: the base job with its parameters and the sweep's per-trial settings (`resume`: it continues
+    an interrupted trial's run in that folder); raises UserError when the combination is not a valid job."""
+    raw = job_with_params(base, params, output_dir, resume)
     if sweep.energy.trial_budget_j is not None:
         raw["energy"]["budget_j"] = sweep.energy.trial_budget_j
     if sweep.tracking.enabled:   # (the sweep driver has made mlflow a URI and set the parent run)
@@ -82,21 +85,25 @@ class ReportObjectives(TuneReportCallback):
             super().after_report(run_context, [{**values, "progress": progress.dump()}], None)
 
 
-def run_trial(config: dict, base: dict, sweep: dict, sweep_dir: str, limits) -> None:
+def run_trial(config: dict, base: dict, sweep: dict, sweep_dir: str, limits, stop_request=None) -> None:
     """The Tune function. Any failure becomes a final report with status `error: ...`, so the sweep records it
-    and goes on."""
+    and goes on. A trial that continues an interrupted one (`config[CONTINUES_KEY]`) resumes that trial's run in
+    its folder; `stop_request` is the sweep's (Ctrl-C: the run stops after its current step, checkpointed)."""
     from ray import tune
 
     from rayeff.train.runner import final_report, finish, prepare, start
 
     spec = SweepSpec.model_validate(sweep)
     trial_id = tune.get_context().get_trial_id()
+    params = {k: v for k, v in config.items() if k != CONTINUES_KEY}
+    folder = config.get(CONTINUES_KEY) or trial_id
     try:
         sweep_storage = Storage(sweep_dir)
-        job = trial_job(base, config, spec, sweep_storage.child("trials", trial_id))
+        job = trial_job(base, params, spec, sweep_storage.child("trials", folder), resume=folder != trial_id)
         source = prepare(job)
         trainer = start(job, source, callbacks=[ReportObjectives(sweep, job.model_dump(mode="json"))],
-                        sweep_limits=limits, trial_key=trial_id, run_name=location_name(sweep_storage.location))
+                        sweep_limits=limits, trial_key=trial_id, run_name=location_name(sweep_storage.location),
+                        stop_request=stop_request)
         with final_report(trainer.fit()) as (summary, checkpoint):
             summary = finish(job, summary, checkpoint)
     except Exception as err:  # noqa: BLE001  (recorded, not raised: one bad trial must not end the sweep)
