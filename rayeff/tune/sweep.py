@@ -317,13 +317,10 @@ def write_results(sweep: SweepSpec, job, output: Storage, started: dict, study, 
         report["pareto_front"] = [t["number"] for t in front]
         output.write_json("pareto.json", {"objectives": labels, "front": front})
         with tempfile.TemporaryDirectory() as tmp:   # the trials and front as `rayeff report` draws them
-            import matplotlib.pyplot as plt
-
             from rayeff.report.figures import trial_scatter
+            from rayeff.report.page import save_png
 
-            figure = trial_scatter(trials, report["pareto_front"], labels)
-            figure.savefig(Path(tmp) / "pareto.png")
-            plt.close(figure)
+            save_png(trial_scatter(trials, report["pareto_front"], labels), Path(tmp) / "pareto.png")
             output.upload(Path(tmp) / "pareto.png", "pareto.png")
     if best is not None:
         best_job = validate_job(job_with_params(job.model_dump(mode="json"), best["params"], output.child("best")))
