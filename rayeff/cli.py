@@ -6,6 +6,7 @@
     rayeff tune SWEEP.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--resume] [--address ADDR]
     rayeff priors list [--store FILE]
     rayeff priors show ID [--store FILE]
+    rayeff priors remove ID [--store FILE]
     rayeff bench zo --job JOB.yaml --output OUT.json [--data-dir DIR] [--loss-target L] [--queries Q]
     rayeff bench moe --job JOB.yaml --output OUT.json [--experts 4,8] [--top-k 1,2] [--data-dir DIR]
     rayeff bench priors --output OUT.json [--sweep SWEEP.yaml] [--sources sst2] [--targets stsb] [--seeds 0,1,2]
@@ -105,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     priors = commands.add_parser("priors", help="inspect the store of finished sweeps that warm-start new ones")
     views = priors.add_subparsers(dest="view", required=True)
-    for name, text in (("list", "one line per stored sweep"), ("show", "one stored sweep, as JSON")):
+    for name, text in (("list", "one line per stored sweep"), ("show", "one stored sweep, as JSON"),
+                       ("remove", "drop a stored sweep, so that no later sweep is warm-started from it")):
         view = views.add_parser(name, help=text)
-        if name == "show":
+        if name != "list":
             view.add_argument("id", type=int, help="the sweep's id (from `rayeff priors list`)")
         view.add_argument("--store", default="runs/priors.db", help="the prior store (default runs/priors.db)")
 
@@ -292,6 +294,10 @@ def cmd_priors(args: argparse.Namespace) -> int:
     store = PriorStore(args.store)
     if args.view == "show":
         print(json.dumps(store.entry(args.id), indent=2))
+        return 0
+    if args.view == "remove":
+        removed = store.remove(args.id)
+        print(f"rayeff: removed sweep {args.id} ({removed['name']}) from {args.store}")
         return 0
     for e in store.entries():
         d, best, objective = e["descriptors"], best_trials(e, 1), e["objectives"][0]

@@ -98,7 +98,7 @@ def test_the_benchmark_refuses_a_target_that_is_also_a_source(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_priors_list_and_show_through_the_cli(tmp_path, capsys):
+def test_priors_list_show_and_remove_through_the_cli(tmp_path, capsys):
     import json
 
     from rayeff.cli import main
@@ -114,3 +114,10 @@ def test_priors_list_and_show_through_the_cli(tmp_path, capsys):
     assert main(["priors", "show", "2", "--store", str(store)]) == 2
     assert "no sweep 2" in capsys.readouterr().err
     assert main(["priors", "list", "--store", str(tmp_path / "none.db")]) == 2
+    capsys.readouterr()
+    PriorStore(store).add("runs/sweep-b", setting(), [{"metric": "dev", "mode": "max"}], {}, trials((3e-3, 0.7)))
+    assert main(["priors", "remove", "1", "--store", str(store)]) == 0
+    assert capsys.readouterr().out.strip() == f"rayeff: removed sweep 1 (runs/sweep-a) from {store}"
+    assert [e["name"] for e in PriorStore(store).entries()] == ["runs/sweep-b"]
+    assert main(["priors", "remove", "1", "--store", str(store)]) == 2
+    assert "no sweep 1" in capsys.readouterr().err

@@ -120,6 +120,14 @@ class PriorStore:
                 return e
         raise UserError(f"priors: no sweep {sweep_id} in {self.path}; `rayeff priors list` shows the ids")
 
+    def remove(self, sweep_id: int) -> dict:
+        """Drop a stored sweep (e.g. a test or a mistaken sweep that should not warm-start later ones); returns
+        the entry removed. Sweeps that already used it keep their own copy of it in sweep_spec.json."""
+        entry = self.entry(sweep_id)
+        with closing(self._connect(create=False)) as conn, conn:
+            conn.execute("DELETE FROM sweeps WHERE id = ?", (sweep_id,))
+        return entry
+
 
 def best_trials(entry: dict, count: int) -> list[dict]:
     """A stored sweep's `count` best feasible trials by its first objective."""
