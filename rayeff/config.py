@@ -165,8 +165,8 @@ class DataSpec(Spec):
                                  "has its own")
             return self
         if self.data_dir is not None:
-            raise ValueError("data_dir is GLUE's folder; with your own data, give dev_file, dev_split or "
-                             "dev_fraction instead")
+            raise ValueError("data_dir (from the job or --data-dir) is GLUE's folder; this job trains on its own "
+                             "data: leave it out, and give dev_file, dev_split or dev_fraction for its dev set")
         dev, where = ("dev_split", "train_split") if self.dataset else ("dev_file", "train_file")
         if self.dataset and self.dev_file:
             raise ValueError("dev_file goes with train_file; a dataset's dev examples are its dev_split")

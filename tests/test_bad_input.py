@@ -112,6 +112,9 @@ CASES = [
      "schedule"),
     # data
     ("--data-dir is a file", lambda w, o: run(w, o, data=w.file), "data.data_dir"),
+    ("--data-dir with own data", lambda w, o: run(w, o, w.job_with("own.yaml", GOOD.replace(
+        "task: sst2", f"train_file: {w.glue / 'SST-2' / 'train.tsv'}, dev_fraction: 0.25"))),
+     "data_dir (from the job or --data-dir) is GLUE's folder; this job trains on its own data: leave it out"),
     ("train.tsv is a folder", lambda w, o: run(w, o, data=_folder_as_train(w)), "train.tsv is a folder"),
     ("train.tsv empty", lambda w, o: run(w, o, data=w.tasks("empty", {"SST-2": ""})), "train.tsv: the file is empty"),
     ("train.tsv header only", lambda w, o: run(w, o, data=w.tasks("header", {"SST-2": "sentence\tlabel\n"})),
