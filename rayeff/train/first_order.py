@@ -157,6 +157,9 @@ def make_optimizer(params: list, training, total: int) -> tuple:
                                     num_warmup_steps=int(training.warmup_ratio * total))
 
 
+TORCH_LINEAR = torch.nn.functional.linear   # torch's own, taken before any engine could replace it
+
+
 def initialize_deepspeed(**arguments):
     """`deepspeed.initialize(**arguments)`'s engine, without DeepSpeed's shared-memory all-reduce op.
 
@@ -169,6 +172,11 @@ def initialize_deepspeed(**arguments):
     import deepspeed
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # A ZeRO-3 engine replaces torch.nn.functional.linear with DeepSpeed's own for the rest of the process (its
+    # words: "This will persist unless manually reset"), which saves every layer's input for backward, frozen
+    # layers' too. An engine built later in the same process (run_in_process, tests) starts from torch's own, so
+    # what it saves does not depend on what ran before; a ZeRO-3 engine replaces it again.
+    torch.nn.functional.linear = TORCH_LINEAR
     return deepspeed.initialize(**arguments)[0]
 
 
