@@ -11,6 +11,7 @@
     rayeff bench moe --job JOB.yaml --output OUT.json [--experts 4,8] [--top-k 1,2] [--data-dir DIR]
     rayeff bench priors --output OUT.json [--sweep SWEEP.yaml] [--sources sst2] [--targets stsb] [--seeds 0,1,2]
     rayeff bench priors --table TABLE.json --output OUT.json [--replay-seeds 30] [--source-trials 24]
+    rayeff plan JOB.yaml [--workers N] [--gpu-memory GB] [--methods all|a,b] [--json OUT.json] [--set ...]
     rayeff bench table SWEEP_DIR SWEEP_DIR ... --output TABLE.json
     rayeff submit JOB_OR_SWEEP.yaml --address http://HEAD:8265 [--set ...] [--data-dir DIR] [--output DIR] [--follow]
     rayeff jobs list|status ID|logs ID [--follow]|stop ID [--address http://HEAD:8265]
@@ -81,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="a new (or empty) folder to write the model to")
     export.add_argument("--adapter-only", action="store_true",
                         help="LoRA: write a PEFT adapter folder for the base model instead of merged weights")
+
+    plan = commands.add_parser("plan", help="per-worker memory and bytes sent per step of a job, per method, from "
+                                            "its model's config alone (nothing is loaded or launched)")
+    plan.add_argument("job", help="job YAML file; model.name may also be a config.json or a folder holding one")
+    _set_option(plan, "job")
+    plan.add_argument("--workers", type=int, help="plan for this many workers (sets scaling.num_workers)")
+    plan.add_argument("--gpu-memory", type=float, metavar="GB", help="memory of one GPU: says whether each fits")
+    plan.add_argument("--methods", help="all (every method that trains the job's task type) or a comma-separated "
+                                        "list; default the job's own")
+    plan.add_argument("--json", metavar="OUT.json", help="also write the plan as JSON (an existing file is refused)")
+    plan.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
 
     predict = commands.add_parser("predict", help="batch inference over a JSON-lines file, through Ray Data")
     predict.add_argument("source", metavar="RUN_OR_EXPORT", help="a finished run's folder, or a `rayeff export` folder")
@@ -238,6 +250,43 @@ def cmd_export(args: argparse.Namespace) -> int:
             "sequence_classifier": "a Hugging Face sequence classifier",
             "rayeff": "the trained tensors and the base model's reference (load with rayeff.load)"}[form]
     print(f"rayeff: wrote {kind} to {out}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rayeff.checks import check_output_file
+    from rayeff.config import load_job
+    from rayeff.plan.planner import method_names, plan_job
+    from rayeff.plan.shapes import plan_model_config
+
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        if args.workers < 1:
+            raise UserError(f"--workers: {args.workers}; give 1 or more")
+        overrides.append(f"scaling.num_workers={args.workers}")
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        raise UserError(f"--gpu-memory: {args.gpu_memory}; give the GPU's memory in GB, e.g. 80")
+    out = check_output_file(args.json, "--json", args.overwrite) if args.json else None
+    job = load_job(args.job, overrides)
+    names = method_names(job, args.methods)
+    gpu_bytes = None if args.gpu_memory is None else int(args.gpu_memory * 1e9)
+    plan = plan_job(job, plan_model_config(job.model.name), names, gpu_bytes)
+    print(f"{plan.model} · {plan.task} · {plan.workers} worker(s), {plan.batch_per_worker} x {plan.max_seq_length} "
+          f"tokens each · ZeRO-{plan.zero_stage} {plan.precision}   (GB per worker)")
+    print(f"{'method':<9}{'trainable':>13}{'params':>9}{'grads':>9}{'opt|snap':>9}{'activ':>9}{'total':>9}  fits  "
+          "sent/step")
+    for name, m in plan.methods.items():
+        mem = m.memory_per_worker_bytes
+        fits = {True: "yes", False: "NO", None: "-"}[m.fits]
+        print(f"{name:<9}{m.trainable_params:>13,}" + "".join(f"{v / 1e9:>9.3f}" for v in (
+            mem.parameters, mem.gradients, mem.optimizer_state + mem.perturbation_snapshot, mem.activations,
+            mem.total)) + f"  {fits:<5} {m.comm_bytes_per_step / 1e6:,.1f} MB ({m.comm_kind})")
+    for name, why in plan.refused.items():
+        print(f"{name:<9}cannot run this job: {why}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(plan.model_dump_json(indent=2) + "\n")
+        print(f"rayeff: wrote {out}")
     return 0
 
 
@@ -441,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         commands = {"run": cmd_run, "export": cmd_export, "predict": cmd_predict, "tune": cmd_tune,
-                    "priors": cmd_priors, "report": cmd_report, "submit": cmd_submit, "jobs": cmd_jobs,
-                    "status": cmd_status, "bench": cmd_bench}
+                    "priors": cmd_priors, "plan": cmd_plan, "report": cmd_report, "submit": cmd_submit,
+                    "jobs": cmd_jobs, "status": cmd_status, "bench": cmd_bench}
         return commands[args.command](args)
     except UserError as err:
         print(f"rayeff: error: {err}", file=sys.stderr)

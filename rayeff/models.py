@@ -17,6 +17,7 @@ classification head is ours, the same for every kind, so methods see one interfa
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +191,12 @@ def backbone_skeleton(source: ModelSource) -> nn.Module:
         return AutoModel.from_config(AutoConfig.from_pretrained(source.weights))
 
 
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on `device`: the enclosed ops compute in their tensors' own dtype (float32 parts of a bf16
+    model). Meta tensors (`rayeff plan` runs a model on them for its shapes) have no autocast to turn off."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+
+
 class ClassificationHead(nn.Module):
     """mlp: dropout -> dense -> tanh -> dropout -> out (RoBERTa's head); linear: dropout -> out. Trained by every
     method; it runs in its own dtype (float32 when a zeroth-order method keeps the backbone in bf16/fp16)."""
@@ -201,7 +208,7 @@ class ClassificationHead(nn.Module):
         self.out = nn.Linear(width, num_labels)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(pooled.device.type, enabled=False):   # a float32 head computes in float32
+        with autocast_off(pooled.device):   # a float32 head computes in float32
             x = self.dropout(pooled.to(self.out.weight.dtype))
             if self.dense is not None:
                 x = self.dropout(torch.tanh(self.dense(x)))

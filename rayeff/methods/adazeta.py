@@ -24,7 +24,7 @@ from torch import nn
 from rayeff.errors import UserError
 from rayeff.methods.registry import EVERY_TASK_TYPE, MethodDefinition, register_method
 from rayeff.methods.zeroth_order_config import ZerothOrderConfig, check_zeroth_order_job
-from rayeff.models import SequenceClassifier
+from rayeff.models import SequenceClassifier, autocast_off
 from rayeff.tensor_train import TTLinear, dense_flops
 from rayeff.train.spsa import MAX_QUERIES
 
@@ -62,7 +62,7 @@ class TTAdapter(nn.Module):
         """h + up(act(down(h))) in float32, the sum too, whatever the backbone's dtype (a bf16/fp16 backbone runs
         under autocast, rayeff/train/zeroth_order.py): rounded to bf16, an adapter change of 1e-3 against
         activations near 1 would vanish (bf16 keeps 8 bits), and with it the SPSA difference."""
-        with torch.autocast(h.device.type, enabled=False):
+        with autocast_off(h.device):
             return h.float() + self.up(self.act(self.down(h.float())))
 
 

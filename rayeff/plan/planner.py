@@ -1,0 +1,176 @@
+"""Per-worker memory and communication of a job, per method, from its model's shapes (rayeff/plan/shapes.py).
+
+Memory is split as the tensor account of a run splits it (rayeff/measure/memory.py), for W trainable elements in T
+tensors, P elements in all, b bytes per element of the run's precision (4 fp32, 2 bf16/fp16) and N workers:
+
+    first-order (DeepSpeed)  parameters   P b, and P b / N under ZeRO-3
+                             gradients    W b (ZeRO 0-1), W b / N (ZeRO-2), 2 W b / N (ZeRO-3: the partitions and
+                                          DeepSpeed's gathered copy)
+                             optimizer    AdamW's two float32 moments and a float32 step per tensor, 2 W 4 + 4 T at
+                                          ZeRO-0 in fp32; a float32 master copy as well (3 W 4 + 4 T) in bf16/fp16;
+                                          ZeRO 1-3 keep flat float32 partitions, 3 W 4 / N + 4 per parameter group
+                             activations  what the method's forward saves, per worker's batch (the meta forward)
+    zeroth-order             parameters   the frozen matrices in the run's precision, the rest float32
+                             snapshot     the float32 copy of the trained parameters a step restores (W 4)
+
+Offloaded optimizer state (and ZeRO-3's offloaded parameters) live in host memory: reported, not in the device
+total. Communication is the bytes each worker sends per step with ring collectives: an all-reduce of B bytes sends
+2 (N - 1) / N B, a reduce-scatter or an all-gather (N - 1) / N B.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from pydantic import BaseModel, Field
+
+from rayeff.config import JobSpec, validate_job
+from rayeff.errors import UserError
+from rayeff.methods import METHODS, get_method
+from rayeff.plan.shapes import ModelShapes, model_shapes
+from rayeff.train.zeroth_order import EXCHANGE_BYTES_PER_QUERY
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PARAMETER_GROUPS = 2   # decayed matrices and undecayed vectors (rayeff/train/first_order.py: optimizer_groups)
+
+
+class WorkerMemory(BaseModel):
+    parameters: int = Field(description="bytes of the parameters a worker holds")
+    buffers: int = Field(description="bytes of the model's buffers")
+    gradients: int = Field(description="bytes of gradients, DeepSpeed's partitions and copies included")
+    optimizer_state: int = Field(description="bytes of optimizer state on the device, float32 master copies included")
+    activations: int = Field(description="bytes the forward saves for backward, one worker's batch")
+    perturbation_snapshot: int = Field(0, description="zeroth-order: the copy of the trained parameters")
+    total: int = Field(description="their sum: the device memory the tensors of a step hold")
+
+
+class MethodPlan(BaseModel):
+    method: str
+    loop: str
+    trainable_params: int
+    total_params: int
+    memory_per_worker_bytes: WorkerMemory
+    host_bytes_per_worker: int = Field(description="offloaded optimizer state and parameters, in host memory")
+    fits: bool | None = Field(description="total within --gpu-memory; None when no memory was given")
+    comm_bytes_per_step: int = Field(description="bytes each worker sends per step (ring collectives)")
+    comm_kind: str
+    notes: list[str] = []
+
+
+class Plan(BaseModel):
+    model: str
+    task: str
+    workers: int
+    batch_per_worker: int
+    max_seq_length: int
+    zero_stage: int
+    precision: str
+    gpu_memory_bytes: int | None
+    methods: dict[str, MethodPlan]
+    refused: dict[str, str] = Field({}, description="methods that cannot run this job, with the reason")
+
+
+def ring(kind: str, payload: float, workers: int) -> float:
+    share = (workers - 1) / workers
+    return 2 * share * payload if kind == "all-reduce" else share * payload
+
+
+def first_order_plan(job: JobSpec, shapes: ModelShapes) -> tuple[WorkerMemory, int, int, str]:
+    ds, n = job.deepspeed, job.scaling.num_workers
+    b, w, stage = BYTES[ds.precision], shapes.trainable_params, ds.zero_stage
+    params = shapes.total_params * b // (n if stage == 3 else 1)
+    gradients = {0: w * b, 1: w * b, 2: w * b // n, 3: 2 * w * b // n}[stage]
+    copies = 2 if ds.precision == "fp32" else 3   # Adam's moments, and a float32 master copy under bf16/fp16
+    optimizer = copies * w * 4 + 4 * shapes.trainable_tensors if stage == 0 else \
+        3 * w * 4 // n + 4 * PARAMETER_GROUPS
+    host = 0
+    if ds.offload_optimizer:
+        optimizer, host = 0, optimizer
+    if ds.offload_params:
+        params, host = 0, host + params
+    memory = WorkerMemory(parameters=params, buffers=shapes.buffer_bytes, gradients=gradients,
+                          optimizer_state=optimizer, activations=shapes.saved_activation_bytes,
+                          total=params + shapes.buffer_bytes + gradients + optimizer + shapes.saved_activation_bytes)
+    if n == 1:
+        return memory, host, 0, "none (one worker)"
+    if stage == 3:
+        sent = 2 * ring("all-gather", shapes.total_params * b, n) + ring("reduce-scatter", w * b, n)
+        kind = "all-gather of the weights (forward and backward), reduce-scatter of gradients"
+        return memory, host, round(sent), kind
+    if stage in (1, 2):
+        sent = ring("reduce-scatter", w * b, n) + ring("all-gather", w * b, n)
+        return memory, host, round(sent), "reduce-scatter of gradients, all-gather of the updated weights"
+    return memory, host, round(ring("all-reduce", w * b, n)), "all-reduce of gradients"
+
+
+def zeroth_order_plan(job: JobSpec, shapes: ModelShapes) -> tuple[WorkerMemory, int, int, str]:
+    b, n = BYTES[job.deepspeed.precision], job.scaling.num_workers
+    rest = shapes.total_params - shapes.frozen_matrix_params
+    params = shapes.frozen_matrix_params * b + rest * 4
+    snapshot = shapes.trainable_params * 4
+    memory = WorkerMemory(parameters=params, buffers=shapes.buffer_bytes, gradients=0, optimizer_state=0,
+                          activations=0, perturbation_snapshot=snapshot, total=params + shapes.buffer_bytes + snapshot)
+    if n == 1:
+        return memory, 0, 0, "none (one worker)"
+    queries = job.method.q_max
+    sent = ring("all-reduce", EXCHANGE_BYTES_PER_QUERY * queries, n)
+    return memory, 0, round(sent), f"all-reduce of {EXCHANGE_BYTES_PER_QUERY} bytes per query ({queries} queries)"
+
+
+def plan_method(job: JobSpec, config, gpu_memory_bytes: int | None) -> MethodPlan:
+    method = get_method(job.method.name)
+    dtype = DTYPES[job.deepspeed.precision] if method.loop == "first_order" else torch.float32
+    shapes = model_shapes(job, config, job.micro_batch_size(), dtype)
+    plan = first_order_plan if method.loop == "first_order" else zeroth_order_plan
+    memory, host, sent, kind = plan(job, shapes)
+    notes = []
+    if getattr(job.method, "expert_parallel", False) and job.scaling.num_workers > 1:
+        notes.append("the experts' all-to-all is not in comm_bytes_per_step yet")
+    return MethodPlan(method=method.name, loop=method.loop, trainable_params=shapes.trainable_params,
+                      total_params=shapes.total_params, memory_per_worker_bytes=memory, host_bytes_per_worker=host,
+                      fits=None if gpu_memory_bytes is None else memory.total <= gpu_memory_bytes,
+                      comm_bytes_per_step=sent, comm_kind=kind, notes=notes)
+
+
+def job_for_method(job: JobSpec, name: str) -> JobSpec:
+    """The job with another method in its default settings (its own method keeps the job's settings); raises
+    UserError when that method cannot run the job."""
+    if name == job.method.name:
+        return job
+    raw = copy.deepcopy(job.model_dump(mode="json"))
+    raw["method"] = {"name": name}
+    if get_method(name).loop == "zeroth_order":   # no DeepSpeed: nothing to partition or offload
+        raw["deepspeed"].update(zero_stage=0, offload_optimizer=False, offload_params=False)
+    return validate_job(raw, f"method {name}")
+
+
+def plan_job(job: JobSpec, config, methods: list[str], gpu_memory_bytes: int | None) -> Plan:
+    plans, refused = {}, {}
+    for name in methods:
+        try:
+            plans[name] = plan_method(job_for_method(job, name), config, gpu_memory_bytes)
+        except UserError as err:
+            refused[name] = str(err)
+        except (NotImplementedError, RuntimeError) as err:   # an op whose output size depends on the data
+            refused[name] = f"its forward cannot run on shapes alone ({str(err).splitlines()[0][:160]})"
+    return Plan(model=job.model.name, task=job.data.display_name, workers=job.scaling.num_workers,
+                batch_per_worker=job.micro_batch_size(), max_seq_length=job.training.max_seq_length,
+                zero_stage=job.deepspeed.zero_stage, precision=job.deepspeed.precision,
+                gpu_memory_bytes=gpu_memory_bytes, methods=plans, refused=refused)
+
+
+def method_names(job: JobSpec, which: str | None) -> list[str]:
+    """`--methods`: None for the job's own, `all` for every registered method that trains the job's task type,
+    or a comma-separated list."""
+    if which is None:
+        return [job.method.name]
+    if which == "all":
+        return sorted(name for name, m in METHODS.items() if job.data.task_type in m.task_types)
+    names = [n.strip() for n in which.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        named = ", ".join(unknown) if unknown else repr(which)
+        raise UserError(f"--methods: {named} is not a method; choose from all, " + ", ".join(sorted(METHODS)))
+    return names

@@ -1,0 +1,113 @@
+"""`rayeff plan` against what runs hold: the planned per-worker memory of each method equals the tensor account of a
+real run of the same job (result.json), and the plan needs only a model's config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rayeff.cli import main
+from rayeff.config import validate_job
+from rayeff.plan.planner import plan_job
+from rayeff.plan.shapes import plan_model_config
+from rayeff.train.runner import run_in_process
+
+METHODS = {"full": {"name": "full"}, "lora": {"name": "lora", "dropout": 0.1}, "read": {"name": "read"},
+           "adazeta": {"name": "adazeta", "q_max": 2, "q_target": None, "beta": 0.0}}
+
+
+def one_step_job(tmp_path, glue_dir, method: str, precision: str = "fp32"):
+    """One step on full-length sequences (padded to max_length), as the plan assumes."""
+    return validate_job({
+        "model": {"name": "tiny-bert"}, "method": METHODS[method],
+        "data": {"task": "sst2", "data_dir": str(glue_dir), "train_subset": 16, "eval_subset": 8},
+        "training": {"max_steps": 1, "batch_size": 8, "max_seq_length": 16, "padding": "max_length"},
+        "deepspeed": {"precision": precision}, "scaling": {"num_workers": 1},
+        "output_dir": str(tmp_path / f"{method}-{precision}")})
+
+
+@pytest.mark.parametrize("method, precision", [("full", "fp32"), ("full", "bf16"), ("lora", "fp32"), ("read", "fp32"),
+                                               ("adazeta", "bf16")])
+def test_the_plan_of_each_method_is_the_tensor_account_of_its_run(tmp_path, glue_dir, method, precision):
+    job = one_step_job(tmp_path, glue_dir, method, precision)
+    planned = plan_job(job, plan_model_config("tiny-bert"), [method], None).methods[method]
+    measured = run_in_process(job)["memory"]
+    memory = planned.memory_per_worker_bytes
+    assert planned.trainable_params == measured["trainable_params"]
+    assert planned.total_params == measured["total_params"]
+    for plan_key, run_key in (("parameters", "param_bytes"), ("buffers", "buffer_bytes"), ("gradients", "grad_bytes"),
+                              ("optimizer_state", "optimizer_state_bytes")):
+        assert getattr(memory, plan_key) == pytest.approx(measured[run_key], rel=0.02), plan_key
+    assert memory.activations == pytest.approx(measured["peak_activation_bytes"], rel=0.15)
+    assert memory.perturbation_snapshot == measured.get("perturbation_snapshot_bytes", 0)
+    if method == "adazeta":   # no autograd: nothing saved, no gradient, no optimizer state
+        assert memory.activations == memory.gradients == memory.optimizer_state == 0
+    else:
+        assert memory.activations > 0
+
+
+def test_zero_stages_partition_what_deepspeed_partitions():
+    """Per worker at 4 workers against 1: ZeRO-1 splits the optimizer state, ZeRO-2 the gradients too, ZeRO-3 the
+    weights too; each worker sends a gradient all-reduce's bytes at ZeRO 0-2 and, at ZeRO-3, the weights gathered
+    twice more."""
+    config = plan_model_config("tiny-bert")
+
+    def plan(stage: int, workers: int):
+        job = validate_job({"model": {"name": "tiny-bert"}, "data": {"task": "sst2"}, "method": {"name": "full"},
+                            "training": {"batch_size": 8 * workers, "max_seq_length": 16},
+                            "deepspeed": {"zero_stage": stage}, "scaling": {"num_workers": workers}})
+        return plan_job(job, config, ["full"], None).methods["full"]
+
+    one = plan(0, 1)
+    w, mem = one.trainable_params, one.memory_per_worker_bytes
+    assert one.comm_bytes_per_step == 0 and mem.gradients == 4 * w
+    for stage in (0, 1, 2, 3):
+        four = plan(stage, 4)
+        m = four.memory_per_worker_bytes
+        assert m.activations == mem.activations   # the same 8 sequences per worker
+        assert m.optimizer_state == (mem.optimizer_state if stage == 0 else pytest.approx(3 * w * 4 / 4, abs=16))
+        assert m.gradients == {0: 4 * w, 1: 4 * w, 2: w, 3: 2 * w}[stage]
+        assert m.parameters == (mem.parameters // 4 if stage == 3 else mem.parameters)
+        gathered = 2 * 0.75 * 4 * one.total_params if stage == 3 else 0
+        assert four.comm_bytes_per_step == round((0.75 if stage == 3 else 1.5) * 4 * w + gathered)
+
+
+def test_rayeff_plan_from_a_config_json_alone_for_every_method(tmp_path, capsys):
+    """A model given only as a config.json (no weights, no tokenizer): every method that trains the task is planned
+    or refused with its reason, and the JSON has the fields the checks read."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "bert", "vocab_size": 30522, "hidden_size": 1024,
+                                  "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+                                  "max_position_embeddings": 512}))
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: {{name: {config}}}\ndata: {{task: sst2}}\nmethod: {{name: lora}}\n"
+                   "training: {batch_size: 64, max_seq_length: 256}\ndeepspeed: {zero_stage: 2}\n")
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(job), "--workers", "4", "--gpu-memory", "16", "--methods", "all",
+                 "--json", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["workers"] == 4 and plan["batch_per_worker"] == 16 and plan["gpu_memory_bytes"] == 16 * 10**9
+    full = plan["methods"]["full"]
+    assert full["total_params"] == 335_143_938   # BERT-large without its pooler, and the mlp head
+    memory = full["memory_per_worker_bytes"]
+    assert set(memory) >= {"parameters", "gradients", "optimizer_state", "activations", "total"}
+    assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
+    assert memory["parameters"] == 4 * full["total_params"] and full["fits"] == (memory["total"] <= 16e9)
+    assert plan["methods"]["read"]["memory_per_worker_bytes"]["total"] < memory["total"]
+    assert plan["methods"]["adazeta"]["comm_bytes_per_step"] > 0 and "mezo" in plan["methods"]
+    assert set(plan["methods"]) | set(plan["refused"]) == {"adazeta", "full", "lora", "mezo", "moe", "read"}
+    assert "full" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "--workers: 0"),
+    (["--gpu-memory", "-1"], "--gpu-memory: -1.0"),
+    (["--methods", "fulll"], "--methods: fulll is not a method"),
+])
+def test_bad_plan_options_are_one_line_errors(tmp_path, capsys, argv, message):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {name: tiny-bert}\ndata: {task: sst2}\nmethod: {name: full}\n")
+    assert main(["plan", str(job), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
