@@ -12,6 +12,7 @@
     rayeff bench priors --output OUT.json [--sweep SWEEP.yaml] [--sources sst2] [--targets stsb] [--seeds 0,1,2]
     rayeff bench priors --table TABLE.json --output OUT.json [--replay-seeds 30] [--source-trials 24]
     rayeff plan JOB.yaml [--workers N] [--gpu-memory GB] [--methods all|a,b] [--json OUT.json] [--set ...]
+    rayeff bench plan --job JOB.yaml --output OUT.json [--methods all|a,b] [--stages 0,1,2,3] [--workers 1,2]
     rayeff bench table SWEEP_DIR SWEEP_DIR ... --output TABLE.json
     rayeff submit JOB_OR_SWEEP.yaml --address http://HEAD:8265 [--set ...] [--data-dir DIR] [--output DIR] [--follow]
     rayeff jobs list|status ID|logs ID [--follow]|stop ID [--address http://HEAD:8265]
@@ -163,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--per-method", action="append", default=[], metavar="METHOD:FIELD=VALUE",
                          help="override a field for one method only, e.g. read:training.lr=1e-3 (repeatable)")
     _job_options(compare)
+    bplan = kinds.add_parser("plan", help="`rayeff plan` against real runs: predicted / measured per term of the "
+                                           "tensor account, per method, ZeRO stage and worker count")
+    bplan.add_argument("--job", required=True, help="job YAML file, e.g. jobs/bench-plan.yaml")
+    bplan.add_argument("--methods", default="full,lora,read,adazeta,mezo", help="comma-separated method names")
+    bplan.add_argument("--stages", default="0,1,2,3", help="ZeRO stages of the first-order methods")
+    bplan.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    _bench_output(bplan)
+    bplan.add_argument("--runs-dir", help="folder for the runs (default: next to --output)")
+    _job_options(bplan)
     zo = kinds.add_parser("zo", help="AdaZeta against MeZO-LoRA, on 1 and 2 workers, against inference and full")
     zo.add_argument("--job", required=True, help="an adazeta (or mezo) job YAML file, e.g. jobs/bench-zo.yaml")
     _bench_output(zo)
@@ -463,6 +473,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError("--experts, --top-k: expected comma-separated integers, e.g. 4,8") from None
         bench_moe(job, args.output, experts, top_ks, runs_dir=args.runs_dir, address=args.address,
                   show_progress=not args.no_progress, overwrite=args.overwrite)
+        return 0
+    if args.bench == "plan":
+        from rayeff.bench.plan import bench_plan
+        from rayeff.plan.planner import method_names
+
+        try:
+            stages, workers = [int(x) for x in _names(args.stages)], [int(x) for x in _names(args.workers)]
+        except ValueError:
+            raise UserError("--stages, --workers: expected comma-separated integers, e.g. 0,1,2,3") from None
+        if not set(stages) <= {0, 1, 2, 3} or min(workers, default=1) < 1:
+            raise UserError(f"--stages {args.stages!r}, --workers {args.workers!r}: stages are 0-3, workers 1 or more")
+        report = bench_plan(job, method_names(job, args.methods), stages, workers, args.output,
+                            runs_dir=args.runs_dir, address=args.address, show_progress=not args.no_progress,
+                            overwrite=args.overwrite)
+        print(f"rayeff: {len(report['cases'])} runs; largest |predicted / measured - 1| per term: "
+              + ", ".join(f"{t} {e:.4f}" for t, e in report["largest_relative_error"].items() if e is not None)
+              + f"; wrote {args.output}")
         return 0
     if args.bench == "zo":
         from rayeff.bench.zo import bench_zo

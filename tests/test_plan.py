@@ -111,3 +111,23 @@ def test_bad_plan_options_are_one_line_errors(tmp_path, capsys, argv, message):
     assert main(["plan", str(job), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_bench_plan_sets_each_prediction_beside_its_run(tmp_path, glue_dir, one_worker_runs_in_process):
+    """`rayeff bench plan` through the CLI (one-worker runs in process): a case per method and stage, each term
+    predicted and measured, their ratio, and the largest error per term."""
+    out = tmp_path / "plan-vs-run.json"
+    assert main(["bench", "plan", "--job", "jobs/bench-plan.yaml", "--output", str(out), "--data-dir", str(glue_dir),
+                 "--methods", "full,read,mezo", "--stages", "0,3", "--workers", "1", "--runs-dir",
+                 str(tmp_path / "runs"), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert [(c["method"], c["zero_stage"]) for c in report["cases"]] == [("full", 0), ("full", 3), ("read", 0),
+                                                                        ("read", 3), ("mezo", 0)]
+    for case in report["cases"]:
+        run = json.loads((tmp_path / "runs" / f"{case['method']}-zero{case['zero_stage']}-1w" / "result.json")
+                         .read_text())
+        assert case["measured"]["parameters"] == run["memory"]["param_bytes"]
+        assert case["ratio"]["parameters"] == case["predicted"]["parameters"] / run["memory"]["param_bytes"]
+        assert all(abs(r - 1) <= 0.02 for t, r in case["ratio"].items() if t != "activations"), case
+        assert abs(case["ratio"]["activations"] - 1) <= 0.15, case
+    assert report["unmatched"] == [] and report["largest_relative_error"]["gradients"] <= 0.02

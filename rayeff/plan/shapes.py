@@ -95,14 +95,17 @@ def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 
 
 @contextlib.contextmanager
-def attention_as_fused_kernels_save():
+def torch_functions_as_a_run_sees_them():
     """transformers calls torch.nn.functional.scaled_dot_product_attention at each forward: `fused_attention`
-    stands in for it while the plan's forward runs."""
-    F.scaled_dot_product_attention = fused_attention
+    stands in for it while the plan's forward runs. torch.nn.functional.linear is torch's own (torch._C._nn.linear)
+    meanwhile: a ZeRO-3 engine built earlier in this process may have replaced it (rayeff/train/first_order.py),
+    and the plan counts ZeRO-3's saved inputs itself."""
+    linear = F.linear
+    F.scaled_dot_product_attention, F.linear = fused_attention, torch._C._nn.linear
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = TORCH_ATTENTION
+        F.scaled_dot_product_attention, F.linear = TORCH_ATTENTION, linear
 
 
 def saved_activation_bytes(model: nn.Module, base: nn.Module, job: JobSpec, batch: int) -> int:
@@ -126,14 +129,16 @@ def saved_activation_bytes(model: nn.Module, base: nn.Module, job: JobSpec, batc
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(base, "uses_token_types", False):
         inputs["token_type_ids"] = torch.zeros_like(ids)
-    def input_saved(_module, args):
-        pack(args[0])
+    def input_saved(module, args):   # as an autograd function saves: only where a graph is recorded
+        needs_grad = args[0].requires_grad or any(p.requires_grad for p in module.parameters())
+        if torch.is_grad_enabled() and needs_grad:
+            pack(args[0])
 
     hooks = [base.backbone.register_forward_pre_hook(without_mask, with_kwargs=True)]
     if job.deepspeed.zero_stage == 3:
         hooks += [m.register_forward_pre_hook(input_saved) for m in model.modules() if isinstance(m, nn.Linear)]
     try:
-        with every_element_nonzero(), attention_as_fused_kernels_save(), \
+        with every_element_nonzero(), torch_functions_as_a_run_sees_them(), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logits = model(**inputs)
             task = task_of(job.data)
