@@ -4,9 +4,11 @@ Memory is split as the tensor account of a run splits it (rayeff/measure/memory.
 tensors, P elements in all, b bytes per element of the run's precision (4 fp32, 2 bf16/fp16) and N workers:
 
     first-order (DeepSpeed)  parameters   P b, and P b / N under ZeRO-3
-                             gradients    W b at ZeRO 0-2 (an upper bound with N > 1: at 2 workers DeepSpeed held
-                                          0.58-1.0 W b at ZeRO 1-2, by how its buckets met the parameters), and
-                                          W b (1 + 1 / N) at ZeRO-3 (a whole-size buffer and this worker's partition)
+                             gradients    W b at ZeRO-0 and on one worker at ZeRO 1-2; else this worker's
+                                          partition and a reduction bucket of min(W, 5e8) elements, W b / N +
+                                          min(W, 5e8) b (exact at ZeRO-3 on 1 and 2 workers; an upper bound at ZeRO
+                                          1-2, where DeepSpeed held 0.58-1.0 W b at 2 workers, as its buckets met the
+                                          parameters: benchmarks/issue-19/plan-vs-run.json)
                              optimizer    AdamW's two float32 moments and a float32 step per tensor, 2 W 4 + 4 T at
                                           ZeRO-0 in fp32; a float32 master copy as well (3 W 4 + 4 T) in bf16/fp16;
                                           ZeRO 1-3 keep flat float32 partitions, 3 W 4 / N + 4 per parameter group
@@ -30,6 +32,7 @@ from rayeff.config import JobSpec, validate_job
 from rayeff.errors import UserError
 from rayeff.methods import METHODS, get_method
 from rayeff.plan.shapes import ModelShapes, model_shapes
+from rayeff.train.first_order import BUCKET_ELEMENTS
 from rayeff.train.zeroth_order import EXCHANGE_BYTES_PER_QUERY
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -82,7 +85,8 @@ def first_order_plan(job: JobSpec, shapes: ModelShapes) -> tuple[WorkerMemory, i
     ds, n = job.deepspeed, job.scaling.num_workers
     b, w, stage = BYTES[ds.precision], shapes.trainable_params, ds.zero_stage
     params = shapes.total_params * b // (n if stage == 3 else 1)
-    gradients = w * b + (w * b // n if stage == 3 else 0)   # measured: benchmarks/issue-19/plan-vs-run.json
+    bucket = min(w, BUCKET_ELEMENTS) * b
+    gradients = w * b if stage == 0 or (n == 1 and stage < 3) else w * b // n + bucket
     copies = 2 if ds.precision == "fp32" else 3   # Adam's moments, and a float32 master copy under bf16/fp16
     optimizer = copies * w * 4 + 4 * shapes.trainable_tensors if stage == 0 else \
         3 * w * 4 // n + 4 * PARAMETER_GROUPS
