@@ -11,7 +11,7 @@
     rayeff bench moe --job JOB.yaml --output OUT.json [--experts 4,8] [--top-k 1,2] [--data-dir DIR]
     rayeff bench priors --output OUT.json [--sweep SWEEP.yaml] [--sources sst2] [--targets stsb] [--seeds 0,1,2]
     rayeff bench priors --table TABLE.json --output OUT.json [--replay-seeds 30] [--source-trials 24]
-    rayeff plan JOB.yaml [--workers N] [--gpu-memory GB] [--methods all|a,b] [--json OUT.json] [--set ...]
+    rayeff plan JOB.yaml [--workers N] [--gpu-memory GB] [--methods all|a,b] [--json OUT.json] [--overwrite]
     rayeff bench plan --job JOB.yaml --output OUT.json [--methods all|a,b] [--stages 0,1,2,3] [--workers 1,2]
     rayeff bench table SWEEP_DIR SWEEP_DIR ... --output TABLE.json
     rayeff submit JOB_OR_SWEEP.yaml --address http://HEAD:8265 [--set ...] [--data-dir DIR] [--output DIR] [--follow]
@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("job", help="job YAML file; model.name may also be a config.json or a folder holding one")
     _set_option(plan, "job")
     plan.add_argument("--workers", type=int, help="plan for this many workers (sets scaling.num_workers)")
-    plan.add_argument("--gpu-memory", type=float, metavar="GB", help="memory of one GPU: says whether each fits")
+    plan.add_argument("--gpu-memory", type=float, metavar="GB", help="memory of one GPU in GB (1e9 bytes): says "
+                                                                     "whether each method's tensors fit")
     plan.add_argument("--methods", help="all (every method that trains the job's task type) or a comma-separated "
                                         "list; default the job's own")
     plan.add_argument("--json", metavar="OUT.json", help="also write the plan as JSON (an existing file is refused)")
@@ -265,6 +266,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from rayeff.checks import check_output_file
+    from rayeff.cluster.storage import write_json_atomic
     from rayeff.config import load_job
     from rayeff.plan.planner import method_names, plan_job
     from rayeff.plan.shapes import plan_model_config
@@ -274,8 +276,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.workers < 1:
             raise UserError(f"--workers: {args.workers}; give 1 or more")
         overrides.append(f"scaling.num_workers={args.workers}")
-    if args.gpu_memory is not None and not args.gpu_memory > 0:
-        raise UserError(f"--gpu-memory: {args.gpu_memory}; give the GPU's memory in GB, e.g. 80")
+    if args.gpu_memory is not None and not 0 < args.gpu_memory < 1e6:
+        raise UserError(f"--gpu-memory: {args.gpu_memory}; give one GPU's memory in GB (1e9 bytes), e.g. 80")
     out = check_output_file(args.json, "--json", args.overwrite) if args.json else None
     job = load_job(args.job, overrides)
     names = method_names(job, args.methods)
@@ -293,9 +295,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             mem.total)) + f"  {fits:<5} {m.comm_bytes_per_step / 1e6:,.1f} MB ({m.comm_kind})")
     for name, why in plan.refused.items():
         print(f"{name:<9}cannot run this job: {why}")
+    if not plan.methods:
+        raise UserError("--methods: no method could be planned for this job (reasons above)")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(plan.model_dump_json(indent=2) + "\n")
+        write_json_atomic(out, plan.model_dump(mode="json"))
         print(f"rayeff: wrote {out}")
     return 0
 
@@ -479,7 +482,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from rayeff.plan.planner import method_names
 
         try:
-            stages, workers = [int(x) for x in _names(args.stages)], [int(x) for x in _names(args.workers)]
+            stages = sorted({int(x) for x in _names(args.stages)})
+            workers = sorted({int(x) for x in _names(args.workers)})
         except ValueError:
             raise UserError("--stages, --workers: expected comma-separated integers, e.g. 0,1,2,3") from None
         if not set(stages) <= {0, 1, 2, 3} or min(workers, default=1) < 1:

@@ -17,7 +17,7 @@ from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, validate_job
 from rayeff.errors import UserError
 from rayeff.methods import get_method
-from rayeff.plan.planner import plan_method
+from rayeff.plan.planner import plan_job
 from rayeff.plan.shapes import plan_model_config
 from rayeff.train.runner import prepare
 
@@ -57,11 +57,15 @@ def bench_plan(job: JobSpec, methods: list[str], stages: list[int], workers: lis
     output_path, runs = output_and_runs_dir(output, runs_dir, overwrite)
     jobs = case_jobs(job, methods, stages, workers, runs)
     config = plan_model_config(job.model.name)
-    for j in jobs:   # every run's checks before the first one starts (and before Ray does)
+    plans = []
+    for j in jobs:   # every run's checks, and every plan, before the first run starts (and before Ray does)
         prepare(j)
+        plan = plan_job(j, config, [j.method.name], None)
+        if plan.refused:
+            raise UserError(f"--methods: {j.method.name} cannot be planned for this job: {plan.refused[j.method.name]}")
+        plans.append(plan.methods[j.method.name].memory_per_worker_bytes.model_dump())
     cases = []
-    for j in jobs:
-        planned = plan_method(j, config, None).memory_per_worker_bytes.model_dump()
+    for j, planned in zip(jobs, plans):
         measured = run_measured(j, address, show_progress).memory.model_dump()
         cases.append({"method": j.method.name, "zero_stage": j.deepspeed.zero_stage, "workers": j.scaling.num_workers,
                       "predicted": {t: planned[t] for t in TERMS},

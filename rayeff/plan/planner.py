@@ -57,10 +57,10 @@ class MethodPlan(BaseModel):
     total_params: int
     memory_per_worker_bytes: WorkerMemory
     host_bytes_per_worker: int = Field(description="offloaded optimizer state and parameters, in host memory")
-    fits: bool | None = Field(description="total within --gpu-memory; None when no memory was given")
+    fits: bool | None = Field(description="total within --gpu-memory (the tensors alone: no CUDA context, "
+                                           "allocator slack or unsaved temporaries); None when none was given")
     comm_bytes_per_step: int = Field(description="bytes each worker sends per step (ring collectives)")
     comm_kind: str
-    notes: list[str] = []
 
 
 class Plan(BaseModel):
@@ -119,9 +119,9 @@ def zeroth_order_plan(job: JobSpec, shapes: ModelShapes) -> tuple[WorkerMemory, 
                           activations=0, perturbation_snapshot=snapshot, total=params + shapes.buffer_bytes + snapshot)
     if n == 1:
         return memory, 0, 0, "none (one worker)"
-    queries = job.method.q_max
+    queries = job.method.q_max   # the schedule's most queries in a step
     sent = ring("all-reduce", EXCHANGE_BYTES_PER_QUERY * queries, n)
-    return memory, 0, round(sent), f"all-reduce of {EXCHANGE_BYTES_PER_QUERY} bytes per query ({queries} queries)"
+    return memory, 0, round(sent), f"all-reduce of {EXCHANGE_BYTES_PER_QUERY} bytes per query (at most {queries})"
 
 
 def plan_method(job: JobSpec, config, gpu_memory_bytes: int | None) -> MethodPlan:
@@ -130,13 +130,10 @@ def plan_method(job: JobSpec, config, gpu_memory_bytes: int | None) -> MethodPla
     shapes = model_shapes(job, config, job.micro_batch_size(), dtype)
     plan = first_order_plan if method.loop == "first_order" else zeroth_order_plan
     memory, host, sent, kind = plan(job, shapes)
-    notes = []
-    if getattr(job.method, "expert_parallel", False) and job.scaling.num_workers > 1:
-        notes.append("the experts' all-to-all is not in comm_bytes_per_step yet")
     return MethodPlan(method=method.name, loop=method.loop, trainable_params=shapes.trainable_params,
                       total_params=shapes.total_params, memory_per_worker_bytes=memory, host_bytes_per_worker=host,
                       fits=None if gpu_memory_bytes is None else memory.total <= gpu_memory_bytes,
-                      comm_bytes_per_step=sent, comm_kind=kind, notes=notes)
+                      comm_bytes_per_step=sent, comm_kind=kind)
 
 
 def job_for_method(job: JobSpec, name: str) -> JobSpec:

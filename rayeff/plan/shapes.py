@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ class ModelShapes:
     trainable_params: int
     trainable_tensors: int
     frozen_matrix_params: int     # frozen floating-point tensors of 2+ dims: a zeroth-order run casts these
-    buffer_bytes: int             # as built (float32)
+    buffer_bytes: int             # as built (position ids and the like; a bf16 run may hold float buffers in bf16)
     saved_activation_bytes: int   # one worker's batch, in the dtype the forward ran in; 0 for zeroth-order methods
 
 
@@ -57,15 +58,20 @@ def method_model_on_meta(job: JobSpec, config) -> tuple[nn.Module, nn.Module]:
     from transformers import AutoModel, AutoModelForCausalLM
 
     task = task_of(job.data)
+    if task.kind == "prompted":
+        raise UserError("data.task_type: prompted_classification is not planned yet (its head needs the "
+                        "tokenizer's label words); plan the job as classification for its memory")
     with torch.device("meta"):
-        if task.kind == "causal_lm":
-            base = CausalLM(AutoModelForCausalLM.from_config(config))
-        elif task.kind == "prompted":
-            raise UserError("data.task_type: prompted_classification is not planned yet (its head needs the "
-                            "tokenizer's label words); plan the job as classification for its memory")
-        else:
-            base = SequenceClassifier(AutoModel.from_config(config), 1 if task.is_regression else task.num_labels,
-                                      job.model.dropout, job.model.pooling, job.model.head)
+        try:
+            if task.kind == "causal_lm":
+                base = CausalLM(AutoModelForCausalLM.from_config(config))
+            else:
+                labels = 1 if task.is_regression else task.num_labels
+                base = SequenceClassifier(AutoModel.from_config(config), labels, job.model.dropout,
+                                          job.model.pooling, job.model.head)
+        except ValueError as err:   # transformers: no such model class for this config and task
+            raise UserError(f"model.name: {job.model.name} cannot be built for a {task.kind} task "
+                            f"({str(err).splitlines()[0][:200]})") from None
         return get_method(job.method.name).build(base, job.method), base
 
 
@@ -75,6 +81,8 @@ def every_element_nonzero():
     every element were nonzero, which is the plan's case: every token real. The one torch internal rayeff uses."""
     from torch.fx.experimental import _config
 
+    if not hasattr(_config, "meta_nonzero_assume_all_nonzero"):   # an older torch: such a forward is refused
+        return contextlib.nullcontext()
     return _config.patch(meta_nonzero_assume_all_nonzero=True)
 
 
@@ -95,23 +103,31 @@ def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 
 
 @contextlib.contextmanager
-def torch_functions_as_a_run_sees_them():
-    """transformers calls torch.nn.functional.scaled_dot_product_attention at each forward: `fused_attention`
-    stands in for it while the plan's forward runs. torch.nn.functional.linear is torch's own (torch._C._nn.linear)
-    meanwhile: a ZeRO-3 engine built earlier in this process may have replaced it (rayeff/train/first_order.py),
-    and the plan counts ZeRO-3's saved inputs itself."""
-    linear = F.linear
-    F.scaled_dot_product_attention, F.linear = fused_attention, torch._C._nn.linear
+def torch_functions_as_a_run_sees_them(zero3_saves: Callable[[torch.Tensor], object] | None):
+    """While the plan's forward runs: `fused_attention` stands in for torch.nn.functional.scaled_dot_product_attention
+    (transformers looks it up at each forward), and torch.nn.functional.linear is torch's own (torch._C._nn.linear;
+    a ZeRO-3 engine built earlier in this process may have replaced it, rayeff/train/first_order.py). Under ZeRO-3
+    (`zero3_saves` given), linear is wrapped as DeepSpeed wraps it: every call that records a graph saves its
+    input, frozen layers' too."""
+    attention, linear = F.scaled_dot_product_attention, F.linear
+
+    def zero3_linear(input, weight, bias=None):
+        if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad):
+            zero3_saves(input)
+        return torch._C._nn.linear(input, weight, bias)
+
+    F.scaled_dot_product_attention = fused_attention
+    F.linear = torch._C._nn.linear if zero3_saves is None else zero3_linear
     try:
         yield
     finally:
-        F.scaled_dot_product_attention, F.linear = TORCH_ATTENTION, linear
+        F.scaled_dot_product_attention, F.linear = attention, linear
 
 
 def saved_activation_bytes(model: nn.Module, base: nn.Module, job: JobSpec, batch: int) -> int:
     """Bytes autograd saves in one forward and loss of `batch` full-length sequences, each tensor once (a view
     counts as its base), parameters excluded (they are counted as parameters), as rayeff/measure/memory.py counts
-    them in a run. Under ZeRO-3, DeepSpeed's linear saves the input of every linear layer, frozen ones too."""
+    them in a run. Under ZeRO-3, DeepSpeed's linear saves the input of every linear call, frozen layers' too."""
     params = {id(p) for p in model.parameters()}
     saved: dict[int, torch.Tensor] = {}   # held, so that no id is reused and a base keeps its Python object
 
@@ -129,16 +145,10 @@ def saved_activation_bytes(model: nn.Module, base: nn.Module, job: JobSpec, batc
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(base, "uses_token_types", False):
         inputs["token_type_ids"] = torch.zeros_like(ids)
-    def input_saved(module, args):   # as an autograd function saves: only where a graph is recorded
-        needs_grad = args[0].requires_grad or any(p.requires_grad for p in module.parameters())
-        if torch.is_grad_enabled() and needs_grad:
-            pack(args[0])
-
-    hooks = [base.backbone.register_forward_pre_hook(without_mask, with_kwargs=True)]
-    if job.deepspeed.zero_stage == 3:
-        hooks += [m.register_forward_pre_hook(input_saved) for m in model.modules() if isinstance(m, nn.Linear)]
+    zero3_saves = pack if job.deepspeed.zero_stage == 3 else None
+    hook = base.backbone.register_forward_pre_hook(without_mask, with_kwargs=True)
     try:
-        with every_element_nonzero(), torch_functions_as_a_run_sees_them(), \
+        with every_element_nonzero(), torch_functions_as_a_run_sees_them(zero3_saves), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logits = model(**inputs)
             task = task_of(job.data)
@@ -149,8 +159,7 @@ def saved_activation_bytes(model: nn.Module, base: nn.Module, job: JobSpec, batc
             else:
                 F.cross_entropy(logits.float(), torch.zeros(batch, dtype=torch.long, device="meta"))
     finally:
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
     return sum(t.numel() * t.element_size() for t in saved.values())
 
 
