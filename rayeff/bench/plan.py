@@ -17,7 +17,7 @@ from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, validate_job
 from rayeff.errors import UserError
 from rayeff.methods import get_method
-from rayeff.plan.planner import plan_job
+from rayeff.plan.planner import job_for_method, plan_job
 from rayeff.plan.shapes import plan_model_config
 from rayeff.train.runner import prepare
 
@@ -32,8 +32,7 @@ def case_jobs(job: JobSpec, methods: list[str], stages: list[int], workers: list
         first_order = get_method(method).loop == "first_order"
         for n in workers:
             for stage in stages if first_order else [0]:
-                raw = job.model_dump(mode="json")
-                raw["method"] = raw["method"] if raw["method"]["name"] == method else {"name": method}
+                raw = job_for_method(job, method).model_dump(mode="json")
                 raw["deepspeed"]["zero_stage"], raw["scaling"]["num_workers"] = stage, n
                 raw["training"]["padding"], raw["resume"] = "max_length", False
                 raw["output_dir"] = str(runs / f"{method}-zero{stage}-{n}w")

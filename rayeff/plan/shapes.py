@@ -23,6 +23,7 @@ from rayeff.data.task import task_of
 from rayeff.errors import UserError
 from rayeff.methods import get_method
 from rayeff.models import CausalLM, SequenceClassifier, model_config, resolve_model
+from rayeff.train.first_order import TORCH_LINEAR
 from rayeff.train.run_setup import token_losses
 
 
@@ -105,7 +106,7 @@ def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 @contextlib.contextmanager
 def torch_functions_as_a_run_sees_them(zero3_saves: Callable[[torch.Tensor], object] | None):
     """While the plan's forward runs: `fused_attention` stands in for torch.nn.functional.scaled_dot_product_attention
-    (transformers looks it up at each forward), and torch.nn.functional.linear is torch's own (torch._C._nn.linear;
+    (transformers looks it up at each forward), and torch.nn.functional.linear is torch's own (TORCH_LINEAR;
     a ZeRO-3 engine built earlier in this process may have replaced it, rayeff/train/first_order.py). Under ZeRO-3
     (`zero3_saves` given), linear is wrapped as DeepSpeed wraps it: every call that records a graph saves its
     input, frozen layers' too."""
@@ -114,10 +115,10 @@ def torch_functions_as_a_run_sees_them(zero3_saves: Callable[[torch.Tensor], obj
     def zero3_linear(input, weight, bias=None):
         if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad):
             zero3_saves(input)
-        return torch._C._nn.linear(input, weight, bias)
+        return TORCH_LINEAR(input, weight, bias)
 
     F.scaled_dot_product_attention = fused_attention
-    F.linear = torch._C._nn.linear if zero3_saves is None else zero3_linear
+    F.linear = TORCH_LINEAR if zero3_saves is None else zero3_linear
     try:
         yield
     finally:
