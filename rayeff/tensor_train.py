@@ -92,33 +92,17 @@ class TTLinear(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    @staticmethod
-    def _chain(cores) -> tuple[torch.Tensor, int]:
-        """Contract consecutive cores over their shared bonds: (r_first, modes..., r_last) as a
-        (r_first * prod(modes), r_last) matrix, and the multiply-adds it took."""
-        merged, macs = cores[0].reshape(-1, cores[0].shape[-1]), 0
-        for core in cores[1:]:
-            rows, r = merged.shape
-            merged = (merged @ core.reshape(r, -1)).reshape(-1, core.shape[-1])
-            macs += rows * r * core.shape[1] * core.shape[2]
-        return merged, macs
-
     def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (in_features x r_p) and B (r_p x out_features) with W = A @ B."""
-        p = len(self.in_modes)
-        a, _ = self._chain(list(self.cores[:p]))                              # (d_in, r_p)
-        b, _ = self._chain(list(self.cores[p:]))                              # (r_p * d_out, 1)
-        return a, b.reshape(self.ranks[p], self.out_features)
+        """A^T (r_p x in_features) and B (r_p x out_features) with W = A @ B, A^T contiguous for F.linear."""
+        return tt_halves(list(self.cores), len(self.in_modes), self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.halves()
-        y = (x.to(a.dtype) @ a) @ b
-        return y + self.bias if self.bias is not None else y
+        return tt_apply(x, *self.halves(), self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         """W as a dense (in_features x out_features) matrix (for tests and inspection, never the forward pass)."""
-        a, b = self.halves()
-        return a @ b
+        a_t, b = self.halves()
+        return a_t.t() @ b
 
     def parameter_count(self) -> int:
         return sum(c.numel() for c in self.cores) + (self.out_features if self.bias is not None else 0)
@@ -127,7 +111,8 @@ class TTLinear(nn.Module):
         """2 x multiply-adds of one forward over `tokens` rows: merging the cores (once per forward, whatever the
         batch) plus r_p (d_in + d_out) per row."""
         p = len(self.in_modes)
-        merge = self._chain(list(self.cores[:p]))[1] + self._chain(list(self.cores[p:]))[1]
+        shapes = [tuple(c.shape) for c in self.cores]
+        merge = chain_macs(shapes[:p]) + chain_macs(shapes[p:])
         return 2 * (merge + tokens * self.ranks[p] * (self.in_features + self.out_features))
 
     def extra_repr(self) -> str:
@@ -136,3 +121,39 @@ class TTLinear(nn.Module):
 
 def dense_flops(in_features: int, out_features: int, tokens: int = 1) -> int:
     return 2 * tokens * in_features * out_features
+
+
+def chain(cores: list[torch.Tensor]) -> torch.Tensor:
+    """Consecutive cores, each (..., r_prev, mode, r_next) with the same leading dimensions, contracted over their
+    shared bonds: (..., r_first * prod(modes), r_last). The leading dimensions batch many layers (or perturbations)
+    into one matmul per core."""
+    merged = cores[0].flatten(-3, -2)
+    for core in cores[1:]:
+        merged = (merged @ core.flatten(-2, -1)).unflatten(-1, core.shape[-2:]).flatten(-3, -2)
+    return merged
+
+
+def chain_macs(shapes: list[tuple[int, int, int]]) -> int:
+    """Multiply-adds `chain` spends on cores of these (r_prev, mode, r_next) shapes."""
+    rows, macs = shapes[0][0] * shapes[0][1], 0
+    for r, mode, r_next in shapes[1:]:
+        macs += rows * r * mode * r_next
+        rows *= mode
+    return macs
+
+
+def tt_halves(cores: list[torch.Tensor], in_count: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A^T, B) of the TT matrix whose first `in_count` cores hold the input modes: A^T (..., r_p, d_in) contiguous,
+    the layout F.linear wants (x @ A with A as stored is several times slower on CPU for a rank this small),
+    and B (..., r_p, d_out)."""
+    a = chain(cores[:in_count])                                   # (..., d_in, r_p)
+    b = chain(cores[in_count:])                                   # (..., r_p * d_out, 1)
+    return a.transpose(-1, -2).contiguous(), b.reshape(*b.shape[:-2], a.shape[-1], out_features)
+
+
+def tt_apply(x: torch.Tensor, a_t: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(x A) B + bias over x's last dimension: two skinny GEMMs, the bias folded into the second."""
+    low = torch.nn.functional.linear(x.to(a_t.dtype), a_t)
+    flat = low.reshape(-1, low.shape[-1])
+    y = torch.addmm(bias, flat, b) if bias is not None else flat @ b
+    return y.view(*low.shape[:-1], b.shape[-1])

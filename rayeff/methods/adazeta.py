@@ -25,7 +25,7 @@ from rayeff.errors import UserError
 from rayeff.methods.registry import EVERY_TASK_TYPE, MethodDefinition, register_method
 from rayeff.methods.zeroth_order_config import ZerothOrderConfig, check_zeroth_order_job
 from rayeff.models import SequenceClassifier, autocast_off
-from rayeff.tensor_train import TTLinear, dense_flops
+from rayeff.tensor_train import TTLinear, dense_flops, tt_apply, tt_halves
 from rayeff.train.spsa import MAX_QUERIES
 
 # Output projections by role, as module-path patterns of the architectures rayeff supports
@@ -58,12 +58,14 @@ class TTAdapter(nn.Module):
         self.act = ACTIVATIONS[config.activation]()
         self.up = TTLinear(config.bottleneck, width, config.tt_rank, zero_last_core=True)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, down: tuple, up: tuple) -> torch.Tensor:
         """h + up(act(down(h))) in float32, the sum too, whatever the backbone's dtype (a bf16/fp16 backbone runs
         under autocast, rayeff/train/zeroth_order.py): rounded to bf16, an adapter change of 1e-3 against
-        activations near 1 would vanish (bf16 keeps 8 bits), and with it the SPSA difference."""
+        activations near 1 would vanish (bf16 keeps 8 bits), and with it the SPSA difference. `down` and `up` are
+        the projections' merged (A^T, B) halves (AdaZetaModel merges every adapter's at once, per forward)."""
         with autocast_off(h.device):
-            return h.float() + self.up(self.act(self.down(h.float())))
+            h = h.float()
+            return h + tt_apply(self.act(tt_apply(h, *down, self.down.bias)), *up, self.up.bias)
 
 
 def _out_width(module: nn.Module) -> int | None:
@@ -98,12 +100,20 @@ class AdaZetaModel(nn.Module):
                             "T5, GPT-2 and Llama-style decoders")
         self.adapters = nn.ModuleDict()
         for name, module in sites:
-            adapter = TTAdapter(_out_width(module), config)
-            self.adapters[name.replace(".", "__")] = adapter
-            module.register_forward_hook(lambda _m, _inputs, output, a=adapter: a(output))
+            key = name.replace(".", "__")
+            self.adapters[key] = TTAdapter(_out_width(module), config)
+            module.register_forward_hook(lambda _m, _inputs, output, key=key: self.adapters[key](output,
+                                                                                                *self.halves[key]))
+        self.layer_groups = same_shaped_layers(self.adapters)
+        self.halves: dict[str, tuple] = {}   # during a forward: each adapter's (down, up) halves
 
     def forward(self, **batch) -> torch.Tensor:
-        return self.classifier(**batch)
+        with autocast_off(batch["input_ids"].device):   # merged in float32, as the adapters train
+            self.halves = merge_all(self.adapters, self.layer_groups)
+        try:
+            return self.classifier(**batch)
+        finally:
+            self.halves = {}
 
     def figures(self) -> dict:
         """The adapters' size and cost against dense bottleneck adapters of the same shapes (per token: the
@@ -120,6 +130,33 @@ class AdaZetaModel(nn.Module):
                 "params_ratio_tt_to_dense": tt_params / dense_params, "flops_per_token": per_token,
                 "dense_flops_per_token": dense_per_token, "flops_ratio_tt_to_dense": per_token / dense_per_token,
                 "merge_flops_per_forward": merge}
+
+
+def same_shaped_layers(adapters: nn.ModuleDict) -> list[list[tuple[str, int]]]:
+    """The adapters' TT layers as (adapter key, 0 for down or 1 for up), grouped by the shapes of their cores: each
+    group's cores merge as one batched chain."""
+    groups: dict[tuple, list] = {}
+    for key, adapter in adapters.items():
+        for slot, layer in enumerate((adapter.down, adapter.up)):
+            shape = (len(layer.in_modes), layer.out_features, tuple(tuple(c.shape) for c in layer.cores))
+            groups.setdefault(shape, []).append((key, slot))
+    return list(groups.values())
+
+
+def merge_all(adapters: nn.ModuleDict, groups: list[list[tuple[str, int]]]) -> dict[str, tuple]:
+    """Every adapter's merged (A^T, B) halves, down and up: one matmul per core position for each group of
+    same-shaped layers rather than one per core of each layer (24 adapters x ~10 cores of small kernels took more
+    time than the adapters' own GEMMs). Under torch.func.vmap the cores carry a query dimension and this batches
+    over it too."""
+    halves: dict[str, list] = {key: [None, None] for key in adapters}
+    for group in groups:
+        layers = [(adapters[key].down, adapters[key].up)[slot] for key, slot in group]
+        first = layers[0]
+        cores = [torch.stack([layer.cores[k] for layer in layers]) for k in range(len(first.cores))]
+        a_t, b = tt_halves(cores, len(first.in_modes), first.out_features)
+        for i, (key, slot) in enumerate(group):
+            halves[key][slot] = (a_t[i], b[i])
+    return {key: tuple(pair) for key, pair in halves.items()}
 
 
 def build(classifier: SequenceClassifier, config: AdaZetaConfig) -> nn.Module:
