@@ -131,6 +131,9 @@ class ZerothOrderFigures(Figures):
     queries_per_second: float = Field(description="queries per second of training-step time")
     forward_passes_per_step: float = Field(description="forward passes per step over all workers (2 per query)")
     forward_passes_per_worker_per_step: float = Field(description="forward passes per step of the busiest worker")
+    query_batch: int = Field(1, description="queries evaluated in one batched forward (1: one at a time)")
+    forward_calls_per_worker_per_step: float = Field(0.0, description="forwards the busiest worker ran per step: "
+                                                     "2 per query one at a time, one per group of query_batch")
     exchange_bytes_per_step: float = Field(description="bytes exchanged between workers per step (0 on one)")
     step_seconds: list[float] = Field(description="each step's seconds")
     step_queries: list[int] = Field(description="each step's queries")

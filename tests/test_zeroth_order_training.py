@@ -85,9 +85,13 @@ def test_adazeta_on_minilm_16_shot_sst2_beats_the_untrained_model(tmp_path, glue
     assert math.isfinite(result["train_loss"]) and result["loss_history"][-1] < result["loss_history"][0]
 
 
-def test_two_workers_split_the_queries_and_end_bitwise_equal_to_one(tmp_path, glue_dir, local_ray):
-    one = run_in_process(zo_job(tmp_path, glue_dir, "one"))   # the same loop, one worker, no Ray
-    two = run_job(zo_job(tmp_path, glue_dir, "two", scaling={"num_workers": 2}), show_progress=False)
+@pytest.mark.parametrize("query_batch", [1, 2])
+def test_two_workers_split_the_queries_and_end_bitwise_equal_to_one(tmp_path, glue_dir, local_ray, query_batch):
+    """One query at a time (rank r takes queries r, r + 2, ...), or in groups of 2 queries per batched forward
+    (rank 0 takes queries 0-1, rank 1 query 2 at Q = 3): either way the same weights as one worker, to the bit."""
+    batched = {"query_batch": query_batch}
+    one = run_in_process(zo_job(tmp_path, glue_dir, "one", method=batched))   # the same loop, one worker, no Ray
+    two = run_job(zo_job(tmp_path, glue_dir, "two", method=batched, scaling={"num_workers": 2}), show_progress=False)
     a, b = weights(one), weights(two)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert one["step_losses"] == two["step_losses"]
@@ -95,9 +99,12 @@ def test_two_workers_split_the_queries_and_end_bitwise_equal_to_one(tmp_path, gl
     assert len(last_up_cores) == 4 and all(torch.count_nonzero(t) for t in last_up_cores)
 
     zo = two["zeroth_order"]
-    assert zo["queries_total"] == 1 + 2 + 3 + 3
+    assert zo["queries_total"] == 1 + 2 + 3 + 3 and zo["query_batch"] == query_batch
     assert zo["forward_passes_per_step"] == 2 * 9 / 4
-    assert zo["forward_passes_per_worker_per_step"] == 2 * (1 + 1 + 2 + 2) / 4  # ceil(Q / 2) each
+    # the busiest worker's queries at Q = 1, 2, 3, 3, and the forwards it ran for them
+    busiest = [1, 1, 2, 2] if query_batch == 1 else [1, 2, 2, 2]
+    assert zo["forward_passes_per_worker_per_step"] == 2 * sum(busiest) / 4
+    assert zo["forward_calls_per_worker_per_step"] == (2 * sum(busiest) if query_batch == 1 else 4) / 4
     assert zo["exchange_bytes_per_step"] == 24 * 9 / 4 and one["zeroth_order"]["exchange_bytes_per_step"] == 0
     memory = two["memory"]
     assert memory["grad_bytes"] == memory["optimizer_state_bytes"] == memory["peak_activation_bytes"] == 0

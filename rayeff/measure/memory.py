@@ -177,14 +177,26 @@ class DevicePeak:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self._earlier_peak = 0   # CUDA: the peak before transient_bytes last reset the counter
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self._baseline = psutil.Process().memory_info().rss
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
+            return max(self._earlier_peak, int(torch.cuda.max_memory_allocated(self.device)))
         return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self._baseline)
+
+    def transient_bytes(self, fn) -> int:
+        """CUDA: the most memory `fn()` allocates beyond what is allocated when it starts (its peak less the
+        baseline), the run's peak so far kept for peak_bytes."""
+        if self.device.type != "cuda":
+            raise ValueError("transient_bytes measures CUDA allocations only")
+        self._earlier_peak = self.peak_bytes()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        start = torch.cuda.memory_allocated(self.device)
+        fn()
+        return int(torch.cuda.max_memory_allocated(self.device)) - start
 
     @property
     def kind(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from rayeff.methods.registry import MethodConfig
 from rayeff.train.spsa import MAX_QUERIES, MAX_RUN_SEED, MAX_STEPS, QuerySchedule
@@ -21,6 +21,10 @@ class ZerothOrderConfig(MethodConfig):
     q_target: int | None = Field(None, ge=1, description="queries wanted at the last epoch (or step): sets beta")
     q_max: int = Field(1, ge=1, le=MAX_QUERIES, description="most queries per step")
     schedule_over: Literal["epochs", "steps"] = "epochs"
+    query_batch: PositiveInt | Literal["auto"] = Field(
+        "auto", description="queries evaluated in one batched forward (rayeff/train/query_batch.py); auto: on a GPU "
+        "as many as its free memory holds, up to a worker's share of q_max, on a CPU 1; N workers end bitwise "
+        "equal to one for a given number")
     sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="Sparse-MeZO: fraction of each weight "
                                    "matrix's largest-magnitude entries left out of perturbation and update")
 

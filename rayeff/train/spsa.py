@@ -147,6 +147,17 @@ class Perturber:
             self.flat[part].copy_(self.start[part]).add_(z, alpha=sign * eps)
 
     @torch.no_grad()
+    def perturbed_rows(self, seeds: list[int], eps: float) -> torch.Tensor:
+        """(2 len(seeds), parameters): theta0 + eps z and theta0 - eps z for each seed in turn, each row computed as
+        `set` computes the buffer, so a batched query sees bit for bit the parameters the sequential one does."""
+        rows = self.start.repeat(2 * len(seeds), 1)
+        for i, seed in enumerate(seeds):
+            for part, z in self._chunks(seed):
+                rows[2 * i, part].add_(z, alpha=eps)
+                rows[2 * i + 1, part].add_(z, alpha=-eps)
+        return rows
+
+    @torch.no_grad()
     def restore(self) -> None:
         self.flat.copy_(self.start)
 

@@ -35,6 +35,7 @@ from rayeff.train.context import TrainContext
 from rayeff.train.evaluation import evaluate
 from rayeff.train.reporter import Reporter
 from rayeff.train.run_setup import RunSetup
+from rayeff.train.query_batch import BatchedLosses, auto_query_batch, busiest_worker_queries, query_groups
 from rayeff.train.spsa import Perturber, QuerySchedule, query_seed
 from rayeff.train.state import INTERRUPTED, TrainState, batches_from, batches_of, due, epoch_order, total_steps
 from rayeff.train.step_meter import StepMeter
@@ -66,6 +67,22 @@ def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
         with torch.no_grad(), activations:
             return run.loss(module(**batch), batch["labels"]).item()
 
+    batched_losses = BatchedLosses(module, trained, lambda outputs, batch: run.loss(outputs, batch["labels"]))
+
+    def query_losses(seeds: list[int], batch: dict, query_batch: int) -> list[tuple[float, float]]:
+        """(L+, L-) of each query, one at a time or all in one batched forward."""
+        if query_batch == 1:
+            pairs = []
+            for seed in seeds:
+                perturber.set(seed, +1, cfg.eps)
+                plus = loss(batch)
+                perturber.set(seed, -1, cfg.eps)
+                pairs.append((plus, loss(batch)))
+            return pairs
+        with activations:
+            values = batched_losses(perturber.perturbed_rows(seeds, cfg.eps), batch).tolist()
+        return list(zip(values[0::2], values[1::2]))
+
     def write(folder: Path, _saved_state: dict) -> None:
         if ctx.rank == 0:   # every replica is identical
             save_file({n: p.detach().float().cpu().contiguous() for n, p in trained}, str(folder / TRAINABLE_FILE))
@@ -74,17 +91,20 @@ def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
     for idx in batches_from(state, epoch_batches, total):
         batch = run.batch(idx, device)
         queries = schedule.queries(state.epoch, state.step)
+        if cfg.query_batch != "auto":
+            state.extra["query_batch"] = cfg.query_batch
+        elif "query_batch" not in state.extra:   # chosen once and kept through a resume: the groups set the rounding
+            state.extra["query_batch"] = auto_query_batch_for(run, device, lambda: loss(batch), perturber,
+                                                              cfg.q_max, ctx.world_size)
+        query_batch = state.extra["query_batch"]
         with meter.step(state):
             perturber.begin_step()
             rows = torch.zeros(queries, 3, dtype=torch.int64)   # this worker's rows: (seed, g_q, mean loss)
-            for q in range(ctx.rank, queries, ctx.world_size):
-                seed = query_seed(t.seed, state.step, q)
-                perturber.set(seed, +1, cfg.eps)
-                plus = loss(batch)
-                perturber.set(seed, -1, cfg.eps)
-                minus = loss(batch)
-                g = (plus - minus) / (2 * cfg.eps)
-                rows[q] = torch.tensor([seed, float_bits(g), float_bits((plus + minus) / 2)])
+            for group in query_groups(queries, query_batch, ctx.rank, ctx.world_size):
+                seeds = [query_seed(t.seed, state.step, q) for q in group]
+                for q, seed, (plus, minus) in zip(group, seeds, query_losses(seeds, batch, query_batch)):
+                    g = (plus - minus) / (2 * cfg.eps)
+                    rows[q] = torch.tensor([seed, float_bits(g), float_bits((plus + minus) / 2)])
             perturber.restore()
             seeds, grads, losses = exchange(rows, device, [query_seed(t.seed, state.step, q) for q in range(queries)])
             finite = all(math.isfinite(v) for v in grads + losses)
@@ -137,6 +157,17 @@ def prepare_model(model: torch.nn.Module, device: torch.device, dtype: torch.dty
     return module, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def auto_query_batch_for(run: RunSetup, device: torch.device, one_forward, perturber: Perturber, q_max: int,
+                         world: int) -> int:
+    """`query_batch: auto`, as rayeff/train/query_batch.py chooses it: on a GPU from its free memory and the measured
+    transient memory of `one_forward()`."""
+    free = forward = 0
+    if device.type == "cuda":
+        forward = run.device_peak.transient_bytes(one_forward)
+        free = torch.cuda.mem_get_info(device)[0]
+    return auto_query_batch(device, free, forward, perturber.snapshot_bytes, q_max, world)
+
+
 def exchange(rows: torch.Tensor, device: torch.device, expected_seeds: list[int]) -> tuple[list, list, list]:
     """Every worker's rows summed (each filled its own, zeros elsewhere: the sum is exact); returns the seeds, the
     g_q and the mean losses of all the step's queries, in query order."""
@@ -172,12 +203,15 @@ def zeroth_order_account(module: torch.nn.Module, trained: list, activations: Sa
 
 def query_counts(state: TrainState, world: int) -> dict:
     per_step = state.extra.get("step_queries", [])
+    batch = state.extra.get("query_batch", 1)
     total, steps = sum(per_step), max(state.step, 1)
-    worker_passes = sum(2 * math.ceil(q / world) for q in per_step)
+    busiest = [busiest_worker_queries(q, batch, world) for q in per_step]
+    calls = sum(2 * b if batch == 1 else math.ceil(b / batch) for b in busiest)
     return {"queries_total": total, "queries_last_step": per_step[-1] if per_step else 0,
             "queries_per_second": total / max(state.train_seconds, 1e-9),
             "forward_passes_per_step": 2 * total / steps,
-            "forward_passes_per_worker_per_step": worker_passes / steps,
+            "forward_passes_per_worker_per_step": 2 * sum(busiest) / steps,
+            "query_batch": batch, "forward_calls_per_worker_per_step": calls / steps,
             "exchange_bytes_per_step": (EXCHANGE_BYTES_PER_QUERY * total if world > 1 else 0) / steps,
             "step_seconds": state.extra.get("step_seconds", []), "step_queries": per_step}
 
@@ -191,7 +225,9 @@ def zeroth_order_figures(state: TrainState, world: int, cfg, schedule: QuerySche
     return {**query_counts(state, world),
             "schedule": {"alpha": cfg.alpha, "beta": schedule.beta, "q_max": cfg.q_max, "over": schedule.over,
                          "k_last": schedule.k_last, **({"note": schedule.note} if schedule.note else {})},
-            "eps": cfg.eps, "queries_split": f"round-robin over {world} workers; spare workers idle when Q < N"}
+            "eps": cfg.eps,
+            "queries_split": f"groups of {state.extra.get('query_batch', 1)} consecutive queries (one forward each), "
+                             f"round-robin over {world} workers; spare workers idle when there are fewer groups"}
 
 
 def float_bits(x: float) -> int:
