@@ -137,6 +137,14 @@ class ZerothOrderFigures(Figures):
     exchange_bytes_per_step: float = Field(description="bytes exchanged between workers per step (0 on one)")
     step_seconds: list[float] = Field(description="each step's seconds")
     step_queries: list[int] = Field(description="each step's queries")
+    step_forward_seconds: list[float] = Field([], description="each step's seconds in forward passes (rank 0)")
+    seconds_per_forward: float | None = Field(None, description="measured seconds per forward pass (rank 0; a "
+                                              "batched forward of 2B parameter sets counts 2B)")
+    step_over_floor: float | None = Field(None, description="step time over its floor: the busiest worker's "
+                                          "forward passes at seconds_per_forward and nothing else")
+    median_step_seconds_outside_forwards: float | None = Field(
+        None, description="median over steps of the seconds not spent in forward passes (perturbing, updating, "
+        "exchanging, waiting)")
     schedule: QueryScheduleFigures = Field(description="the query schedule")
     eps: float = Field(description="the perturbation scale")
     queries_split: str = Field(description="how a step's queries are shared among workers")

@@ -231,6 +231,31 @@ def test_bench_zo_writes_its_four_parts(tmp_path, glue_dir, local_ray, one_worke
     assert c["full_over_adazeta"] > 2  # gradients, two AdamW moments and saved activations
     d = on_disk["d_adapter_time"]
     assert d["adapters"] == 4 and 0 < d["adapters_seconds"] < d["model_forward_seconds"]
+    for n in (1, 2):   # the floor: the busiest worker's 2 ceil(Q / N) forwards at the run's time per forward
+        zo = recorded[n]["zeroth_order"]
+        assert zo["seconds_per_forward"] == pytest.approx(sum(zo["step_forward_seconds"]) / (2 * 2 * 2 // n))
+        assert b[f"workers_{n}"]["step_over_floor"] == zo["step_over_floor"] == pytest.approx(
+            sum(zo["step_seconds"]) / (2 * 2 * (2 // n) * zo["seconds_per_forward"]))
+        assert 0 < zo["median_step_seconds_outside_forwards"] < statistics.median(zo["step_seconds"])
+
+    # (e) Two queries one at a time and in one batched forward: g_q within 4 float32 ulps / eps of the loss (~0.69)
+    e = on_disk["e_batched_queries"]["per_query_batch"]
+    assert set(e) == {"1", "2"} and e["1"]["max_abs_g_difference"] == 0
+    assert e["2"]["max_abs_g_difference"] <= 4 * 2.0 ** -24 / job.method.eps
+
+    # (f) The scaling model: its parts are the runs' own measurements, put together by its formula.
+    f = on_disk["f_scaling_model"]
+    one, two = (recorded[n]["zeroth_order"] for n in (1, 2))
+    assert f["forward_seconds"] == one["seconds_per_forward"]
+    assert f["rest_seconds_per_step"] == one["median_step_seconds_outside_forwards"]
+    outside = [t - fw for t, fw in zip(two["step_seconds"], two["step_forward_seconds"])]
+    assert f["exchange_hop_seconds"] == max(0.0, min(outside) - f["rest_seconds_per_step"]) / 2
+    assert f["waiting_seconds_per_step"] == statistics.median(outside) - min(outside)
+    assert f["forward_slowdown_at_2_workers"] == two["seconds_per_forward"] / one["seconds_per_forward"]
+    at = {row["workers"]: row for row in f["at_bench_queries"]}
+    assert at[256]["seconds_per_step"] == pytest.approx(   # Q = 2: 254 workers idle while the ring grows
+        2 * f["forward_seconds"] + f["rest_seconds_per_step"] + 2 * 255 * f["exchange_hop_seconds"], rel=1e-9)
+    assert [row["queries"] for row in f["one_query_per_worker"]] == [1, 2, 8, 16, 32, 64, 128, 256]
 
 
 def test_bench_zo_rejects_a_first_order_job(tmp_path, glue_dir):

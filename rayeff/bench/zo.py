@@ -6,7 +6,8 @@
     which each one's training loss (mean over a window of steps, as single steps are noisy) reaches `--loss-target`,
     the queries spent until then (adazeta spends more per step), and their final dev metrics;
 (b) query parallelism: wall time per step at a fixed Q with 1 and with 2 workers, each worker on one CPU thread in
-    both runs (median over steps), and the parallel efficiency t1 / (2 t2);
+    both runs (median over steps), the parallel efficiency t1 / (2 t2), and each run's steps against their floor
+    (the busiest worker's 2 ceil(Q / N) forwards at the time per forward the run measured, and nothing else);
 (c) memory: adazeta's exact tensor account and device peak against an inference-only pass of the same model
     without adapters, measured as the run measures itself: in a worker process of its own on the resources of one
     of the run's workers (same threads, device and precision), the same device-peak measure (DevicePeak, taken from
@@ -14,11 +15,16 @@
     dev set in the run's evaluation batches; and against full fine-tuning (a short run of the same job with method
     full, ZeRO 0). AdaZeta's account exceeds the inference pass's by exactly its adapters and its perturbation
     snapshot;
-(d) the TT adapters' forward time as a fraction of the backbone's, timed in this process on one training batch.
+(d) the TT adapters' forward time as a fraction of the backbone's, clocked inside forwards of the adapted model in
+    this process on one training batch;
+(e) batched queries: one step's Q queries one at a time and in groups of 2, 4, ... Q per vmapped forward, seconds
+    and the largest difference in g_q;
+(f) a scaling model for N = 1..256 workers from the parts the runs of (b) measured (see `scaling_model`).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -42,8 +48,11 @@ from rayeff.measure.memory import DevicePeak, SavedActivationCounter
 from rayeff.methods import get_method, method_config_from_dict
 from rayeff.models import ModelSource, build_classifier, load_tokenizer, resolve_model
 from rayeff.results import RunResult
+from rayeff.train.query_batch import BatchedLosses
+from rayeff.train.run_setup import RunSetup
+from rayeff.train.spsa import MAX_QUERIES, Perturber, query_seed
 from rayeff.train.state import batches_of, epoch_order
-from rayeff.train.zeroth_order import PRECISIONS, AutocastForward, cast_frozen
+from rayeff.train.zeroth_order import PRECISIONS, AutocastForward, cast_frozen, prepare_model
 
 
 def variant(job: JobSpec, runs: Path, name: str, method: dict | None = None, **sections) -> JobSpec:
@@ -101,7 +110,9 @@ def query_parallelism(job: JobSpec, runs: Path, queries: int, steps: int, show: 
                                   scaling={"num_workers": workers, "threads_per_worker": 1, "cpus_per_worker": 1}),
                           address, show).zeroth_order
         per_workers[workers] = {"median_seconds_per_step": statistics.median(zo.step_seconds),
-                                "step_seconds": zo.step_seconds,
+                                "step_seconds": zo.step_seconds, "step_forward_seconds": zo.step_forward_seconds,
+                                "seconds_per_forward": zo.seconds_per_forward, "step_over_floor": zo.step_over_floor,
+                                "median_step_seconds_outside_forwards": zo.median_step_seconds_outside_forwards,
                                 "forward_passes_per_worker_per_step": zo.forward_passes_per_worker_per_step,
                                 "exchange_bytes_per_step": zo.exchange_bytes_per_step}
     t1, t2 = per_workers[1]["median_seconds_per_step"], per_workers[2]["median_seconds_per_step"]
@@ -223,9 +234,11 @@ def memory(job: JobSpec, runs: Path, adazeta: RunResult, steps: int, show: bool,
                                               if f["peak_device_bytes"] else None)}
 
 
-def adapter_time(job: JobSpec, repeats: int = 20) -> dict:
-    """Median time of one forward of the adapted model on one training batch, and of its adapters alone on the
-    inputs they received in that forward; one CPU thread (as each worker runs), or the GPU if there is one."""
+def adapter_time(job: JobSpec, repeats: int = 30) -> dict:
+    """The TT adapters' share of a forward of the adapted model on one training batch, on one CPU thread (as each
+    worker runs) or the GPU if there is one: clocks inside the forward time the merge of every adapter's cores and
+    each adapter's call, against the whole forward (medians over `repeats`). Timing two forwards, with and without
+    adapters, and subtracting was tried: this machine's speed drifts by more than the adapters cost."""
     config = job.method if job.method.name == "adazeta" else method_config_from_dict({"name": "adazeta"})
     device = torch.device("cuda" if torch.cuda.is_available() and job.scaling.gpus_per_worker > 0 else "cpu")
     threads = torch.get_num_threads()
@@ -233,37 +246,153 @@ def adapter_time(job: JobSpec, repeats: int = 20) -> dict:
     try:
         classifier, batch = classifier_and_batch(job, device)
         model = get_method("adazeta").build(classifier, config).to(device).eval()
-        n = int(batch["input_ids"].shape[0])
-        inputs = {}
-        handles = [a.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
-                   for name, a in model.adapters.items()]
-
-        def timed(fn) -> float:
-            samples = []
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                samples.append(time.perf_counter() - start)
-            return statistics.median(samples)
-
+        clock = AdapterClock(model, device)
+        forwards, inside = [], []
         with torch.no_grad():
-            model(**batch)  # records each adapter's input; warms up
-            for h in handles:
-                h.remove()
-            forward = timed(lambda: model(**batch))
-            adapters = timed(lambda: [model.adapters[name](x) for name, x in inputs.items()])
+            for _ in range(repeats + 1):   # the first warms up and is dropped
+                clock.reset()
+                forwards.append(timed_call(lambda: model(**batch), device))
+                inside.append(clock.seconds)
+        clock.remove()
     finally:
         torch.set_num_threads(threads)
+    forward, adapters = statistics.median(forwards[1:]), statistics.median(inside[1:])
     tokens = int(batch["attention_mask"].numel())
     flops = sum(a.down.flops(tokens) + a.up.flops(tokens) for a in model.adapters.values())
-    return {"device": device.type, "batch_size": n, "tokens": tokens, "adapters": len(inputs),
-            "model_forward_seconds": forward, "adapters_seconds": adapters,
-            "adapter_fraction_of_backbone": adapters / max(forward - adapters, 1e-12),
+    return {"device": device.type, "batch_size": int(batch["input_ids"].shape[0]), "tokens": tokens,
+            "adapters": len(model.adapters), "repeats": repeats, "model_forward_seconds": forward,
+            "adapters_seconds": adapters, "backbone_forward_seconds": forward - adapters,
+            "adapter_fraction_of_backbone": adapters / (forward - adapters),
             "adapter_flops_per_token": flops / tokens}
+
+
+class AdapterClock:
+    """Seconds an AdaZetaModel's forward spends in its adapters: from its start to its classifier's (merging the
+    cores), plus each adapter's call; hooks, so that the forward timed is the one training runs."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.device, self.seconds, self.started = device, 0.0, {}
+        self.handles = [model.register_forward_pre_hook(lambda *_: self._start("merge")),
+                        model.classifier.register_forward_pre_hook(lambda *_: self._stop("merge"))]
+        for key, adapter in model.adapters.items():
+            self.handles += [adapter.register_forward_pre_hook(lambda *_, k=key: self._start(k)),
+                             adapter.register_forward_hook(lambda *_, k=key: self._stop(k))]
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _start(self, key: str) -> None:
+        self.started[key] = self._now()
+
+    def _stop(self, key: str) -> None:
+        self.seconds += self._now() - self.started.pop(key)
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def timed_call(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def batched_queries(job: JobSpec, queries: int, repeats: int = 3) -> dict:
+    """One step's `queries` queries on the job's first training batch, one at a time and in groups of B = 2, 4, ...
+    up to Q (rayeff/train/query_batch.py), on one CPU thread or the GPU as a worker runs: seconds per step (median
+    over interleaved repeats), the speed-up over one at a time, and the largest |g_q| difference from it."""
+    device = torch.device("cuda" if torch.cuda.is_available() and job.scaling.gpus_per_worker > 0 else "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = RunSetup.build(job, resolve_model(job.model.name), device)
+        module, trained = prepare_model(run.model, device, PRECISIONS[job.deepspeed.precision])
+        perturber = Perturber([p for _, p in trained], job.method.sparsity)
+        perturber.begin_step()
+        batch = run.batch(batches_of(epoch_order(len(run.train_set), 0, 1, job.training.seed, 0),
+                                     job.training.batch_size)[0], device)
+        losses = BatchedLosses(module, trained, lambda outputs, b: run.loss(outputs, b["labels"]))
+        seeds, eps = [query_seed(job.training.seed, 0, q) for q in range(queries)], job.method.eps
+
+        def sequential() -> list[float]:
+            values = []
+            with torch.no_grad():
+                for seed in seeds:
+                    for sign in (+1, -1):
+                        perturber.set(seed, sign, eps)
+                        values.append(run.loss(module(**batch), batch["labels"]).item())
+            perturber.restore()
+            return values
+
+        def grouped(size: int) -> list[float]:
+            return [v for lo in range(0, queries, size)
+                    for v in losses(perturber.perturbed_rows(seeds[lo:lo + size], eps), batch).tolist()]
+
+        sizes = sorted({1, *(2 ** k for k in range(1, queries.bit_length()) if 2 ** k < queries), queries})
+        seconds: dict[int, list[float]] = {size: [] for size in sizes}
+        values: dict[int, list[float]] = {}
+        for _ in range(repeats):
+            for size in sizes:
+                start = time.perf_counter()
+                values[size] = sequential() if size == 1 else grouped(size)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds[size].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+    def g(v: list[float]) -> list[float]:
+        return [(v[2 * i] - v[2 * i + 1]) / (2 * eps) for i in range(queries)]
+
+    t1 = statistics.median(seconds[1])
+    return {"device": device.type, "queries": queries, "method": job.method.name, "repeats": repeats,
+            "batch_size": int(batch["input_ids"].shape[0]), "tokens": int(batch["attention_mask"].numel()),
+            "per_query_batch": {str(size): {"seconds_per_step": statistics.median(seconds[size]),
+                                            "speedup_over_one_at_a_time": t1 / statistics.median(seconds[size]),
+                                            "max_abs_g_difference": max(abs(a - b) for a, b in
+                                                                        zip(g(values[size]), g(values[1])))}
+                                for size in sizes}}
+
+
+def scaling_model(b: dict, queries: int, workers: list[int]) -> dict:
+    """Time per step on N workers from the parts the runs of (b) measured on the same batches: the busiest worker's
+    2 ceil(Q / N) forwards at the 1-worker run's seconds per forward; the rest of a step on one worker (o: the
+    median time outside forwards: perturbing, updating, metering); and the exchange, x2 = the 2-worker run's least
+    time outside forwards (a step where neither worker waited for the other) less o, taken to grow as a ring
+    all-reduce of 24 Q bytes does when latency-bound: 2 (N - 1) hops of x2 / 2. A model, not a measurement: it
+    leaves out what (b) shows costs the most at N = 2, workers slowing each other's forwards when they share a
+    machine and waiting for the slower one (`waiting_seconds_per_step`, measured at N = 2, grows with N), and it
+    ignores bandwidth (24 Q bytes is small) and nodes."""
+    one, two = b["workers_1"], b["workers_2"]
+    forward, rest = one["seconds_per_forward"], one["median_step_seconds_outside_forwards"]
+    outside_two = [t - f for t, f in zip(two["step_seconds"], two["step_forward_seconds"])]
+    hop = max(0.0, min(outside_two) - rest) / 2
+
+    def step(q: int, n: int) -> float:
+        return 2 * math.ceil(q / n) * forward + rest + 2 * (n - 1) * hop
+
+    def row(q: int, n: int) -> dict:
+        t = step(q, n)
+        return {"workers": n, "queries": q, "seconds_per_step": t, "speedup": step(q, 1) / t,
+                "parallel_efficiency": step(q, 1) / (n * t)}
+
+    return {"forward_seconds": forward, "rest_seconds_per_step": rest, "exchange_hop_seconds": hop,
+            "waiting_seconds_per_step": statistics.median(outside_two) - min(outside_two),
+            "forward_slowdown_at_2_workers": two["seconds_per_forward"] / forward,
+            "formula": "t_N = 2 ceil(Q/N) t_fwd + o + 2 (N - 1) h (ring all-reduce, latency-bound); leaves out "
+                       "waiting for the slowest worker and workers slowing each other on one machine",
+            "at_bench_queries": [row(queries, n) for n in workers],
+            "one_query_per_worker": [row(n, n) for n in workers]}
 
 
 def bench_zo(job: JobSpec, output: str, runs_dir: str | None = None, loss_target: float = 0.6, window: int = 5,
@@ -273,8 +402,6 @@ def bench_zo(job: JobSpec, output: str, runs_dir: str | None = None, loss_target
     for flag, value in (("--queries", queries), ("--window", window), ("--timing-steps", timing_steps)):
         if value < 1:
             raise UserError(f"{flag}: must be at least 1, not {value}")
-    from rayeff.train.spsa import MAX_QUERIES
-
     if queries > MAX_QUERIES:
         raise UserError(f"--queries: {queries} is more than the {MAX_QUERIES} queries a step can take; use fewer")
     if get_method(job.method.name).loop != "zeroth_order":
@@ -292,7 +419,9 @@ def bench_zo(job: JobSpec, output: str, runs_dir: str | None = None, loss_target
         "b_query_parallelism": query_parallelism(job, runs, queries, timing_steps, show_progress, address),
         "c_memory": memory(job, runs, conv["results"]["adazeta"], full_steps, show_progress, address),
         "d_adapter_time": adapter_time(job),
+        "e_batched_queries": batched_queries(job, queries),
     }
+    report["f_scaling_model"] = scaling_model(report["b_query_parallelism"], queries, [1, 2, 8, 16, 32, 64, 128, 256])
     write_json_atomic(output_path, report)
     Console(width=None if sys.stdout.isatty() else 160).print(summary_table(report))
     print(f"rayeff: wrote {output_path}")
@@ -316,5 +445,21 @@ def summary_table(report: dict) -> Table:
     peak = c.get("peak_device_adazeta_over_inference")
     table.add_row("(c) device peak: adazeta / inference-only", "n/a" if peak is None else f"{peak:.4f}")
     table.add_row("(c) tensor account: full fine-tuning / adazeta", f"{c['full_over_adazeta']:.2f}")
+    for n in (1, 2):
+        table.add_row(f"(b) {n} worker(s): step / floor of 2 ceil(Q/{n}) forwards; s per forward",
+                      f"{b[f'workers_{n}']['step_over_floor']:.3f}; {b[f'workers_{n}']['seconds_per_forward']:.3f}")
+    table.add_row("(b) 2 workers: forward slowdown; median wait for the other worker (s)",
+                  f"{report['f_scaling_model']['forward_slowdown_at_2_workers']:.3f}; "
+                  f"{report['f_scaling_model']['waiting_seconds_per_step']:.3f}")
     table.add_row("(d) adapter forward / backbone forward", f"{d['adapter_fraction_of_backbone']:.4f}")
+    e = report["e_batched_queries"]
+    for size, figures in e["per_query_batch"].items():
+        table.add_row(f"(e) Q={e['queries']} in groups of {size}: s/step (speed-up, max |dg|)",
+                      f"{figures['seconds_per_step']:.3f} ({figures['speedup_over_one_at_a_time']:.2f}x, "
+                      f"{figures['max_abs_g_difference']:.1e})")
+    f = report["f_scaling_model"]
+    for row in f["at_bench_queries"] + f["one_query_per_worker"]:
+        if row["workers"] > 2:
+            table.add_row(f"(f) model: {row['workers']} workers, Q={row['queries']}: s/step (efficiency)",
+                          f"{row['seconds_per_step']:.3f} ({row['parallel_efficiency']:.3f})")
     return table

@@ -21,6 +21,9 @@ with the weights the step started from; its last checkpoint stays its final one.
 from __future__ import annotations
 
 import math
+import statistics
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -68,19 +71,23 @@ def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
             return run.loss(module(**batch), batch["labels"]).item()
 
     batched_losses = BatchedLosses(module, trained, lambda outputs, batch: run.loss(outputs, batch["labels"]))
+    forwards = ForwardClock()
 
     def query_losses(seeds: list[int], batch: dict, query_batch: int) -> list[tuple[float, float]]:
-        """(L+, L-) of each query, one at a time or all in one batched forward."""
+        """(L+, L-) of each query, one at a time or all in one batched forward; the forwards' time clocked."""
         if query_batch == 1:
             pairs = []
             for seed in seeds:
                 perturber.set(seed, +1, cfg.eps)
-                plus = loss(batch)
+                with forwards.timing(1):
+                    plus = loss(batch)
                 perturber.set(seed, -1, cfg.eps)
-                pairs.append((plus, loss(batch)))
+                with forwards.timing(1):
+                    pairs.append((plus, loss(batch)))
             return pairs
-        with activations:
-            values = batched_losses(perturber.perturbed_rows(seeds, cfg.eps), batch).tolist()
+        rows = perturber.perturbed_rows(seeds, cfg.eps)
+        with activations, forwards.timing(len(rows)):
+            values = batched_losses(rows, batch).tolist()
         return list(zip(values[0::2], values[1::2]))
 
     def write(folder: Path, _saved_state: dict) -> None:
@@ -97,6 +104,7 @@ def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
             state.extra["query_batch"] = auto_query_batch_for(run, device, lambda: loss(batch), perturber,
                                                               cfg.q_max, ctx.world_size)
         query_batch = state.extra["query_batch"]
+        forwards.reset()
         with meter.step(state):
             perturber.begin_step()
             rows = torch.zeros(queries, 3, dtype=torch.int64)   # this worker's rows: (seed, g_q, mean loss)
@@ -116,6 +124,8 @@ def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
                     perturber.restore()
         state.extra.setdefault("step_seconds", []).append(meter.last_seconds)
         state.extra.setdefault("step_queries", []).append(queries)   # every other ZO count derives from these
+        state.extra.setdefault("step_forward_seconds", []).append(forwards.seconds)
+        state.extra.setdefault("step_forwards", []).append(forwards.count)
         if not finite:
             status = "diverged"
             break
@@ -155,6 +165,25 @@ def prepare_model(model: torch.nn.Module, device: torch.device, dtype: torch.dty
     model.eval()
     module = model if dtype == torch.float32 else AutocastForward(model, dtype)
     return module, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+class ForwardClock:
+    """The seconds this worker spends in forward passes during a step, and how many it ran (a batched forward of
+    2B parameter sets counts 2B). `.item()` / `.tolist()` on the loss wait for the device, so the clock holds the
+    forwards' whole time on a GPU too."""
+
+    def __init__(self):
+        self.seconds, self.count = 0.0, 0
+
+    def reset(self) -> None:
+        self.seconds, self.count = 0.0, 0
+
+    @contextmanager
+    def timing(self, forwards: int):
+        start = time.perf_counter()
+        yield
+        self.seconds += time.perf_counter() - start
+        self.count += forwards
 
 
 def auto_query_batch_for(run: RunSetup, device: torch.device, one_forward, perturber: Perturber, q_max: int,
@@ -213,7 +242,22 @@ def query_counts(state: TrainState, world: int) -> dict:
             "forward_passes_per_worker_per_step": 2 * sum(busiest) / steps,
             "query_batch": batch, "forward_calls_per_worker_per_step": calls / steps,
             "exchange_bytes_per_step": (EXCHANGE_BYTES_PER_QUERY * total if world > 1 else 0) / steps,
-            "step_seconds": state.extra.get("step_seconds", []), "step_queries": per_step}
+            "step_seconds": state.extra.get("step_seconds", []), "step_queries": per_step,
+            **forward_floor(state, busiest)}
+
+
+def forward_floor(state: TrainState, busiest: list[int]) -> dict:
+    """This worker's time in forwards against its steps. The floor of a step is the busiest worker's 2 q forwards
+    at the measured time per forward and nothing else (no perturbing, updating, exchange or waiting); rank 0, which
+    reports, is always a busiest worker (it takes the first group)."""
+    seconds, count = state.extra.get("step_forward_seconds", []), state.extra.get("step_forwards", [])
+    per_forward = sum(seconds) / sum(count) if sum(count) else None
+    floor = [2 * b * per_forward for b in busiest] if per_forward else []
+    steps = state.extra.get("step_seconds", [])
+    return {"step_forward_seconds": seconds, "seconds_per_forward": per_forward,
+            "step_over_floor": sum(steps) / sum(floor) if floor and sum(floor) else None,
+            "median_step_seconds_outside_forwards": (statistics.median(t - f for t, f in zip(steps, seconds))
+                                                     if seconds else None)}
 
 
 def query_progress(state: TrainState, world: int) -> dict:
