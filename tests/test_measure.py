@@ -355,10 +355,16 @@ def test_bench_tables_say_estimate(source, estimated):
     zo_report = {"task": "sst2", "model": "tiny-bert", "k_shot": 16, "loss_target": 0.6,
                  "a_convergence": {"adazeta": run, "mezo-lora": run},
                  "b_query_parallelism": {"queries_per_step": 8, "parallel_efficiency": 0.9,
-                                         "workers_1": {"median_seconds_per_step": 1.0},
-                                         "workers_2": {"median_seconds_per_step": 0.6}},
+                                         "workers_1": {"median_seconds_per_step": 1.0, "step_over_floor": 1.0,
+                                                       "seconds_per_forward": 0.06},
+                                         "workers_2": {"median_seconds_per_step": 0.6, "step_over_floor": 1.1,
+                                                       "seconds_per_forward": 0.07}},
                  "c_memory": {"adazeta_over_inference": 1.01, "full_over_adazeta": 3.0},
-                 "d_adapter_time": {"adapter_fraction_of_backbone": 0.02}}
+                 "d_adapter_time": {"adapter_fraction_of_backbone": 0.02},
+                 "e_batched_queries": {"queries": 8, "per_query_batch": {
+                     "1": {"seconds_per_step": 1.0, "speedup_over_one_at_a_time": 1.0, "max_abs_g_difference": 0.0}}},
+                 "f_scaling_model": {"forward_slowdown_at_2_workers": 1.2, "waiting_seconds_per_step": 0.04,
+                                     "at_bench_queries": [], "one_query_per_worker": []}}
     table = rendered(zo.summary_table(zo_report))
     assert f"1,921.0 J ({source})" in table and ("estimate" in table) == estimated
 
