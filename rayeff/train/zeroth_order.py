@@ -136,13 +136,13 @@ def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
         if due(state.step, t.log_every) or last:
             energy = meter.energy(state)
             state.logged(energy)
-            progress = reporter.progress(state, total, energy, query_progress(state, ctx.world_size))
+            progress = reporter.progress(state, total, energy, query_progress(state))
             status = reporter.log(progress, energy) or status
         if due(state.step, t.eval_every) and not last and status == "finished":   # (a stop evaluates below)
             state.evaluated(evaluate(module, run, ctx), meter.energy(state))
         if due(state.step, t.checkpoint_every) and not last and status == "finished":
             energy = meter.energy(state)
-            progress = reporter.progress(state, total, energy, query_progress(state, ctx.world_size))
+            progress = reporter.progress(state, total, energy, query_progress(state))
             checkpointer.save(state, energy, {"progress": progress}, write)
         if last or status != "finished":
             break
@@ -260,9 +260,11 @@ def forward_floor(state: TrainState, busiest: list[int]) -> dict:
                                                      if seconds else None)}
 
 
-def query_progress(state: TrainState, world: int) -> dict:
-    counts = query_counts(state, world)
-    return {"queries": counts["queries_last_step"], "queries_per_second": counts["queries_per_second"]}
+def query_progress(state: TrainState) -> dict:
+    """The two query figures a progress line shows (query_counts' whole-run figures are for the summary)."""
+    per_step = state.extra.get("step_queries", [])
+    return {"queries": per_step[-1] if per_step else 0,
+            "queries_per_second": sum(per_step) / max(state.train_seconds, 1e-9)}
 
 
 def zeroth_order_figures(state: TrainState, world: int, cfg, schedule: QuerySchedule) -> dict:
