@@ -70,6 +70,8 @@ BAD_INPUTS = [
     ("wrong type", GOOD.replace("batch_size: 4", "batch_size: many"), [], "training.batch_size"),
     ("unknown method", GOOD.replace("name: read", "name: telepathy"), [], "method"),
     ("unknown method field", GOOD.replace("name: read}", "name: read, hiden_size: 3}"), [], "hiden_size"),
+    ("bad READ option", GOOD, ["--set", "method.layers=bottom"], "method.layers: Input should be 'all' or 'top_half'"),
+    ("READ dropout of 1", GOOD, ["--set", "method.dropout=1"], "method.dropout: Input should be less than 1"),
     ("negative lr", GOOD, ["--set", "training.lr=-0.1"], "training.lr"),
     ("zero workers", GOOD, ["--set", "scaling.num_workers=0"], "scaling.num_workers"),
     ("unknown task", GOOD.replace("task: sst2", "task: sst3"), [], "data.task"),

@@ -8,10 +8,22 @@ import torch
 
 from rayeff.methods import get_method, trainable_parameter_count
 from rayeff.methods.lora import LoraMethodConfig
-from rayeff.methods.read import ReadConfig, ReadModel, side_parameter_formula
+from rayeff.methods.read import ReadConfig, ReadModel, SideNetwork, fed_layers, side_parameter_formula
 from rayeff.models import build_classifier, hidden_size, load_tokenizer, resolve_model
 
 TINY = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-t5"]
+READ_OPTIONS = {   # the side network's options, alone and all together
+    "paper": {},
+    "rnn": {"rnn": "rnn"},
+    "lstm": {"rnn": "lstm", "aggregation": "last"},
+    "h0 from embeddings": {"initial_state": "embeddings"},
+    "linear projection": {"input_projection": "linear"},
+    "layer gates": {"layer_gates": True},
+    "top half, every 2nd": {"layers": "top_half", "layer_stride": 2},
+    "two-layer bidirectional": {"recurrent_layers": 2, "bidirectional": True, "dropout": 0.1},
+    "all": {"rnn": "lstm", "initial_state": "embeddings", "input_projection": "linear", "layer_gates": True,
+            "layer_stride": 2, "recurrent_layers": 2, "bidirectional": True, "dropout": 0.1, "aggregation": "last"},
+}
 SENTENCES = (["a fine film", "the plot is thin but the acting carries it well"], ["yes", "no , not at all"])
 
 
@@ -29,22 +41,23 @@ def _classifier(name, pooling="auto"):
 
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("pooling", ["auto", "mean"])
-def test_read_step0_logits_equal_the_backbones(name, pooling):
+@pytest.mark.parametrize("options", ["paper", "all"])
+def test_read_step0_logits_equal_the_backbones(name, pooling, options):
     if name == "tiny-t5" and pooling == "mean":
         pytest.skip("encoder-decoders read the decoder's single state")
     clf = _classifier(name, pooling).eval()
     batch = _batch(name)
     with torch.no_grad():
         expected = clf(**batch)
-    read = ReadModel(clf, ReadConfig(hidden_size=8)).eval()
+    read = ReadModel(clf, ReadConfig(hidden_size=8, **READ_OPTIONS[options])).eval()
     assert torch.equal(read(**batch), expected)
 
 
 @pytest.mark.parametrize("name", TINY)
-@pytest.mark.parametrize("rnn", ["gru", "rnn", "lstm"])
-def test_read_backbone_gets_no_gradient_and_saves_no_activation(name, rnn):
+@pytest.mark.parametrize("options", list(READ_OPTIONS))
+def test_read_backbone_gets_no_gradient_and_saves_no_activation(name, options):
     clf = _classifier(name)
-    model = ReadModel(clf, ReadConfig(hidden_size=8, rnn=rnn)).train()
+    model = ReadModel(clf, ReadConfig(hidden_size=8, **READ_OPTIONS[options])).train()
     grad_mode_in_backbone = []
     hooks = [m.register_forward_hook(lambda mod, inp, out: grad_mode_in_backbone.append(torch.is_grad_enabled()))
              for m in clf.backbone.modules()]
@@ -63,19 +76,101 @@ def test_read_backbone_gets_no_gradient_and_saves_no_activation(name, rnn):
     assert grad_mode_in_backbone and not any(grad_mode_in_backbone)
     assert saved_in_backbone == []
     assert all(p.grad is None for p in clf.backbone.parameters())
-    assert all(p.grad is not None for p in model.side.cell.parameters())
+    torch.nn.init.normal_(model.side.out.weight)   # a trained-looking W_o: every part of the side network counts
+    model.zero_grad()
+    model(**_batch(name)).sum().backward()
+    assert all(p.grad is not None for p in model.side.parameters())
+    for part in model.side.children():   # (one fed layer from h_0 = 0 leaves the hidden-to-hidden weights at 0)
+        assert sum(p.grad.abs().sum() for p in part.parameters()) > 0 or not list(part.parameters()), part
     assert all(p.grad is not None for p in clf.head.parameters())
 
 
-@pytest.mark.parametrize("rnn", ["gru", "rnn", "lstm"])
-@pytest.mark.parametrize("name", ["tiny-bert", "minilm-l6"])
-def test_read_parameter_count_is_the_formula_and_independent_of_depth(name, rnn):
+@pytest.mark.parametrize("options", list(READ_OPTIONS))
+@pytest.mark.parametrize("name", ["tiny-bert", "minilm-l6", "tiny-t5"])
+def test_read_parameter_count_is_the_formula(name, options):
     clf = _classifier(name)
-    read = ReadModel(clf, ReadConfig(hidden_size=16, rnn=rnn))
-    d = hidden_size(clf.backbone.config)
-    assert sum(p.numel() for p in read.side.parameters()) == side_parameter_formula(d, 16, rnn)
-    head = sum(p.numel() for p in clf.head.parameters())
-    assert trainable_parameter_count(read) == side_parameter_formula(d, 16, rnn) + head
+    config = ReadConfig(hidden_size=16, **READ_OPTIONS[options])
+    read = ReadModel(clf, config)
+    d, depth = hidden_size(clf.backbone.config), clf.backbone.config.num_hidden_layers
+    assert sum(p.numel() for p in read.side.parameters()) == side_parameter_formula(d, config, depth)
+    expected = side_parameter_formula(d, config, depth) + sum(p.numel() for p in clf.head.parameters())
+    if read.encoder_side is not None:   # T5: the encoder stack's network (no W_o) and the joiner
+        expected += side_parameter_formula(d, config, clf.backbone.config.num_layers, with_output=False)
+        expected += (config.directions * 16 + 1) * 16
+    assert trainable_parameter_count(read) == expected
+
+
+def test_read_parameters_with_the_papers_options_are_its_formula_whatever_the_depth():
+    """METHODS.md: g(d r + r^2 + 2r) + (r d + d) + d per stack, g = 1 RNN, 3 GRU, 4 LSTM; no term in L."""
+    for rnn, g in (("rnn", 1), ("gru", 3), ("lstm", 4)):
+        for depth in (2, 6, 24):
+            side = SideNetwork(384, depth, ReadConfig(hidden_size=16, rnn=rnn))
+            assert sum(p.numel() for p in side.parameters()) == g * (384 * 16 + 16 * 16 + 32) + (16 * 384 + 384) + 384
+
+
+def test_read_feeds_the_layers_it_is_told_to():
+    assert fed_layers(ReadConfig(), 6) == [1, 2, 3, 4, 5, 6]
+    assert fed_layers(ReadConfig(layers="top_half"), 6) == [4, 5, 6]
+    assert fed_layers(ReadConfig(layer_stride=2), 6) == [2, 4, 6]
+    assert fed_layers(ReadConfig(layers="top_half", layer_stride=2), 7) == [5, 7]
+    assert fed_layers(ReadConfig(layer_stride=10), 6) == [6]
+    side = SideNetwork(8, 6, ReadConfig(hidden_size=4, layers="top_half", initial_state="embeddings"))
+    assert side.inputs([None] * 7) == [0, 4, 5, 6]
+    with pytest.raises(ValueError, match="returned 5 layer states; its config says 6"):
+        side.inputs([None] * 6)
+
+
+def _states(n_layers: int, width: int = 8, n: int = 3) -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [torch.randn(n, width) for _ in range(n_layers)]
+
+
+def test_read_initial_state_from_the_embeddings_is_a_projection_of_x0():
+    side = SideNetwork(8, 2, ReadConfig(hidden_size=4, initial_state="embeddings")).eval()
+    x0, x1, x2 = _states(3)
+    with torch.no_grad():
+        h0 = side.initial(side.norm(x0))
+        expected = side.rnn(side.norm(torch.stack([x1, x2])), h0.unsqueeze(0))[0].mean(0)
+        torch.testing.assert_close(side.summary([x0, x1, x2]), expected, rtol=0, atol=0)
+        assert not torch.allclose(side.summary([2 * x0 + 1, x1, x2]), expected)   # x_0 matters
+        zero = SideNetwork(8, 2, ReadConfig(hidden_size=4)).eval()
+        zero.load_state_dict({k: v for k, v in side.state_dict().items() if not k.startswith("initial")})
+        torch.testing.assert_close(zero.summary([x1, x2]), zero.rnn(zero.norm(torch.stack([x1, x2])))[0].mean(0))
+
+
+def test_read_linear_projection_and_layer_gates_shape_the_recurrences_input():
+    side = SideNetwork(8, 3, ReadConfig(hidden_size=4, input_projection="linear", layer_gates=True, s_in=0.5)).eval()
+    states = _states(3)
+    with torch.no_grad():
+        side.gates.copy_(torch.tensor([0.0, 2.0, 1.0]))
+        u = torch.stack([g * 0.5 * side.project(side.norm(x)) for g, x in zip([0.0, 2.0, 1.0], states)])
+        assert side.rnn.input_size == 4
+        torch.testing.assert_close(side.summary(states), side.rnn(u)[0].mean(0))
+        # a gate at zero silences its layer: what that layer holds no longer matters
+        torch.testing.assert_close(side.summary([states[0] * 7 + 3, *states[1:]]), side.summary(states))
+
+
+def test_read_bidirectional_last_is_each_directions_final_state():
+    config = ReadConfig(hidden_size=4, bidirectional=True, aggregation="last")
+    side = SideNetwork(8, 3, config).eval()
+    states = _states(3)
+    forward, backward = torch.nn.GRU(8, 4), torch.nn.GRU(8, 4)
+    with torch.no_grad():
+        for name, p in side.rnn.named_parameters():
+            target = backward if name.endswith("_reverse") else forward
+            getattr(target, name.removesuffix("_reverse")).copy_(p)
+        u = side.norm(torch.stack(states))
+        expected = torch.cat([forward(u)[1][0], backward(u.flip(0))[1][0]], dim=1)
+        assert side.out.in_features == 8
+        torch.testing.assert_close(side.summary(states), expected)
+
+
+def test_read_dropout_acts_in_training_only():
+    side = SideNetwork(8, 3, ReadConfig(hidden_size=4, dropout=0.5, recurrent_layers=2))
+    states = _states(3)
+    with torch.no_grad():
+        assert not torch.equal(side.train().summary(states), side.summary(states))
+        assert torch.equal(side.eval().summary(states), side.summary(states))
 
 
 def test_read_encoder_decoder_has_a_side_network_per_stack_and_a_joiner_that_shapes_the_output_after_one_step():
@@ -166,3 +261,20 @@ def test_read_mean_pooling_ignores_padding_once_trained(name):
         zero_side = ReadModel(clf, ReadConfig(hidden_size=8)).eval()(**batch)
     torch.testing.assert_close(both[:1], alone, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(both, zero_side)
+
+
+@pytest.mark.parametrize("name, pooling", [("tiny-bert", "mean"), ("tiny-t5", "auto")])
+def test_read_with_every_option_on_learns_a_batch_through_the_side_network_alone(name, pooling):
+    clf = _classifier(name, pooling)
+    read = ReadModel(clf, ReadConfig(hidden_size=8, **READ_OPTIONS["all"])).train()
+    clf.head.requires_grad_(False)   # what is learned goes through the side network's correction
+    batch, labels = _batch(name), torch.tensor([0, 2])
+    optimizer = torch.optim.Adam([p for p in read.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(read(**batch), labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses

@@ -13,9 +13,10 @@ from rayeff.tune.space import load_search_space, optuna_distributions
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "read", "adazeta", "mezo"])
-def test_each_shipped_space_loads_for_its_method(method):
-    space = load_search_space(SPACES / f"{method}.yaml")
+@pytest.mark.parametrize("method, file", [("full", "full"), ("lora", "lora"), ("read", "read"), ("read", "read-side"),
+                                          ("adazeta", "adazeta"), ("mezo", "mezo")])
+def test_each_shipped_space_loads_for_its_method(method, file):
+    space = load_search_space(SPACES / f"{file}.yaml")
     assert space.method == method and "training.lr" in space.params
     assert set(optuna_distributions(space)) == set(space.params)
 
@@ -24,6 +25,15 @@ def test_adazeta_space_tunes_what_the_issue_names():
     space = load_search_space(SPACES / "adazeta.yaml")
     assert {"method.alpha", "method.beta", "method.q_max", "method.tt_rank", "method.bottleneck", "training.lr",
             "method.eps"} <= set(space.params)
+
+
+def test_read_side_space_tunes_every_side_network_option_and_the_schedule():
+    from rayeff.methods.read import ReadConfig
+
+    space = load_search_space(SPACES / "read-side.yaml")
+    options = set(ReadConfig.model_fields) - {"name", "s_in", "layer_stride"}
+    assert {f"method.{o}" for o in options} | {"training.lr_schedule", "training.warmup_ratio"} <= set(space.params)
+    assert optuna_distributions(space)["method.bidirectional"] == CategoricalDistribution([False, True])
 
 
 def test_distributions_follow_the_file(tmp_path):

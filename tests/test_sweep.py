@@ -23,7 +23,7 @@ from rayeff.cli import main
 from rayeff.cluster.storage import Storage
 from rayeff.config import load_job
 from rayeff.errors import UserError
-from rayeff.methods.read import side_parameter_formula
+from rayeff.methods.read import ReadConfig, side_parameter_formula
 from rayeff.train.runner import run_in_process
 from rayeff.tune.limits import ENERGY, TIME, SweepLimits
 from rayeff.tune.priors import PriorStore
@@ -185,7 +185,8 @@ def test_an_asha_sweep_records_every_trial_and_a_later_sweep_starts_from_it_unti
         if trial["status"] == "finished":   # ran all 3 steps: its objective is its final dev accuracy
             assert trial["feasible"] and trial["objectives"] == [trial["metrics"]["accuracy"]]
             # the trial's sampled hidden size reached its model: READ's side network of that size and the head
-            side = side_parameter_formula(32, trial["params"]["method.hidden_size"], "gru")
+            read = ReadConfig(hidden_size=trial["params"]["method.hidden_size"], rnn="gru")
+            side = side_parameter_formula(32, read, depth=2)
             assert trial["memory"]["trainable_params"] == side + TINY_BERT_HEAD and trial["time"]["steps"] == 3
             assert states[trial["number"]] == optuna.trial.TrialState.COMPLETE
         else:                               # ASHA stopped it after a report: pruned, ranked by that report
