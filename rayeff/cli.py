@@ -2,7 +2,7 @@
 
     rayeff run JOB.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--resume] [--address ADDR]
     rayeff bench compare --job JOB.yaml --methods full,lora,read --output OUT.json [--overwrite] [--data-dir DIR]
-                         [--per-method METHOD:FIELD=VALUE ...]
+                         [--per-method METHOD:FIELD=VALUE ...] [--target full|VALUE --eval-every N]
     rayeff tune SWEEP.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--resume] [--address ADDR]
     rayeff priors list [--store FILE]
     rayeff priors show ID [--store FILE]
@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--runs-dir", help="folder for the per-method runs (default: next to --output)")
     compare.add_argument("--per-method", action="append", default=[], metavar="METHOD:FIELD=VALUE",
                          help="override a field for one method only, e.g. read:training.lr=1e-3 (repeatable)")
+    compare.add_argument("--target", metavar="full|VALUE",
+                         help="also report each method's energy, time and steps to reach this dev metric (full: "
+                              "full fine-tuning's final one), evaluated every --eval-every steps")
+    compare.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps (sets "
+                                                                     "training.eval_every for every method)")
     _job_options(compare)
     bplan = kinds.add_parser("plan", help="`rayeff plan` against real runs: predicted / measured per term of the "
                                            "tensor account, per method, ZeRO stage and worker count")
@@ -506,7 +511,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     compare_methods(job, methods, args.output, runs_dir=args.runs_dir, address=args.address,
-                    show_progress=not args.no_progress, per_method=args.per_method, overwrite=args.overwrite)
+                    show_progress=not args.no_progress, per_method=args.per_method, overwrite=args.overwrite,
+                    target=args.target, eval_every=args.eval_every)
     return 0
 
 

@@ -78,6 +78,9 @@ class Evaluation(Figures):
     step: int = Field(description="the step it evaluated")
     joules: float = Field(description="energy of the whole run so far, over all workers, evaluation included")
     metrics: dict[str, float] = Field(description="the dev metrics, by the task's metric names")
+    train_joules: float | None = Field(None, description="energy of the training steps alone up to this step "
+                                                         "(no start-up, evaluation or checkpointing)")
+    train_seconds: float | None = Field(None, description="time in training steps up to this step")
 
 
 class Memory(Figures):

@@ -105,6 +105,46 @@ def test_bench_compare_writes_each_result_and_ratios_to_full(tmp_path, glue_dir,
     assert all(f"<h3>{method}</h3>" in page.read_text() for method in ("full", "lora", "read"))   # the settings
 
 
+def test_bench_compare_target_mode_finds_where_each_method_first_reached_fulls_final_metric(
+        tmp_path, glue_dir, one_worker_runs_in_process, capsys):
+    job = tiny_job(tmp_path, glue_dir, "unused", training={"max_steps": 6})
+    report = compare_methods(job, ["read", "full"], str(tmp_path / "compare.json"), runs_dir=str(tmp_path / "runs"),
+                             show_progress=False, per_method=["read:training.lr=3e-3"], target="full", eval_every=2)
+    assert list(report["results"]) == ["full", "read"]   # full first: its final metric is the target
+    target = report["target"]
+    assert target["value"] == report["results"]["full"]["metrics"]["accuracy"] and target["eval_every"] == 2
+    for method, result in report["results"].items():
+        history = result["eval_history"]
+        assert [e["step"] for e in history][:3] == [2, 4, 6]
+        seconds = [e["train_seconds"] for e in history[:3]]
+        assert seconds == sorted(seconds) and seconds[0] > 0
+        assert all(0 < e["train_joules"] <= e["joules"] for e in history)
+        first = next((e for e in history if e["metrics"]["accuracy"] >= target["value"]), None)
+        row = target["reached"][method]
+        assert row["reached"] == (first is not None)
+        if first is not None:
+            assert (row["step"], row["train_joules"], row["train_seconds"]) == (
+                first["step"], first["train_joules"], first["train_seconds"])
+    assert target["reached"]["full"]["reached"] and target["ratios_to_full"]["full"]["train_joules"] == 1.0
+    if target["reached"]["read"]["reached"]:
+        assert target["ratios_to_full"]["read"]["train_joules"] == pytest.approx(
+            target["reached"]["read"]["train_joules"] / target["reached"]["full"]["train_joules"])
+    assert "to dev accuracy" in capsys.readouterr().out
+
+
+def test_a_lower_is_better_target_is_reached_from_above():
+    from rayeff.bench.compare import first_reaching
+    from rayeff.results import Evaluation, RunResult
+
+    losses = [3.0, 2.2, 1.9, 2.0]
+    evaluations = [{"step": 10 * (i + 1), "joules": 5.0 * (i + 1), "train_joules": 4.0 * (i + 1),
+                    "train_seconds": 1.0 * (i + 1), "metrics": {"eval_loss": v}} for i, v in enumerate(losses)]
+    result = RunResult.model_construct(eval_history=[Evaluation(**e) for e in evaluations])
+    assert first_reaching(result, "eval_loss", 2.0) == {"reached": True, "step": 30, "value": 1.9, "evaluations": 3,
+                                                        "train_joules": 12.0, "train_seconds": 3.0, "joules": 15.0}
+    assert first_reaching(result, "eval_loss", 1.5) == {"reached": False, "best": 1.9, "evaluations": 4}
+
+
 def test_energy_budget_stops_the_run_with_a_resumable_checkpoint(tmp_path, glue_dir):
     job = tiny_job(tmp_path, glue_dir, "budget", training={"max_steps": 200, "log_every": 2},
                    energy={"budget_j": 0.5})

@@ -22,6 +22,8 @@ from rayeff.config import DataSpec
 from rayeff.data import files, glue
 from rayeff.errors import UserError
 
+LOWER_IS_BETTER = ("eval_loss", "perplexity")   # a causal LM's dev metrics; every other dev metric is higher-better
+
 
 @dataclass(frozen=True)
 class LabelledTask:

@@ -25,7 +25,7 @@ class TrainState:
     losses: list = field(default_factory=list)
     last_eval: dict = field(default_factory=dict)
     energy_history: list = field(default_factory=list)   # {"step", "joules"} at each logged step
-    eval_history: list = field(default_factory=list)     # {"step", "joules", "metrics"} at each evaluation
+    eval_history: list = field(default_factory=list)     # results.Evaluation's fields, at each evaluation
     extra: dict = field(default_factory=dict)  # the loop's own counters (e.g. ZO queries so far)
     resumed_at_steps: list = field(default_factory=list)   # the step of each checkpoint this run was resumed from
 
@@ -42,7 +42,12 @@ class TrainState:
     def evaluated(self, metrics: dict, energy: dict) -> None:
         """Note an evaluation's metrics, and the run's energy once it ended."""
         self.last_eval = metrics
-        self.eval_history.append({"step": self.step, "joules": energy["joules"], "metrics": metrics})
+        self.eval_history.append(self.evaluation(metrics, energy))
+
+    def evaluation(self, metrics: dict, energy: dict) -> dict:
+        """An entry of `eval_history` (results.Evaluation) for metrics just measured at this step."""
+        return {"step": self.step, "joules": energy["joules"], "metrics": metrics,
+                "train_joules": energy["train_joules"], "train_seconds": self.train_seconds}
 
 
 INTERRUPTED = "stopped: interrupted"   # a run's status when the driver asked it to stop (rayeff/train/interrupts.py)

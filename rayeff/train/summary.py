@@ -51,7 +51,7 @@ def run_summary(run: RunSetup, ctx: TrainContext, state: TrainState, status: str
         status=status, method=job.method.name, model=job.model.name, task=run.task.name, metrics=metrics,
         train_loss=s.loss_sum / max(s.step, 1), **logged_losses(s.losses, job.training.log_every),
         step_losses=s.losses, energy=energy, energy_history=final_reading(s.energy_history, s.step, energy),
-        eval_history=[*s.eval_history, {"step": s.step, "joules": energy["joules"], "metrics": metrics}],
+        eval_history=[*s.eval_history, s.evaluation(metrics, energy)],
         memory=memory,
         time={"train_seconds": s.train_seconds, "steps": s.step, "samples": s.samples,
               "samples_per_second": s.samples / max(s.train_seconds, 1e-9),

@@ -34,14 +34,13 @@ from rayeff.config import (
     read_yaml_mapping,
     set_field,
 )
-from rayeff.data.task import task_of
+from rayeff.data.task import LOWER_IS_BETTER, task_of
 from rayeff.errors import UserError
 from rayeff.results import RunResult
 from rayeff.spec_base import Spec
 from rayeff.tune.space import SearchSpace, check_fields, load_search_space
 
 ENERGY_METRIC = "energy_j"
-LOWER_IS_BETTER = ("eval_loss", "perplexity")   # a causal LM's dev metrics; every other dev metric is higher-better
 
 
 class ObjectiveSpec(Spec):
