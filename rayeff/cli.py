@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--runs-dir", help="folder for the per-method runs (default: next to --output)")
     compare.add_argument("--per-method", action="append", default=[], metavar="METHOD:FIELD=VALUE",
                          help="override a field for one method only, e.g. read:training.lr=1e-3 (repeatable)")
-    compare.add_argument("--target", metavar="full|VALUE",
+    compare.add_argument("--target", metavar="full|VALUE", nargs="?", const="full",
                          help="also report each method's energy, time and steps to reach this dev metric (full: "
                               "full fine-tuning's final one), evaluated every --eval-every steps")
     compare.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N steps (sets "

@@ -8,12 +8,13 @@ import json
 
 import pytest
 
-from rayeff.bench.compare import compare_methods
+from rayeff.bench.compare import compare_methods, to_target
 from rayeff.config import validate_job
 from rayeff.measure.energy import SCOPES
 from rayeff.methods import get_method
 from rayeff.methods.read import ReadConfig
 from rayeff.models import build_classifier, resolve_model
+from rayeff.results import RunResult
 from rayeff.train.runner import run_in_process, run_job
 
 pytestmark = pytest.mark.slow
@@ -130,11 +131,19 @@ def test_bench_compare_target_mode_finds_where_each_method_first_reached_fulls_f
         assert target["ratios_to_full"]["read"]["train_joules"] == pytest.approx(
             target["reached"]["read"]["train_joules"] / target["reached"]["full"]["train_joules"])
     assert "to dev accuracy" in capsys.readouterr().out
+    # a target every evaluation meets is met at the first; one none meets is never met, and the best is reported
+    results = {m: RunResult.model_validate(r) for m, r in report["results"].items()}
+    low, high = to_target(results, "accuracy", 0.0, "given", 2), to_target(results, "accuracy", 1.5, "given", 2)
+    for method, result in report["results"].items():
+        assert low["reached"][method]["step"] == 2 and low["reached"][method]["evaluations"] == 1
+        assert high["reached"][method] == {"reached": False, "evaluations": len(result["eval_history"]),
+                                           "best": max(e["metrics"]["accuracy"] for e in result["eval_history"])}
+    assert low["ratios_to_full"]["read"]["step"] == 1.0 and high["ratios_to_full"] == {}
 
 
 def test_a_lower_is_better_target_is_reached_from_above():
     from rayeff.bench.compare import first_reaching
-    from rayeff.results import Evaluation, RunResult
+    from rayeff.results import Evaluation
 
     losses = [3.0, 2.2, 1.9, 2.0]
     evaluations = [{"step": 10 * (i + 1), "joules": 5.0 * (i + 1), "train_joules": 4.0 * (i + 1),

@@ -7,15 +7,16 @@ each method's result.json plus its ratios to full fine-tuning.
 Only the method section (and any `--per-method METHOD:FIELD=VALUE` override, e.g. a method's learning rate)
 differs between the runs. Ratios are method / full, so figures from one run on one shared machine are compared.
 
-Target mode (`--target full` or `--target VALUE`, with `--eval-every N`): every method is evaluated on the dev set
-every N steps, and the report adds, per method, the first evaluation at which its dev metric reached the target
-(by default full fine-tuning's final dev metric on the same budget): its step, and the joules and seconds of the
-training steps up to it (evaluation excluded: it is the measuring, not the training), or that it never did. Each
-method still runs its whole budget, so its final figures stay comparable.
+Target mode (`--target`, which is `--target full`, or `--target VALUE`, with `--eval-every N`): every method is
+evaluated on the dev set every N steps, and the report adds, per method, the first evaluation at which its dev
+metric reached the target (by default full fine-tuning's final dev metric on the same budget): its step, and the
+joules and seconds of the training steps up to it (evaluation excluded: it is the measuring, not the training), or
+that it never did. Each method still runs its whole budget, so its final figures stay comparable.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -96,7 +97,8 @@ def to_target(results: dict[str, RunResult], metric: str, target: float, target_
     ratios = {}
     for method, row in reached.items():
         if row["reached"] and base.get("reached"):
-            ratios[method] = {k: row[k] / base[k] if base[k] else None
+            # (None where a run resumed from a checkpoint older than these figures)
+            ratios[method] = {k: row[k] / base[k] if row[k] is not None and base[k] else None
                               for k in ("train_joules", "train_seconds", "joules", "step")}
     return {"metric": metric, "value": target, "from": target_from, "eval_every": eval_every,
             "reached": reached, "ratios_to_full": ratios}
@@ -111,8 +113,10 @@ def target_settings(job: JobSpec, methods: list[str], target: str | None,
         try:
             value = float(target)
         except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
             raise UserError(f"--target {target!r}: give full (full fine-tuning's final dev metric) or a number, "
-                            "e.g. 0.85") from None
+                            "e.g. 0.85")
     elif "full" not in methods:
         raise UserError("--target full: the target is full fine-tuning's final dev metric; add full to --methods")
     else:
@@ -206,7 +210,8 @@ def target_table(report: dict) -> Table:
         def x(key, note=""):
             return f"{q[key]:.3f}{note}" if q.get(key) is not None else "-"
 
+        known = row["train_joules"] is not None   # not for a run resumed from a checkpoint older than the figures
         table.add_row(method, str(row["step"]), f"{row['value']:.4f}",
-                      energy_label({"joules": row["train_joules"], "source": source}), x("train_joules", note),
-                      f"{row['train_seconds']:.1f} s", x("train_seconds"))
+                      energy_label({"joules": row["train_joules"], "source": source}) if known else "-",
+                      x("train_joules", note), f"{row['train_seconds']:.1f} s" if known else "-", x("train_seconds"))
     return table
