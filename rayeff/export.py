@@ -152,10 +152,14 @@ def rebuild_trained(weights_path: Path, job, task=None) -> tuple[nn.Module | Non
     model = get_method(job.method.name).build(base, job.method)
     weights = load_file(str(weights_path))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != trainable:
+    # loaded first, so that a module's load hooks may rename tensors saved under earlier names
+    try:
+        loaded = model.load_state_dict(weights, strict=False)
+    except RuntimeError:   # a tensor of another shape
+        loaded = None
+    if loaded is None or loaded.unexpected_keys or trainable & set(loaded.missing_keys):
         raise UserError(f"{weights_path}: its tensors are not those a {job.method.name} model of {job.model.name} "
                         f"trains ({len(weights)} saved, {len(trainable)} expected); was the job changed?")
-    model.load_state_dict(weights, strict=False)
     return (lm.eval() if lm is not None else None), model.eval()
 
 

@@ -224,3 +224,27 @@ def test_bad_exports_are_one_line_exit_2(tmp_path, capsys, case, needle):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
     assert case == "output in use" and (out / "keep.txt").read_text() == "mine" or not out.exists()
+
+
+def test_read_weights_under_the_earlier_cell_names_load_and_foreign_ones_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from rayeff.errors import UserError
+
+    run_dir, _ = trained_run(tmp_path, "tiny-gpt2", "read")
+    job, weights = load_job(run_dir / "job.yaml"), load_file(str(run_dir / "final" / TRAINABLE_FILE))
+    legacy = {name.replace("side.rnn.", "side.cell.").removesuffix("_l0") if "side.rnn." in name else name: t
+              for name, t in weights.items()}
+    assert "side.cell.weight_ih" in legacy and "side.rnn.weight_ih_l0" not in legacy
+    save_file(legacy, str(tmp_path / "legacy.safetensors"))
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():
+        now = rebuild_trained(run_dir / "final" / TRAINABLE_FILE, job)[1](**batch)
+        then = rebuild_trained(tmp_path / "legacy.safetensors", job)[1](**batch)
+    assert torch.equal(now, then)
+    other = validate_job({**job.model_dump(mode="json"), "method": {"name": "read", "hidden_size": 16}})
+    with pytest.raises(UserError, match="was the job changed"):   # tensors of other shapes
+        rebuild_trained(run_dir / "final" / TRAINABLE_FILE, other)
+    save_file({**weights, "side.extra": torch.zeros(2)}, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(UserError, match="was the job changed"):   # a tensor the model does not have
+        rebuild_trained(tmp_path / "extra.safetensors", job)

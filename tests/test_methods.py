@@ -100,6 +100,31 @@ def test_read_parameter_count_is_the_formula(name, options):
     assert trainable_parameter_count(read) == expected
 
 
+def test_read_on_an_encoder_decoder_of_unequal_depths_gives_each_stack_its_own():
+    """T5 with 3 encoder and 2 decoder layers: the decoder-side network feeds the decoder's layers, the encoder-side
+    one the encoder's; every option on, step 0 is the backbone's and the count is each stack's formula."""
+    import transformers
+
+    from rayeff.models import SequenceClassifier
+
+    config = _classifier("tiny-t5").backbone.config
+    config.num_layers, config.num_decoder_layers = 3, 2
+    torch.manual_seed(0)
+    clf = SequenceClassifier(transformers.T5Model(config), num_labels=3).eval()
+    batch = _batch("tiny-t5")
+    with torch.no_grad():
+        expected = clf(**batch)
+    options = ReadConfig(hidden_size=8, **{**READ_OPTIONS["all"], "layer_stride": 1})
+    read = ReadModel(clf, options).eval()
+    assert read.side.layers == [1, 2] and read.encoder_side.layers == [1, 2, 3]
+    assert read.side.gates.scale.shape == (2,) and read.encoder_side.gates.scale.shape == (3,)
+    assert torch.equal(read(**batch), expected)
+    head = sum(p.numel() for p in clf.head.parameters())
+    joiner = (options.directions * 8 + 1) * 8
+    assert trainable_parameter_count(read) == (side_parameter_formula(32, options, 2) + head + joiner
+                                               + side_parameter_formula(32, options, 3, with_output=False))
+
+
 def test_read_parameters_with_the_papers_options_are_its_formula_whatever_the_depth():
     """METHODS.md: g(d r + r^2 + 2r) + (r d + d) + d per stack, g = 1 RNN, 3 GRU, 4 LSTM; no term in L."""
     for rnn, g in (("rnn", 1), ("gru", 3), ("lstm", 4)):
@@ -126,13 +151,19 @@ def _states(n_layers: int, width: int = 8, n: int = 3) -> list[torch.Tensor]:
 
 
 def test_read_initial_state_from_the_embeddings_is_a_projection_of_x0():
-    side = SideNetwork(8, 2, ReadConfig(hidden_size=4, initial_state="embeddings")).eval()
+    side = SideNetwork(8, 2, ReadConfig(hidden_size=4, initial_state="embeddings", s_in=0.5)).eval()
     x0, x1, x2 = _states(3)
     with torch.no_grad():
-        h0 = side.initial(side.norm(x0))
-        expected = side.rnn(side.norm(torch.stack([x1, x2])), h0.unsqueeze(0))[0].mean(0)
+        h0 = side.initial(0.5 * side.norm(x0))
+        expected = side.rnn(0.5 * side.norm(torch.stack([x1, x2])), h0.unsqueeze(0))[0].mean(0)
         torch.testing.assert_close(side.summary([x0, x1, x2]), expected, rtol=0, atol=0)
         assert not torch.allclose(side.summary([2 * x0 + 1, x1, x2]), expected)   # x_0 matters
+        # an LSTM of two layers: h_0 starts both layers' hidden states, their cell states start at zero
+        lstm = SideNetwork(8, 2, ReadConfig(hidden_size=4, initial_state="embeddings", rnn="lstm",
+                                            recurrent_layers=2)).eval()
+        h0 = lstm.initial(lstm.norm(x0)).unsqueeze(0).expand(2, -1, -1)
+        torch.testing.assert_close(lstm.summary([x0, x1, x2]), lstm.rnn(lstm.norm(torch.stack([x1, x2])),
+                                                                         (h0, torch.zeros_like(h0)))[0].mean(0))
         zero = SideNetwork(8, 2, ReadConfig(hidden_size=4)).eval()
         zero.load_state_dict({k: v for k, v in side.state_dict().items() if not k.startswith("initial")})
         torch.testing.assert_close(zero.summary([x1, x2]), zero.rnn(zero.norm(torch.stack([x1, x2])))[0].mean(0))
@@ -142,7 +173,7 @@ def test_read_linear_projection_and_layer_gates_shape_the_recurrences_input():
     side = SideNetwork(8, 3, ReadConfig(hidden_size=4, input_projection="linear", layer_gates=True, s_in=0.5)).eval()
     states = _states(3)
     with torch.no_grad():
-        side.gates.copy_(torch.tensor([0.0, 2.0, 1.0]))
+        side.gates.scale.copy_(torch.tensor([0.0, 2.0, 1.0]))
         u = torch.stack([g * 0.5 * side.project(side.norm(x)) for g, x in zip([0.0, 2.0, 1.0], states)])
         assert side.rnn.input_size == 4
         torch.testing.assert_close(side.summary(states), side.rnn(u)[0].mean(0))
@@ -150,19 +181,37 @@ def test_read_linear_projection_and_layer_gates_shape_the_recurrences_input():
         torch.testing.assert_close(side.summary([states[0] * 7 + 3, *states[1:]]), side.summary(states))
 
 
-def test_read_bidirectional_last_is_each_directions_final_state():
-    config = ReadConfig(hidden_size=4, bidirectional=True, aggregation="last")
+def test_read_bidirectional_last_is_each_directions_final_state_of_the_top_layer():
+    config = ReadConfig(hidden_size=4, bidirectional=True, recurrent_layers=2, aggregation="last")
     side = SideNetwork(8, 3, config).eval()
     states = _states(3)
-    forward, backward = torch.nn.GRU(8, 4), torch.nn.GRU(8, 4)
+    torch.manual_seed(2)
     with torch.no_grad():
-        for name, p in side.rnn.named_parameters():
-            target = backward if name.endswith("_reverse") else forward
-            getattr(target, name.removesuffix("_reverse")).copy_(p)
-        u = side.norm(torch.stack(states))
-        expected = torch.cat([forward(u)[1][0], backward(u.flip(0))[1][0]], dim=1)
+        output = side.rnn(side.norm(torch.stack(states)))[0]   # (steps, N, 2r): each step's top-layer states
+        expected = torch.cat([output[-1, :, :4], output[0, :, 4:]], dim=1)   # forward ends last, backward first
         assert side.out.in_features == 8
         torch.testing.assert_close(side.summary(states), expected)
+        # and the first layer's is not what it reads
+        one_layer = SideNetwork(8, 3, config.model_copy(update={"recurrent_layers": 1})).eval()
+        one_layer.load_state_dict(side.state_dict(), strict=False)
+        assert not torch.allclose(one_layer.summary(states), expected)
+
+
+def test_read_reads_a_checkpoint_of_its_earlier_hand_written_gru_cell():
+    """Side networks saved before the recurrence was torch's nn.GRU held one nn.GRUCell as `cell.*`: they load,
+    and compute what the cell loop computed: h_i = cell(s_in Norm(x_i), h_{i-1}), the mean of h_1..h_L."""
+    torch.manual_seed(3)
+    cell, side = torch.nn.GRUCell(8, 4), SideNetwork(8, 3, ReadConfig(hidden_size=4, s_in=0.5))
+    saved = {"norm.weight": torch.rand(8) + 0.5, "out.weight": torch.randn(8, 4), "out.bias": torch.randn(8),
+             **{f"cell.{k}": v for k, v in cell.state_dict().items()}}
+    side.load_state_dict(saved)
+    states = _states(3)
+    with torch.no_grad():
+        h, total = torch.zeros(3, 4), torch.zeros(3, 4)
+        for x in states:
+            h = cell(0.5 * side.norm(x), h)
+            total = total + h
+        torch.testing.assert_close(side.summary(states), total / 3)
 
 
 def test_read_dropout_acts_in_training_only():
@@ -278,3 +327,47 @@ def test_read_with_every_option_on_learns_a_batch_through_the_side_network_alone
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_read_attention_pooling_starts_as_the_mean_and_learns_token_weights_without_touching_the_backbone(name):
+    clf = _classifier(name, pooling="mean").eval()
+    batch = _batch(name)
+    with torch.no_grad():
+        expected = clf(**batch)
+    config = ReadConfig(hidden_size=8, attention_pooling=True, bidirectional=True)
+    read = ReadModel(clf, config).eval()
+    assert torch.equal(read(**batch), expected)   # v = 0: every real token weighs 1, the mean to the bit
+    d, depth = hidden_size(clf.backbone.config), clf.backbone.config.num_hidden_layers
+    assert trainable_parameter_count(read) == (side_parameter_formula(d, config, depth)
+                                               + sum(p.numel() for p in clf.head.parameters()))
+    torch.nn.init.normal_(read.token_scores.weight)
+    torch.nn.init.normal_(read.side.out.weight)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        out = clf.run_backbone(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                               output_hidden_states=True)
+        per_token = read.side.summary([x[real] for x in out.hidden_states[1:]])
+        _, weights = read._mean_over_real_tokens(out.hidden_states, batch["attention_mask"])
+        for row in range(real.shape[0]):   # each sequence: a softmax over its real tokens, scaled so its top is 1
+            scores = read.token_scores(per_token[real.nonzero()[:, 0] == row]).squeeze(1)
+            expected_weights = torch.softmax(scores, 0) / torch.softmax(scores, 0).max()
+            torch.testing.assert_close(weights[row][real[row]], expected_weights)
+            assert torch.all(weights[row][~real[row]] == 0)
+        # a padded sequence pools as it does alone
+        n = int(batch["attention_mask"][0].sum())
+        alone = read(input_ids=batch["input_ids"][:1, :n], attention_mask=batch["attention_mask"][:1, :n],
+                     token_type_ids=None if batch["token_type_ids"] is None else batch["token_type_ids"][:1, :n])
+        torch.testing.assert_close(read(**batch)[:1], alone, rtol=1e-5, atol=1e-5)
+    read.train()
+    read(**batch).sum().backward()
+    assert read.token_scores.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in clf.backbone.parameters())
+
+
+def test_read_attention_pooling_needs_mean_pooling(refused_run):
+    job = {"model": {"name": "tiny-bert"}, "data": {"task": "sst2", "train_subset": 16},
+           "method": {"name": "read", "attention_pooling": True}, "training": {"max_steps": 1, "batch_size": 4}}
+    assert "method.attention_pooling" in refused_run(job) and "model.pooling: mean" in refused_run(job)
+    with pytest.raises(ValueError, match="needs a classifier with model.pooling: mean"):
+        ReadModel(_classifier("tiny-bert"), ReadConfig(attention_pooling=True))

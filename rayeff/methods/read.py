@@ -5,13 +5,18 @@ side network over the layer index that corrects the backbone's final state.
                                            L); P: identity (`input_projection: scale`) or a learned d -> r map
                                            (`linear`); g_i: 1, or a learned per-layer gate (`layer_gates`)
     h_1..h_L = RNN(u_1..u_L; h_0)          RNN: GRU (default), RNN or LSTM of state size r; one or more stacked
-                                           layers, one direction or both; h_0 = 0 or W_0 Norm(x_0) (`initial_state`)
+                                           layers, one direction or both; h_0 = 0 or W_0 (s_in Norm(x_0))
+                                           (`initial_state`)
     delta = s_out * W_o(agg(h_1..h_L))     agg: mean (default) or last (both directions' final states); W_o starts at 0
     final = x_L + delta -> head
 
+With `model.pooling: mean`, `attention_pooling` weighs each real token t by exp(v . agg h_t) instead of equally
+(v starts at zero, so step 0 is exactly the mean): the one place where READ's tokens meet, learned from the side
+network's per-token summaries, still without a gradient into the backbone.
+
 Trainable parameters per stack (D directions, K recurrent layers, g = 1 RNN, 3 GRU, 4 LSTM, i = d, or r with P):
 Norm d, P r d, gates (one per selected layer), W_0 (d r + r), recurrence D g (i r + r^2 + 2r) for the first
-layer and D g (D r r + r^2 + 2r) for each further one, W_o (D r d + d). With the defaults: g(d r + r^2 + 2r) +
+layer and D g (D r r + r^2 + 2r) for each further one, W_o (D r d + d), v (D r). With the defaults: g(d r + r^2 + 2r) +
 (r d + d) + d, as the paper counts it, independent of the depth.
 
 The recurrence is per token and tokens do not interact in it, and pooling and W_o are linear, so
@@ -33,6 +38,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from rayeff.errors import UserError
 from rayeff.methods.registry import EVERY_TASK_TYPE, MethodConfig, MethodDefinition, register_method
 from rayeff.models import CausalLM, SequenceClassifier, hidden_size
 
@@ -59,12 +65,41 @@ class ReadConfig(MethodConfig):
         "zero", description="h_0: zero, or a learned projection of Norm(x_0), the embedding output")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the side network's inputs and between its "
                                                         "recurrent layers (training only)")
+    attention_pooling: bool = Field(False, description="with model.pooling: mean, weigh the tokens by a learned "
+                                                       "score of their side-network summary (starting equal)")
     s_in: float = Field(1.0, gt=0, description="scale of the normalised backbone states fed to the recurrence")
     s_out: float = Field(1.0, gt=0, description="scale of the correction added to the final state")
 
     @property
     def directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+
+def check_job(config: ReadConfig, job) -> None:
+    """The job rules of method read (its MethodDefinition's `check_job`)."""
+    if config.attention_pooling and job.model.pooling != "mean":
+        raise ValueError("method.attention_pooling: it reweighs the mean over tokens; set model.pooling: mean "
+                         "(the pooling sentence-transformers checkpoints such as MiniLM were trained with)")
+
+
+class LayerGates(nn.Module):
+    """A learned scale per fed layer (starting at 1) on the recurrence's inputs (fed layers, N, width). A module of
+    its own so that ZeRO-3 gathers it when it runs, as it does every other part."""
+
+    def __init__(self, count: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(count))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.scale[:, None, None] * u
+
+
+def _renamed_legacy_cell(_module, state_dict, prefix, *_args) -> None:
+    """Checkpoints written before the recurrence was torch's nn.GRU/LSTM/RNN hold its one layer as `cell.*` (an
+    nn.GRUCell's names): the same tensors, under the names of the first layer."""
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        if f"{prefix}cell.{name}" in state_dict:
+            state_dict[f"{prefix}rnn.{name}_l0"] = state_dict.pop(f"{prefix}cell.{name}")
 
 
 def fed_layers(config: ReadConfig, depth: int) -> list[int]:
@@ -84,7 +119,7 @@ class SideNetwork(nn.Module):
         self.depth, self.layers = depth, fed_layers(config, depth)
         self.norm = nn.RMSNorm(width, eps=1e-6)
         self.project = nn.Linear(width, r, bias=False) if config.input_projection == "linear" else None
-        self.gates = nn.Parameter(torch.ones(len(self.layers))) if config.layer_gates else None
+        self.gates = LayerGates(len(self.layers)) if config.layer_gates else None
         self.initial = nn.Linear(width, r) if config.initial_state == "embeddings" else None
         self.dropout = nn.Dropout(config.dropout)
         self.rnn = RECURRENCES[config.rnn](r if self.project is not None else width, r,
@@ -94,6 +129,7 @@ class SideNetwork(nn.Module):
         if self.out is not None:
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
+        self.register_load_state_dict_pre_hook(_renamed_legacy_cell)
 
     @property
     def reads_embeddings(self) -> bool:
@@ -117,7 +153,7 @@ class SideNetwork(nn.Module):
         if self.project is not None:
             u = self.project(u)
         if self.gates is not None:
-            u = self.gates[:, None, None] * u
+            u = self.gates(u)
         output, final = self.rnn(self.dropout(u), self._initial_state(h0))
         if self.config.aggregation == "mean":
             return output.mean(0)
@@ -134,11 +170,21 @@ class SideNetwork(nn.Module):
         return self.config.s_out * self.out(summary)
 
 
+def _layer_count(config, names: tuple[str, ...]) -> int:
+    for name in names:
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise UserError(f"model: cannot read the number of layers from a {config.model_type} config (none of "
+                    f"{', '.join(names)}), which READ's side network needs")
+
+
 def stack_depths(config) -> tuple[int, int | None]:
-    """Layers of the (decoder or only) stack whose state the head reads, and of an encoder-decoder's encoder."""
+    """Layers of the (decoder or only) stack whose state the head reads, and of an encoder-decoder's encoder
+    (T5 names them num_decoder_layers / num_layers, BART and its kin decoder_layers / encoder_layers)."""
     if getattr(config, "is_encoder_decoder", False):
-        return config.num_decoder_layers, config.num_layers
-    return config.num_hidden_layers, None
+        return (_layer_count(config, ("num_decoder_layers", "decoder_layers")),
+                _layer_count(config, ("num_layers", "encoder_layers")))
+    return _layer_count(config, ("num_hidden_layers",)), None
 
 
 class ReadModel(nn.Module):
@@ -155,6 +201,13 @@ class ReadModel(nn.Module):
         if classifier.kind == "encoder-decoder":
             self.encoder_side = SideNetwork(width, encoder_depth, config, with_output=False)
             self.joiner = nn.Linear(config.directions * config.hidden_size, config.hidden_size)
+        self.token_scores = None
+        if config.attention_pooling:
+            if classifier.pooling != "mean" or isinstance(classifier, CausalLM):
+                raise ValueError("READ's attention_pooling reweighs a mean over tokens: it needs a classifier "
+                                 "with model.pooling: mean")
+            self.token_scores = nn.Linear(config.directions * config.hidden_size, 1, bias=False)
+            nn.init.zeros_(self.token_scores.weight)   # every token weighs 1: the mean, exactly
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -169,13 +222,22 @@ class ReadModel(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(per_token.dtype)
         return self.joiner((per_token * mask).sum(1) / mask.sum(1).clamp(min=1))
 
-    def _mean_over_real_tokens(self, hidden_states, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Side-network summaries averaged over each sequence's real tokens; padding never enters the recurrence."""
+    def _mean_over_real_tokens(self, hidden_states, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Side-network summaries averaged over each sequence's real tokens (padding never enters the recurrence),
+        and the tokens' weights (batch, tokens): the attention mask, or with attention pooling exp(v . h_t - the
+        sequence's largest), so that the largest weighs 1 and a zero v gives the mask itself."""
         real = attention_mask.bool()
         per_token = self.side.summary([hidden_states[i][real] for i in self.side.inputs(hidden_states)])
         sequence = real.nonzero()[:, 0]
+        weights = attention_mask.to(per_token.dtype)
+        if self.token_scores is not None:
+            scores = self.token_scores(per_token).squeeze(1)
+            top = scores.new_full((real.shape[0],), -torch.inf).scatter_reduce(0, sequence, scores, "amax")
+            weights = torch.zeros_like(weights).index_put((sequence, real.nonzero()[:, 1]),
+                                                          torch.exp(scores - top[sequence]))
+            per_token = per_token * weights[real].unsqueeze(1)
         total = per_token.new_zeros(real.shape[0], per_token.shape[1]).index_add(0, sequence, per_token)
-        return total / real.sum(1, keepdim=True).to(total.dtype).clamp(min=1)
+        return total / weights.sum(1, keepdim=True).clamp(min=1), weights
 
     def _every_token_corrected(self, out, attention_mask: torch.Tensor) -> torch.Tensor:
         """A causal LM's head reads every position: each real token's final state gets its own correction, from
@@ -200,11 +262,13 @@ class ReadModel(nn.Module):
         else:
             states, h0 = out.hidden_states, None
         if clf.pooling == "mean":
-            summary = self._mean_over_real_tokens(states, attention_mask)
+            summary, weights = self._mean_over_real_tokens(states, attention_mask)
+            # the same weighted mean of the final states (with the mask as weights: what clf.pool computes)
+            final = clf.pool(out.last_hidden_state, weights, input_ids)
         else:
             summary = self.side.summary([clf.pool(states[i], attention_mask, input_ids)
                                          for i in self.side.inputs(states)], h0)
-        final = clf.pool(out.last_hidden_state, attention_mask, input_ids)
+            final = clf.pool(out.last_hidden_state, attention_mask, input_ids)
         return clf.head(final + self.side.correction(summary).to(final.dtype))
 
 
@@ -217,6 +281,7 @@ def side_parameter_formula(width: int, config: ReadConfig, depth: int, with_outp
     count += width * r + r if config.initial_state == "embeddings" else 0
     count += directions * g * (first_input * r + r * r + 2 * r)
     count += (config.recurrent_layers - 1) * directions * g * (directions * r * r + r * r + 2 * r)
+    count += directions * r if config.attention_pooling and with_output else 0
     return count + (directions * r * width + width if with_output else 0)
 
 
@@ -224,5 +289,5 @@ def build(classifier: SequenceClassifier, config: ReadConfig) -> nn.Module:
     return ReadModel(classifier, config)
 
 
-register_method(MethodDefinition("read", ReadConfig, build, loop="first_order",
+register_method(MethodDefinition("read", ReadConfig, build, loop="first_order", check_job=check_job,
                                  task_types=EVERY_TASK_TYPE))

@@ -161,7 +161,7 @@ def load_sweep(path: str | Path, overrides: list[str] = (), data_dir: str | None
         raise UserError(f"{path}: {describe_errors(err)}") from None
     job = load_job(sweep.base_job, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
                                     for k, v in sweep.overrides.items()])
-    space = load_search_space(sweep.search_space)
+    space = load_search_space(sweep.search_space, check=False)   # checked against the base job below
     if space.method != job.method.name:
         raise UserError(f"{path}: search space {sweep.search_space} is for method {space.method} but base job "
                         f"{sweep.base_job} uses {job.method.name}")
