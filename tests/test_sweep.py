@@ -387,6 +387,8 @@ def test_the_shipped_sweeps_load():
     table, job, space = load_sweep(ROOT / "jobs" / "sweep-table-read.yaml", ["overrides.data.task=rte"])
     assert table.searcher.kind == "grid" and table.num_trials == len(table.searcher.grid_points()) == 48
     assert set(table.searcher.grid) == set(space.params) and job.data.train_subset == 512
+    side, job, space = load_sweep(ROOT / "jobs" / "sweep-read-side.yaml")
+    assert "method.attention_pooling" in space.params and job.model.pooling == "mean" and side.num_trials == 20
 
 
 # The rest of a Progress (rayeff/results.py), as Tune hands it over (flattened); eval is absent before the first one.
