@@ -94,14 +94,14 @@ def to_target(results: dict[str, RunResult], metric: str, target: float, target_
     """Target mode's section of the report: each method's `first_reaching`, and its figures over full's."""
     reached = {m: first_reaching(r, metric, target) for m, r in results.items()}
     base = reached.get("full", {})
-    ratios = {}
+    over_full = {}
     for method, row in reached.items():
         if row["reached"] and base.get("reached"):
             # (None where a run resumed from a checkpoint older than these figures)
-            ratios[method] = {k: row[k] / base[k] if row[k] is not None and base[k] else None
-                              for k in ("train_joules", "train_seconds", "joules", "step")}
+            over_full[method] = {k: row[k] / base[k] if row[k] is not None and base[k] else None
+                                 for k in ("train_joules", "train_seconds", "joules", "step")}
     return {"metric": metric, "value": target, "from": target_from, "eval_every": eval_every,
-            "reached": reached, "ratios_to_full": ratios}
+            "reached": reached, "ratios_to_full": over_full}
 
 
 def target_settings(job: JobSpec, methods: list[str], target: str | None,
@@ -165,6 +165,13 @@ def compare_methods(job: JobSpec, methods: list[str], output: str, runs_dir: str
     return report
 
 
+def _ratio_cell(row: dict):
+    """A table cell of one method's ratio to full: `x(key, note)`, or - where it has none."""
+    def x(key: str, note: str = "") -> str:
+        return f"{row[key]:.3f}{note}" if row.get(key) is not None else "-"
+    return x
+
+
 def comparison_table(report: dict) -> Table:
     metric = report["primary_metric"]
     table = Table(title=f"rayeff bench compare: {report['task']} ({report['model']}), ratios to full")
@@ -173,11 +180,7 @@ def comparison_table(report: dict) -> Table:
         table.add_column(col, justify="right")
     results = {m: RunResult.model_validate(r) for m, r in report["results"].items()}
     for method, r in results.items():
-        q = report["ratios_to_full"].get(method, {})
-
-        def x(key, note=""):
-            return f"{q[key]:.3f}{note}" if q.get(key) is not None else "-"
-
+        x = _ratio_cell(report["ratios_to_full"].get(method, {}))
         mem, en = r.memory, r.energy
         full = results.get("full", r).energy
         energy_note = estimate_note(en.source, full.source)   # a ratio of estimates is one too
@@ -203,13 +206,9 @@ def target_table(report: dict) -> Table:
             best = "-" if row["best"] is None else f"best {row['best']:.4f}"
             table.add_row(method, f"never ({row['evaluations']} evaluations)", best, "-", "-", "-", "-")
             continue
-        q = t["ratios_to_full"].get(method, {})
+        x = _ratio_cell(t["ratios_to_full"].get(method, {}))
         source = results[method].energy.source
         note = estimate_note(source, full_source)
-
-        def x(key, note=""):
-            return f"{q[key]:.3f}{note}" if q.get(key) is not None else "-"
-
         known = row["train_joules"] is not None   # not for a run resumed from a checkpoint older than the figures
         table.add_row(method, str(row["step"]), f"{row['value']:.4f}",
                       energy_label({"joules": row["train_joules"], "source": source}) if known else "-",

@@ -228,12 +228,12 @@ class ReadModel(nn.Module):
         sequence's largest), so that the largest weighs 1 and a zero v gives the mask itself."""
         real = attention_mask.bool()
         per_token = self.side.summary([hidden_states[i][real] for i in self.side.inputs(hidden_states)])
-        sequence = real.nonzero()[:, 0]
+        sequence, position = real.nonzero().unbind(1)
         weights = attention_mask.to(per_token.dtype)
         if self.token_scores is not None:
             scores = self.token_scores(per_token).squeeze(1)
             top = scores.new_full((real.shape[0],), -torch.inf).scatter_reduce(0, sequence, scores, "amax")
-            weights = torch.zeros_like(weights).index_put((sequence, real.nonzero()[:, 1]),
+            weights = torch.zeros_like(weights).index_put((sequence, position),
                                                           torch.exp(scores - top[sequence]))
             per_token = per_token * weights[real].unsqueeze(1)
         total = per_token.new_zeros(real.shape[0], per_token.shape[1]).index_add(0, sequence, per_token)
