@@ -1,6 +1,7 @@
 """The `rayeff` command.
 
     rayeff run JOB.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--resume] [--address ADDR]
+                        [--memory-per-worker GB] [--strict]
     rayeff bench compare --job JOB.yaml --methods full,lora,read --output OUT.json [--overwrite] [--data-dir DIR]
                          [--per-method METHOD:FIELD=VALUE ...] [--target full|VALUE --eval-every N]
     rayeff tune SWEEP.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--resume] [--address ADDR]
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     _file_options(run, "job", "continue from the checkpoint in the output folder")
     run.add_argument("--address", help=_ADDRESS_HELP)
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
+    run.add_argument("--memory-per-worker", type=float, metavar="GB",
+                     help="memory of one worker in GB (1e9 bytes), checked against the plan's tensors per worker "
+                          "before the run starts (default: for a GPU job on the local Ray, the smallest local GPU)")
+    run.add_argument("--strict", action="store_true", help="refuse (exit 2) a run that the plan says cannot fit its "
+                                                           "workers, instead of warning")
 
     export = commands.add_parser("export", help="write a finished run as a Hugging Face model folder (or, where the "
                                                 "method does not merge into the model, one rayeff.load reads)")
@@ -244,11 +250,15 @@ def job_from_args(path: str, args: argparse.Namespace, output: str | None = None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from rayeff.plan.fit import check_run_fits
     from rayeff.train.runner import run_job
 
     from rayeff.train.state import INTERRUPTED
 
     job = job_from_args(args.job, args, args.output)
+    warning = check_run_fits(job, args.memory_per_worker, args.address, args.strict)
+    if warning:
+        print(warning, file=sys.stderr)
     result = run_job(job, address=args.address, show_progress=not args.no_progress)
     print(f"rayeff: wrote {result['output_dir']}/result.json")
     if result["status"] == INTERRUPTED:

@@ -4,6 +4,7 @@ real run of the same job (result.json), and the plan needs only a model's config
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +143,63 @@ def test_bench_plan_sets_each_prediction_beside_its_run(tmp_path, glue_dir, one_
         assert all(abs(r - 1) <= 0.02 for t, r in case["ratio"].items() if t != "activations"), case
         assert abs(case["ratio"]["activations"] - 1) <= 0.15, case
     assert report["unmatched"] == [] and report["largest_relative_error"]["gradients"] <= 0.02
+
+
+def _tiny_job_file(tmp_path, glue_dir, extra: str = "") -> Path:
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: {{name: tiny-bert}}\ndata: {{task: sst2, data_dir: {glue_dir}}}\nmethod: {{name: full}}\n"
+                   f"training: {{batch_size: 8, max_seq_length: 64}}\n{extra}")
+    return job
+
+
+def test_rayeff_run_warns_or_with_strict_refuses_a_job_its_plan_says_cannot_fit(tmp_path, glue_dir, capsys,
+                                                                                  ray_calls):
+    """`--memory-per-worker` a kilobyte under the plan's tensors per worker: with --strict, one line and exit 2
+    before Ray starts, nothing written; without, a warning line and the run goes on to Ray. A kilobyte over it:
+    no line at all."""
+    from rayeff.config import load_job
+    from rayeff.plan.planner import worker_bytes
+
+    job = _tiny_job_file(tmp_path, glue_dir)
+    planned = worker_bytes(load_job(job))
+    out = tmp_path / "out"
+    argv = ["run", str(job), "--output", str(out), "--no-progress", "--memory-per-worker"]
+    under, over = str((planned - 1000) / 1e9), str((planned + 1000) / 1e9)
+
+    assert main([*argv, under, "--strict"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not ray_calls and not out.exists(), err
+    assert f"the plan puts {planned / 1e9:.3f} GB of tensors on each worker (full, ZeRO-0, fp32, batch 8 x 64)" in err
+    assert f"--memory-per-worker {float(under):g}" in err and "rayeff plan JOB --methods all" in err
+
+    assert main([*argv, under]) == 1 and len(ray_calls) == 1   # warned, then on to Ray (which the test stops)
+    err = capsys.readouterr().err
+    assert "rayeff: warning: the plan puts" in err and "--strict refuses" in err
+
+    assert main([*argv, over, "--strict"]) == 1 and len(ray_calls) == 2
+    assert "the plan puts" not in capsys.readouterr().err
+
+
+def test_a_gpu_job_is_checked_against_the_smallest_local_gpu_unless_it_runs_on_a_cluster(tmp_path, glue_dir,
+                                                                                          monkeypatch):
+    """Without --memory-per-worker: a GPU job on the local Ray is checked against this machine's smallest GPU
+    (NVML's figure, here replaced); a CPU job, or a GPU job on a cluster, has nothing to be checked against."""
+    import rayeff.plan.fit
+    from rayeff.config import load_job
+    from rayeff.errors import UserError
+    from rayeff.plan.fit import check_run_fits
+
+    monkeypatch.setattr(rayeff.plan.fit, "local_gpu_memory_bytes", lambda: 10**6)
+    gpu_job = load_job(_tiny_job_file(tmp_path, glue_dir, "scaling: {gpus_per_worker: 1}\n"))
+    with pytest.raises(UserError, match=r"over the 0\.001 GB of this machine's smallest GPU \(0\.0 GB\)"):
+        check_run_fits(gpu_job, None, None, strict=True)
+    assert check_run_fits(gpu_job, None, "ray://head:10001", strict=True) is None
+    assert check_run_fits(load_job(_tiny_job_file(tmp_path, glue_dir)), None, None, strict=True) is None
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "inf"])
+def test_a_bad_memory_per_worker_is_a_one_line_error(tmp_path, glue_dir, capsys, ray_calls, value):
+    job = _tiny_job_file(tmp_path, glue_dir)
+    assert main(["run", str(job), "--output", str(tmp_path / "out"), "--memory-per-worker", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--memory-per-worker: {float(value)}" in err and len(err.splitlines()) == 1 and not ray_calls

@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 
 from rayeff.cli import main
 from rayeff.cluster.storage import Storage
-from rayeff.config import load_job
+from rayeff.config import load_job, validate_job
 from rayeff.errors import UserError
 from rayeff.methods.read import ReadConfig, side_parameter_formula
+from rayeff.plan.planner import worker_bytes
 from rayeff.train.runner import run_in_process
 from rayeff.tune.limits import ENERGY, TIME, SweepLimits
 from rayeff.tune.priors import PriorStore
@@ -154,6 +155,26 @@ def _folder_once_checkpointed(db: str, out: Path, number: int, driver: subproces
         time.sleep(0.1)
     driver.kill()
     pytest.fail(f"the sweep's trial {number} never wrote a checkpoint: {driver.communicate()[1][-2000:]}")
+
+
+@pytest.mark.slow
+def test_rayeff_tune_starts_no_trial_whose_plan_cannot_fit_the_memory_constraint(tmp_path, glue_dir):
+    """Through `rayeff tune` (its own local Ray, so before the tests that use sweep_ray): with
+    `constraints.memory_per_worker_gb` under what any configuration's plan needs, every trial is recorded as
+    infeasible with its planned figure, none is started (no trial folder, no energy), and there is no best."""
+    path = write_sweep(tmp_path, glue_dir, num_trials=2, constraints={"memory_per_worker_gb": 1e-6})
+    swept = subprocess.run([sys.executable, "-m", "rayeff.cli", "tune", str(path)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    assert "rayeff: no feasible trial" in swept.stdout
+    report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    base = yaml.safe_load((tmp_path / "job.yaml").read_text())
+    for trial in report["trials"]:
+        planned = worker_bytes(trial_job(base, trial["params"], load_sweep(path)[0], "x"))
+        assert trial["planned_memory_per_worker_bytes"] == planned and trial["energy"] is None
+        assert trial["status"].startswith(f"infeasible: the plan puts {planned / 1e9:.4g} GB") and not trial["feasible"]
+    assert len(report["trials"]) == 2 and report["best"] is None and report["energy"]["total_j"] == 0
+    assert not (tmp_path / "sweep" / "trials").exists()
 
 
 @pytest.fixture(scope="module")
@@ -512,3 +533,39 @@ def test_rayeff_tune_prints_the_sources_and_their_last_weights(monkeypatch, caps
                                     resume=False))
     assert "rayeff: priors (ensemble): runs/a (weight 0.70), runs/b (weight 0.00); this sweep's own model 0.30" \
         in capsys.readouterr().out
+
+
+def test_a_configuration_whose_plan_cannot_fit_a_worker_is_recorded_infeasible_and_never_started(tmp_path, glue_dir):
+    """`constraints.memory_per_worker_gb` between the plan's figures for batch 4 and batch 256 (tiny-bert, full):
+    each batch-256 configuration the study proposes is told as pruned with its planned figure and counts as a
+    trial, without reaching Tune; the batch-4 one is suggested. With the sweep's 3 trials used up, it is finished."""
+    from ray.tune.search import Searcher
+
+    from rayeff.tune.searcher import RECORD_ATTR, STUDY_NAME, SweepSearch
+    from rayeff.tune.spec import SweepSpec
+
+    base = yaml.safe_load(write_sweep(tmp_path, glue_dir).with_name("job.yaml").read_text())
+    base["method"] = {"name": "full"}
+    base = validate_job(base).model_dump(mode="json")
+    planned = {b: worker_bytes(trial_job(base, {"training.batch_size": b}, SweepSpec(
+        base_job="j", search_space="s", num_trials=1), "x")) for b in (4, 256)}
+    limit = (planned[4] + planned[256]) / 2 / 1e9
+    sweep = SweepSpec(base_job="j", search_space="s", num_trials=3, constraints={"memory_per_worker_gb": limit})
+    db = tmp_path / "study.db"
+    study = optuna.create_study(storage=f"sqlite:///{db}", study_name=STUDY_NAME, direction="maximize")
+    for batch in (256, 4, 256):
+        study.enqueue_trial({"training.batch_size": batch})
+    space = {"training.batch_size": optuna.distributions.CategoricalDistribution([4, 256])}
+    searcher = SweepSearch(sweep, space, str(tmp_path), str(db), base_job=base)
+    assert searcher.suggest("a") == {"training.batch_size": 4}
+    assert searcher.suggest("b") == Searcher.FINISHED   # the third trial: batch 256 again, not started
+    trials = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{db}").trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING,
+                                         optuna.trial.TrialState.PRUNED]
+    for trial in (trials[0], trials[2]):
+        record = trial.user_attrs[RECORD_ATTR]
+        assert record["planned_memory_per_worker_bytes"] == planned[256] and not record["feasible"]
+        assert record["status"].startswith(f"infeasible: the plan puts {planned[256] / 1e9:.4g} GB of tensors")
+        assert trial.constraints == {"unfinished": 1.0, "memory_over_limit_gb": planned[256] / 1e9 - limit}
+        assert record["params"] == {"training.batch_size": 256} and record["trial_id"] is None
+    assert RECORD_ATTR not in trials[1].user_attrs   # started: recorded when Tune reports it complete

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 from rayeff.config import JobSpec, validate_job
 from rayeff.errors import UserError
 from rayeff.methods import METHODS, get_method
-from rayeff.plan.shapes import ModelShapes, model_shapes
+from rayeff.plan.shapes import ModelShapes, model_shapes, plan_model_config
 from rayeff.train.first_order import BUCKET_ELEMENTS
 from rayeff.train.zeroth_order import EXCHANGE_BYTES_PER_QUERY
 
@@ -134,6 +134,14 @@ def plan_method(job: JobSpec, config, gpu_memory_bytes: int | None) -> MethodPla
                       total_params=shapes.total_params, memory_per_worker_bytes=memory, host_bytes_per_worker=host,
                       fits=None if gpu_memory_bytes is None else memory.total <= gpu_memory_bytes,
                       comm_bytes_per_step=sent, comm_kind=kind)
+
+
+def worker_bytes(job: JobSpec, config=None) -> int:
+    """The bytes of tensors one worker of `job` holds at a step, as planned for the job's own method (the plan's
+    total: no CUDA context, allocator slack or unsaved temporaries, so a run needs at least this). Raises UserError,
+    NotImplementedError or RuntimeError where the job cannot be planned (see `plan_job`)."""
+    config = plan_model_config(job.model.name) if config is None else config
+    return plan_method(job, config, None).memory_per_worker_bytes.total
 
 
 def job_for_method(job: JobSpec, name: str) -> JobSpec:

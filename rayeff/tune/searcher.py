@@ -36,7 +36,7 @@ from ray.tune.search import Searcher
 from rayeff.cluster.storage import Storage
 from rayeff.tune.spec import SearcherSpec, SweepSpec
 from rayeff.train.state import INTERRUPTED
-from rayeff.tune.trial import CONTINUES_KEY, objective_keys, trial_record
+from rayeff.tune.trial import CONTINUES_KEY, objective_keys, planned_infeasible, trial_record
 
 RECORD_ATTR = "rayeff"
 PRIOR_TRIALS_ATTR = "prior_source_trials"   # how many of each source's trials fit the sweep's space
@@ -96,7 +96,7 @@ class SweepSearch(Searcher):
     attribute `prior` then holds the sources' weights it was proposed with."""
 
     def __init__(self, sweep: SweepSpec, space: dict, output_location: str, study_file: str, limits=None,
-                 trials_done: int = 0, sources: list | None = None, stop_request=None):
+                 trials_done: int = 0, sources: list | None = None, stop_request=None, base_job: dict | None = None):
         keys = objective_keys(sweep)
         modes = [o.mode for o in sweep.objectives]
         super().__init__(metric=keys if len(keys) > 1 else keys[0], mode=modes if len(modes) > 1 else modes[0])
@@ -113,6 +113,8 @@ class SweepSearch(Searcher):
         self._sweep_dump = sweep.model_dump(mode="json")
         self._limits, self._stop_request = limits, stop_request
         self._ignores_constraints = sweep.searcher.kind == "cmaes"   # Optuna's CmaEsSampler does not read them
+        self._base_job = base_job   # (for the memory constraint's plans)
+        self._trials_left = sweep.num_trials - trials_done
 
     def suggest(self, trial_id: str) -> dict | str:
         if trial_id not in self._trials:
@@ -120,7 +122,9 @@ class SweepSearch(Searcher):
                 return Searcher.FINISHED
             if self._limits is not None and ray.get(self._limits.start.remote(trial_id)) is not None:
                 return Searcher.FINISHED
-            trial = self._study.ask(self._space)
+            trial = self._ask_one_that_fits()
+            if trial is None:
+                return Searcher.FINISHED
             trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
             weights_of = getattr(self._study.sampler, "weights_of", None)   # the transfer sampler's
             if weights_of is not None and weights_of(trial.number) is not None:   # (not for a re-queued trial)
@@ -130,6 +134,31 @@ class SweepSearch(Searcher):
         trial = self._trials[trial_id]
         continues = trial.user_attrs.get(CONTINUES_ATTR)
         return {**trial.params, **({CONTINUES_KEY: continues} if continues else {})}
+
+    def _ask_one_that_fits(self) -> optuna.Trial | None:
+        """The next configuration to start. One that the memory constraint rules out is recorded as infeasible
+        (planned figure, constraint) and told as pruned, so the samplers steer away from it, without being started;
+        it counts as one of the sweep's trials. None once the sweep has no trials left."""
+        while self._trials_left > 0:
+            self._trials_left -= 1
+            trial = self._study.ask(self._space)
+            record = None if self._base_job is None or CONTINUES_ATTR in trial.user_attrs else \
+                planned_infeasible(self._base_job, dict(trial.params), SweepSpec.model_validate(self._sweep_dump))
+            if record is None:
+                return trial
+            self._record(trial, record)
+        return None
+
+    def _record(self, trial: optuna.Trial, record: dict, error: bool = False) -> None:
+        """Tell the study a trial's record: its constraints, the record itself, its state and values."""
+        for key, value in record["constraints"].items():   # first: a recorded trial always has its constraints
+            trial.set_constraint(key, value)
+        trial.set_user_attr(RECORD_ATTR, record)
+        state, values = outcome(record, error)
+        if self._ignores_constraints and not record["feasible"] and state == optuna.trial.TrialState.COMPLETE:
+            state, values = optuna.trial.TrialState.FAIL, None   # keep an over-budget trial out of CMA-ES's model
+        self._study.tell(trial, values, state=state)
+        save_study(self._output_location, self._study_file)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """A report while the trial runs: its objective becomes an Optuna intermediate value (single objective
@@ -147,15 +176,8 @@ class SweepSearch(Searcher):
         if record["status"] == INTERRUPTED:   # left RUNNING: --resume continues it from its checkpoint
             self._told.add(trial_id)
             return
-        for key, value in record["constraints"].items():   # first: a recorded trial always has its constraints
-            trial.set_constraint(key, value)
-        trial.set_user_attr(RECORD_ATTR, record)
-        state, values = outcome(record, error)
-        if self._ignores_constraints and not record["feasible"] and state == optuna.trial.TrialState.COMPLETE:
-            state, values = optuna.trial.TrialState.FAIL, None   # keep an over-budget trial out of CMA-ES's model
-        self._study.tell(trial, values, state=state)
+        self._record(trial, record, error)
         self._told.add(trial_id)
-        save_study(self._output_location, self._study_file)
         if self._limits is not None:
             self._limits.finish.remote(trial_id, (record.get("energy") or {}).get("joules"))
 

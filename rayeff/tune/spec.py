@@ -88,6 +88,12 @@ class SweepEnergySpec(Spec):
     sweep_budget_j: float | None = Field(None, gt=0, description="start no trial that would pass it; stop at it")
 
 
+class SweepConstraints(Spec):
+    memory_per_worker_gb: float | None = Field(
+        None, gt=0, description="memory of one worker in GB (1e9 bytes): a configuration whose plan (rayeff plan) puts "
+        "more tensors on a worker is not started, and is recorded as infeasible with its planned figure")
+
+
 class PriorsSpec(Spec):
     use: Literal["none", "auto"] = "none"
     store: str = Field("runs/priors.db", description="SQLite prior store; every finished sweep is added to it")
@@ -108,6 +114,7 @@ class SweepSpec(Spec):
     num_trials: int = Field(gt=0)
     max_concurrent: int = Field(1, gt=0)
     energy: SweepEnergySpec = SweepEnergySpec()
+    constraints: SweepConstraints = SweepConstraints()
     time_limit_s: float | None = Field(None, gt=0, description="wall time of one `rayeff tune` invocation")
     priors: PriorsSpec = PriorsSpec()
     tracking: TrackingSpec = Field(TrackingSpec(), description="one parent MLflow run for the sweep and one nested "

@@ -240,7 +240,7 @@ def _run_trials(sweep: SweepSpec, job, space, output: Storage, study_file: Path,
 
     stop_request = StopRequest.remote()
     searcher = SweepSearch(sweep, optuna_distributions(space), output.location, str(study_file), limits, done,
-                           sources, stop_request)
+                           sources, stop_request, base_job=job.model_dump(mode="json"))
     scheduler = None
     if sweep.scheduler is not None:   # rungs count reports; a trial that runs out of steps simply ends (no max_t)
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=objective_keys(sweep)[0],

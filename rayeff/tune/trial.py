@@ -63,6 +63,30 @@ def trial_job(base: dict, params: dict, sweep: SweepSpec, output_dir: str, resum
     return validate_job(raw, f"trial {location_name(output_dir)}")
 
 
+def planned_infeasible(base: dict, params: dict, sweep: SweepSpec) -> dict | None:
+    """With `constraints.memory_per_worker_gb`: the record of a configuration whose plan (rayeff/plan) puts more
+    tensors on a worker than that, which is therefore not started; None for one that fits, for a sweep without
+    the constraint, and for a job that cannot be planned or is not valid (its trial then runs, or fails, as any)."""
+    from rayeff.errors import UserError
+    from rayeff.plan.planner import worker_bytes
+
+    limit = sweep.constraints.memory_per_worker_gb
+    if limit is None:
+        return None
+    try:
+        planned = worker_bytes(trial_job(base, params, sweep, "planned"))
+    except (UserError, NotImplementedError, RuntimeError):
+        return None
+    over = planned / 1e9 - limit
+    if over <= 0:
+        return None
+    record = TrialSummary(status=f"infeasible: the plan puts {planned / 1e9:.4g} GB of tensors on each worker, over "
+                                 f"constraints.memory_per_worker_gb {limit:g}; not started").record()
+    record.update(planned_memory_per_worker_bytes=planned, objectives=None, trial_id=None, params=params,
+                  constraints={"unfinished": 1.0, "memory_over_limit_gb": over}, feasible=False)
+    return record
+
+
 class ReportObjectives(TuneReportCallback):
     """Forwards each intermediate Train report to Tune with the objectives read from its progress; the final
     report is made by the trial function, with the summary. Only Tune's public hook is used: the metrics are
