@@ -118,3 +118,18 @@ def test_every_rayeff_module_imports_alone():
     finally:
         sys.modules.update(saved)
     assert not failures, failures
+
+
+def test_a_first_order_worker_imports_deepspeed_without_mlflow_which_stays_importable():
+    """In a fresh process, as a worker starts: DeepSpeed is imported but its autotuner's MLflow import is not made
+    (1.3-2.3 s of each worker's start here), and MLflow imports normally afterwards, for a run that tracks."""
+    import subprocess
+
+    code = ("import sys\nfrom rayeff.train.worker import prepare_process\n"
+            "prepare_process({'scaling': {'gpus_per_worker': 0}, 'method': {'name': 'full'}})\n"
+            "print('deepspeed' in sys.modules, 'mlflow' in sys.modules)\n"
+            "import deepspeed.autotuning.autotuner as tuner, mlflow\n"
+            "print(tuner.has_mlflow, mlflow.__name__)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "False", "False", "mlflow"], done.stdout

@@ -39,9 +39,24 @@ def prepare_process(job: dict) -> None:
     if job["scaling"].get("threads_per_worker"):
         torch.set_num_threads(job["scaling"]["threads_per_worker"])
     if get_method(job["method"]["name"]).loop == "first_order":   # the zeroth-order loop never uses DeepSpeed
-        import deepspeed  # noqa: F401  (imported before the memory baseline is taken)
+        import_deepspeed()   # (before the memory baseline is taken)
 
     quiet_libraries()
+
+
+def import_deepspeed() -> None:
+    """Import DeepSpeed without the MLflow import its autotuner makes wherever MLflow is installed (DeepSpeed 0.19.8's
+    deepspeed/autotuning/autotuner.py tries `import mlflow` at import time: 1.3-2.3 s of each worker's start on this
+    project's 2-core machines). rayeff never runs that autotuner, and imports MLflow itself where a run tracks."""
+    import sys
+
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        return
+    sys.modules["mlflow"] = None   # while this stands, `import mlflow` raises ImportError
+    try:
+        import deepspeed  # noqa: F401
+    finally:
+        del sys.modules["mlflow"]
 
 
 def train_loop_per_worker(config: dict) -> None:
