@@ -5,6 +5,7 @@
     rayeff bench compare --job JOB.yaml --methods full,lora,read --output OUT.json [--overwrite] [--data-dir DIR]
                          [--per-method METHOD:FIELD=VALUE ...] [--target full|VALUE --eval-every N]
     rayeff tune SWEEP.yaml [--set FIELD=VALUE ...] [--data-dir DIR] [--output DIR] [--resume] [--address ADDR]
+                           [--no-progress]
     rayeff priors list [--store FILE]
     rayeff priors show ID [--store FILE]
     rayeff priors remove ID [--store FILE]
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                   data_dir="GLUE data in its download layout (sets the base job's data.data_dir)",
                   example="num_trials=4 or --set overrides.training.lr=1e-3")
     tune.add_argument("--address", help=_ADDRESS_HELP)
+    tune.add_argument("--no-progress", action="store_true", help="no live table of trials")
 
     priors = commands.add_parser("priors", help="inspect the store of finished sweeps that warm-start new ones")
     views = priors.add_subparsers(dest="view", required=True)
@@ -342,7 +344,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from rayeff.tune.sweep import run_sweep
 
     report = run_sweep(args.sweep, _overrides(args, args.output), data_dir=args.data_dir, address=args.address,
-                       resume=args.resume)
+                       resume=args.resume, show_progress=not args.no_progress)
     best, energy = report["best"], report["energy"]
     for t in report["trials"]:
         spent = energy_label(t["energy"]) if t.get("energy") else "no energy reported"

@@ -49,6 +49,8 @@ class Progress(Figures):
     queries: int | None = Field(None, description="zeroth-order runs: SPSA queries of the last step")
     queries_per_second: float | None = Field(None, description="zeroth-order runs: queries per second of "
                                                                "training-step time so far")
+    trial: str | None = Field(None, description="a sweep's trial (Tune's trial id), on the sweep driver's display "
+                                                "queue only")
 
 
 # -- the final summary: result.json ---------------------------------------------------------------------------------

@@ -384,7 +384,7 @@ def test_rayeff_tune_output_and_the_pareto_axis_say_estimate(source, estimated, 
               "energy": {"total_j": 1921.0, "sources": [source], "stopped_by": None}}
     monkeypatch.setattr(sweep_module, "run_sweep", lambda *a, **k: report)
     cli.cmd_tune(argparse.Namespace(sweep="s.yaml", overrides=[], output=None, data_dir=None, address=None,
-                                    resume=False))
+                                    resume=False, no_progress=False))
     out = capsys.readouterr().out
     assert f"1,921.0 J ({source})" in out and ("estimate" in out) == estimated
 

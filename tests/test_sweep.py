@@ -110,6 +110,9 @@ def test_an_interrupted_and_a_killed_sweep_continue_their_trials_from_checkpoint
     resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     report = json.loads((out / "sweep.json").read_text())
+    # rayeff's display, not Ray Tune's: a line per progress update of the continued trial, up to its last step
+    assert f"trial {report['trials'][1]['trial_id']}: step 120/120" in resumed.stdout
+    assert "Configuration for experiment" not in resumed.stdout + resumed.stderr
     trials = _trials(db)
     assert [t["number"] for t in report["trials"]] == [1, 3] and len({t["trial_id"] for t in report["trials"]}) == 2
     assert report["requeued_after_interruption"] == [2] and not report["interrupted"]
@@ -174,6 +177,7 @@ def test_rayeff_tune_starts_no_trial_whose_plan_cannot_fit_the_memory_constraint
         assert trial["planned_memory_per_worker_bytes"] == planned and trial["energy"] is None
         assert trial["status"].startswith(f"infeasible: the plan puts {planned / 1e9:.4g} GB") and not trial["feasible"]
     assert len(report["trials"]) == 2 and report["best"] is None and report["energy"]["total_j"] == 0
+    assert "Configuration for experiment" not in swept.stdout + swept.stderr   # Ray Tune's box, replaced
     assert not (tmp_path / "sweep" / "trials").exists()
 
 
@@ -530,7 +534,7 @@ def test_rayeff_tune_prints_the_sources_and_their_last_weights(monkeypatch, caps
                          "last_weights": {"runs/a": 0.7, "runs/b": 0.0, "target": 0.3}}}
     monkeypatch.setattr(sweep_module, "run_sweep", lambda *a, **k: report)
     cli.cmd_tune(argparse.Namespace(sweep="s.yaml", overrides=[], output=None, data_dir=None, address=None,
-                                    resume=False))
+                                    resume=False, no_progress=False))
     assert "rayeff: priors (ensemble): runs/a (weight 0.70), runs/b (weight 0.00); this sweep's own model 0.30" \
         in capsys.readouterr().out
 
@@ -569,3 +573,37 @@ def test_a_configuration_whose_plan_cannot_fit_a_worker_is_recorded_infeasible_a
         assert trial.constraints == {"unfinished": 1.0, "memory_over_limit_gb": planned[256] / 1e9 - limit}
         assert record["params"] == {"training.batch_size": 256} and record["trial_id"] is None
     assert RECORD_ATTR not in trials[1].user_attrs   # started: recorded when Tune reports it complete
+
+
+def test_the_sweep_display_shows_each_trials_progress_records_and_the_budget_left(capsys):
+    """Fed as the sweep driver feeds it: a running trial's progress (one line each off a terminal), then the
+    study's records; the table has a row per trial, the never-started one under its study number, and the title
+    the budget left after every trial's energy."""
+    import io
+
+    from rich.console import Console
+
+    from rayeff.tune.display import SweepDisplay
+    from rayeff.tune.spec import SweepSpec
+
+    sweep = SweepSpec(base_job="j", search_space="s", num_trials=3, energy={"sweep_budget_j": 100.0},
+                      objective=[{"metric": "dev", "mode": "max"}, {"metric": "energy_j", "mode": "min"}])
+    progress = {"step": 4, "total_steps": 8, "epoch": 0, "loss": 0.5, "samples_per_second": 2.0,
+                "energy_joules": 12.5, "energy_source": "estimate", "eval": {"accuracy": 0.75}, "trial": "b"}
+    with SweepDisplay(sweep, ["accuracy", None], console=Console(file=io.StringIO())) as display:
+        display.progress(progress)
+        assert capsys.readouterr().out.strip() == ("trial b: step 4/8  epoch 0  loss 0.5000  2.0 samples/s  energy "
+                                                   "12.5 J (estimate)  dev accuracy 0.7500  sweep budget left 87.5 J")
+        display.records([{"number": 0, "trial_id": "a", "status": "finished", "objectives": [0.8, 30.0],
+                          "energy": {"joules": 30.0, "source": "estimate"}, "time": {"steps": 8}},
+                         {"number": 2, "trial_id": None, "status": "infeasible: the plan puts ...",
+                          "objectives": None, "energy": None, "time": None}])
+    assert display.budget_left() == 100.0 - 12.5 - 30.0
+    console = Console(file=io.StringIO(), width=200)
+    console.print(display.table())
+    text = console.file.getvalue()
+    assert "3 of 3 trials, sweep energy budget left 57.5 J" in text
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    assert [r.split("│")[1].strip() for r in rows] == ["b", "a", "#2"]
+    assert [cell.strip() for cell in rows[0].split("│")[2:6]] == ["running", "4/8", "0.75", "12.5"]
+    assert "finished" in rows[1] and "0.8" in rows[1] and "infeasible" in rows[2]

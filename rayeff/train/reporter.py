@@ -79,7 +79,7 @@ class Reporter:
             self.tracker.log_progress(progress)
         if self.progress_queue is not None:
             try:
-                self.progress_queue.put_nowait(progress)
+                self.progress_queue.put_nowait({**progress, "trial": self.trial_key} if self.trial_key else progress)
             except Exception:  # a full or gone display queue must never stop training
                 pass
 

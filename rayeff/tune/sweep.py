@@ -40,6 +40,7 @@ STARTED_FILE = "sweep_spec.json"
 # Fields a resumed sweep may change: how many trials, how many at once, its limits.
 RESUMABLE_CHANGES = {"num_trials", "max_concurrent", "time_limit_s", "energy"}
 TUNE_SIGINT_SWITCH = "TUNE_DISABLE_SIGINT_HANDLER"   # read by Ray Tune 2.60's tune.run when fit() starts
+TUNE_OUTPUT_SWITCH = "RAY_AIR_NEW_OUTPUT"   # 0: Ray Tune 2.60's legacy reporter, silent at verbose=0
 
 
 def _started(output: Storage, sweep: SweepSpec, resume: bool) -> dict | None:
@@ -125,7 +126,8 @@ def _requeue_interrupted(study) -> list[int]:
 
 
 def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None = None,
-              address: str | None = None, resume: bool = False) -> dict:
+              address: str | None = None, resume: bool = False, show_progress: bool = True) -> dict:
+    """Run (or with `resume`, continue) the sweep; `show_progress`: the live table of trials (tune/display.py)."""
     from rayeff.cluster.storage import output_lock
     from rayeff.train.preflight import check_sweep_inputs
 
@@ -135,10 +137,11 @@ def run_sweep(sweep_file: str, overrides: list[str] = (), data_dir: str | None =
     check_sweep_inputs(sweep, job, address)   # before anything is written or Ray starts
     job.data.resolve_paths()
     with output_lock(sweep.output_dir, "sweep"):
-        return _run_sweep_locked(sweep, job, space, output, address, resume)
+        return _run_sweep_locked(sweep, job, space, output, address, resume, show_progress)
 
 
-def _run_sweep_locked(sweep: SweepSpec, job, space, output: Storage, address: str | None, resume: bool) -> dict:
+def _run_sweep_locked(sweep: SweepSpec, job, space, output: Storage, address: str | None, resume: bool,
+                      show_progress: bool) -> dict:
     import optuna
     import ray
 
@@ -187,7 +190,7 @@ def _run_sweep_locked(sweep: SweepSpec, job, space, output: Storage, address: st
     interrupted = False
     if sweep.num_trials > len(done):
         sources = _prior_sources(started["priors"])
-        interrupted = _run_trials(sweep, job, space, output, study_file, limits, len(done), sources)
+        interrupted = _run_trials(sweep, job, space, output, study_file, limits, len(done), sources, show_progress)
     report = write_results(sweep, job, output, started, optuna.load_study(study_name=STUDY_NAME, storage=storage_url),
                            ray.get(limits.why_stopped.remote()), requeued, interrupted)
     if parent is not None:
@@ -226,19 +229,22 @@ def with_parent_run(sweep: SweepSpec, output: Storage):
 
 
 def _run_trials(sweep: SweepSpec, job, space, output: Storage, study_file: Path, limits, done: int,
-                sources: list | None) -> bool:
+                sources: list | None, show_progress: bool = True) -> bool:
     """Run the sweep's remaining trials through Ray Tune; whether the user interrupted it (Ctrl-C, SIGTERM)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from rayeff.train.interrupts import StopRequest, stop_on_signal
+    from ray.util.queue import Queue
+
+    from rayeff.train.interrupts import StopRequest
     from rayeff.tune.searcher import SweepSearch
     from rayeff.tune.space import optuna_distributions
     from rayeff.tune.trial import objective_keys, run_trial
 
     stop_request = StopRequest.remote()
+    queue = Queue(maxsize=1000, actor_options={"num_cpus": 0}) if show_progress else None
     searcher = SweepSearch(sweep, optuna_distributions(space), output.location, str(study_file), limits, done,
                            sources, stop_request, base_job=job.model_dump(mode="json"))
     scheduler = None
@@ -248,24 +254,71 @@ def _run_trials(sweep: SweepSpec, job, space, output: Storage, study_file: Path,
                                   reduction_factor=sweep.scheduler.reduction_factor, max_t=10**6)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=job.model_dump(mode="json"), sweep=sweep.model_dump(mode="json"),
-                             sweep_dir=output.location, limits=limits, stop_request=stop_request), {"CPU": DRIVER_CPUS})
+                             sweep_dir=output.location, limits=limits, stop_request=stop_request,
+                             progress_queue=queue), {"CPU": DRIVER_CPUS})
     attempt = sum(name.startswith("tune-") for name in output.names())   # one Tune experiment per invocation
     tuner = tune.Tuner(trainable,
                        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, sweep.max_concurrent),
                                                    scheduler=scheduler, num_samples=sweep.num_trials - done),
                        run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=output.location, verbose=0))
     # Tune's own Ctrl-C handler ends the experiment and stops trials mid-step; rayeff's lets them checkpoint first.
-    before = os.environ.get(TUNE_SIGINT_SWITCH)
-    os.environ[TUNE_SIGINT_SWITCH] = "1"
+    # Tune's output (its experiment box and trial tables) gives way to rayeff's display: its legacy reporter, which
+    # verbose=0 silences, is chosen by TUNE_OUTPUT_SWITCH.
+    switches = {TUNE_SIGINT_SWITCH: "1", TUNE_OUTPUT_SWITCH: "0"}
+    before = {name: os.environ.get(name) for name in switches}
+    os.environ.update(switches)
     try:
-        with stop_on_signal(stop_request):
-            tuner.fit()
+        _fit_with_display(tuner, stop_request, queue, sweep, job, study_file)
     finally:
-        if before is None:
-            os.environ.pop(TUNE_SIGINT_SWITCH, None)
-        else:
-            os.environ[TUNE_SIGINT_SWITCH] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return ray.get(stop_request.is_requested.remote())
+
+
+def _fit_with_display(tuner, stop_request, queue, sweep: SweepSpec, job, study_file: Path) -> None:
+    """`tuner.fit()` in a thread while this (main) thread keeps the signal handlers and the display: each trial's
+    progress from the queue as it comes, the study's records of ended trials every few seconds."""
+    import threading
+    import time
+
+    import optuna
+
+    from rayeff.train.interrupts import stop_on_signal
+    from rayeff.tune.display import SweepDisplay
+    from rayeff.tune.results import study_records
+    from rayeff.tune.searcher import STUDY_NAME
+
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            tuner.fit()
+        except BaseException as err:  # handed to this thread, which re-raises it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    if queue is None:   # no display
+        with stop_on_signal(stop_request):
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+    else:
+        display = SweepDisplay(sweep, [None if o.metric == ENERGY_METRIC else metric_name(o, job)
+                                       for o in sweep.objectives])
+        storage, read_at = f"sqlite:///{study_file}", 0.0
+        with display, stop_on_signal(stop_request):
+            while thread.is_alive() or not queue.empty():
+                thread.join(timeout=0.5)
+                while not queue.empty():
+                    display.progress(queue.get_nowait())
+                if time.monotonic() - read_at > 3 or not thread.is_alive():
+                    display.records(study_records(optuna.load_study(study_name=STUDY_NAME, storage=storage)))
+                    read_at = time.monotonic()
+    if "error" in outcome:
+        raise outcome["error"]
 
 
 def trial_energy_label(trials: list[dict], job) -> str:

@@ -109,10 +109,12 @@ class ReportObjectives(TuneReportCallback):
             super().after_report(run_context, [{**values, "progress": progress.dump()}], None)
 
 
-def run_trial(config: dict, base: dict, sweep: dict, sweep_dir: str, limits, stop_request=None) -> None:
+def run_trial(config: dict, base: dict, sweep: dict, sweep_dir: str, limits, stop_request=None,
+              progress_queue=None) -> None:
     """The Tune function. Any failure becomes a final report with status `error: ...`, so the sweep records it
     and goes on. A trial that continues an interrupted one (`config[CONTINUES_KEY]`) resumes that trial's run in
-    its folder; `stop_request` is the sweep's (Ctrl-C: the run stops after its current step, checkpointed)."""
+    its folder; `stop_request` is the sweep's (Ctrl-C: the run stops after its current step, checkpointed), and
+    `progress_queue` its display's (rayeff/tune/display.py)."""
     from ray import tune
 
     from rayeff.train.runner import final_report, finish, prepare, start
@@ -127,7 +129,7 @@ def run_trial(config: dict, base: dict, sweep: dict, sweep_dir: str, limits, sto
         source = prepare(job)
         trainer = start(job, source, callbacks=[ReportObjectives(sweep, job.model_dump(mode="json"))],
                         sweep_limits=limits, trial_key=trial_id, run_name=location_name(sweep_storage.location),
-                        stop_request=stop_request)
+                        stop_request=stop_request, progress_queue=progress_queue)
         with final_report(trainer.fit()) as (summary, checkpoint):
             summary = finish(job, summary, checkpoint)
     except Exception as err:  # noqa: BLE001  (recorded, not raised: one bad trial must not end the sweep)
