@@ -116,6 +116,8 @@ def test_rayeff_plan_from_a_config_json_alone_for_every_method(tmp_path, capsys)
     (["--gpu-memory", "inf"], "--gpu-memory: inf"),
     (["--set", "method.name=moe", "--set", "method.upcycle={experts: 2, top_k: 1}"],
      "--methods: no method could be planned for this job"),
+    (["--set", "method.name=lora", "--set", "method.target_modules=[nosuch]"],   # PEFT's ValueError: a reason
+     "--methods: no method could be planned for this job"),
 ])
 def test_bad_plan_options_are_one_line_errors(tmp_path, capsys, argv, message):
     job = tmp_path / "job.yaml"

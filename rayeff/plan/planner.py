@@ -165,6 +165,8 @@ def plan_job(job: JobSpec, config, methods: list[str], gpu_memory_bytes: int | N
             refused[name] = str(err)
         except (NotImplementedError, RuntimeError) as err:   # an op whose output size depends on the data
             refused[name] = f"its forward cannot run on shapes alone ({str(err).splitlines()[0][:160]})"
+        except ValueError as err:   # the method's library refuses the model as configured (e.g. PEFT's targets)
+            refused[name] = f"it cannot be built on this model as set ({str(err).splitlines()[0][:160]})"
     return Plan(model=job.model.name, task=job.data.display_name, workers=job.scaling.num_workers,
                 batch_per_worker=job.micro_batch_size(), max_seq_length=job.training.max_seq_length,
                 zero_stage=job.deepspeed.zero_stage, precision=job.deepspeed.precision,
