@@ -290,4 +290,4 @@ def build(classifier: SequenceClassifier, config: ReadConfig) -> nn.Module:
 
 
 register_method(MethodDefinition("read", ReadConfig, build, loop="first_order", check_job=check_job,
-                                 task_types=EVERY_TASK_TYPE))
+                                 task_types=EVERY_TASK_TYPE, backward_through_backbone=False))

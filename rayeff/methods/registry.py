@@ -13,6 +13,10 @@ A definition names everything rayeff needs of a method, in one place:
     check_model  optional: (config, backbone built without weights) -> None, raising UserError when they clash
     figures      optional: (model) -> dict of the method's own figures, kept in result.json's `method_figures`
     routing      optional: (model) -> the Mixture-of-Experts layers whose routing is recorded and reported
+    backward_through_backbone
+                 whether the backward pass runs through the backbone (True; READ runs its backbone without
+                 autograd, so its backward needs none of the backbone's weights, and rayeff/plan/planner.py counts
+                 ZeRO-3's gathers of them for the forward only)
 
 This module imports nothing of rayeff's but the spec base, so that configs, methods and loops can all import it.
 """
@@ -47,6 +51,7 @@ class MethodDefinition:
     check_model: Callable[[Any, nn.Module], None] | None = None
     figures: Callable[[nn.Module], dict] | None = None
     routing: Callable[[nn.Module], list] | None = None
+    backward_through_backbone: bool = True
     task_types: tuple[str, ...] = LABELLED_TASKS
 
     def __post_init__(self):

@@ -18,7 +18,8 @@ tensors, P elements in all, b bytes per element of the run's precision (4 fp32, 
 
 Offloaded optimizer state (and ZeRO-3's offloaded parameters) live in host memory: reported, not in the device
 total. Communication is the bytes each worker sends per step with ring collectives: an all-reduce of B bytes sends
-2 (N - 1) / N B, a reduce-scatter or an all-gather (N - 1) / N B.
+2 (N - 1) / N B, a reduce-scatter or an all-gather (N - 1) / N B. ZeRO-3 gathers the weights for the forward and
+again for the backward, except for a method whose backward does not run through the backbone (READ).
 """
 
 from __future__ import annotations
@@ -101,8 +102,10 @@ def first_order_plan(job: JobSpec, shapes: ModelShapes) -> tuple[WorkerMemory, i
     if n == 1:
         return memory, host, 0, "none (one worker)"
     if stage == 3:
-        sent = 2 * ring("all-gather", shapes.total_params * b, n) + ring("reduce-scatter", w * b, n)
-        kind = "all-gather of the weights (forward and backward), reduce-scatter of gradients"
+        passes = 2 if get_method(job.method.name).backward_through_backbone else 1
+        sent = passes * ring("all-gather", shapes.total_params * b, n) + ring("reduce-scatter", w * b, n)
+        kind = "all-gather of the weights (forward" + (" and backward" if passes == 2 else " only") + \
+            "), reduce-scatter of gradients"
         return memory, host, round(sent), kind
     if stage in (1, 2):
         sent = ring("reduce-scatter", w * b, n) + ring("all-gather", w * b, n)
