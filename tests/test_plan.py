@@ -197,6 +197,44 @@ def test_a_gpu_job_is_checked_against_the_smallest_local_gpu_unless_it_runs_on_a
         check_run_fits(gpu_job, None, None, strict=True)
     assert check_run_fits(gpu_job, None, "ray://head:10001", strict=True) is None
     assert check_run_fits(load_job(_tiny_job_file(tmp_path, glue_dir)), None, None, strict=True) is None
+    # a worker with half a GPU of 0.03 GB has 0.015 GB: the plan's 0.020 GB fit the whole GPU, not half of it
+    monkeypatch.setattr(rayeff.plan.fit, "local_gpu_memory_bytes", lambda: 3 * 10**7)
+    whole, half = (load_job(_tiny_job_file(tmp_path, glue_dir, f"scaling: {{gpus_per_worker: {share}}}\n"))
+                   for share in (1, 0.5))
+    assert check_run_fits(whole, None, None, strict=True) is None
+    with pytest.raises(UserError, match=r"0\.020 GB of tensors .* over the 0\.015 GB of this machine's smallest GPU "
+                                        r"\(0\.0 GB\) times the worker's 0\.5 of it"):
+        check_run_fits(half, None, None, strict=True)
+
+
+def test_a_job_the_planner_cannot_plan_runs_unchecked_and_strict_says_so(tmp_path, glue_dir):
+    """LoRA whose target modules match nothing: PEFT refuses to build it, so there is no plan. The run is not
+    stopped by the check (the worker will report PEFT's error as it would have); with --strict a line says why
+    memory was not checked."""
+    from rayeff.config import load_job
+    from rayeff.plan.fit import check_run_fits
+
+    job = load_job(_tiny_job_file(tmp_path, glue_dir), ["method={name: lora, target_modules: [nosuch]}"])
+    assert check_run_fits(job, 0.001, None, strict=False) is None
+    note = check_run_fits(job, 0.001, None, strict=True)
+    assert note.startswith("rayeff: --strict: memory not checked, the job cannot be planned (") and "nosuch" in note
+
+
+def test_zero_3_gathers_reads_frozen_backbone_for_the_forward_only():
+    """READ's backbone runs without autograd: at ZeRO-3 the plan counts one all-gather of the weights per step
+    (LoRA's backward needs them again: two), besides the reduce-scatter of the trained parameters' gradients."""
+    from rayeff.plan.planner import ring
+
+    job = validate_job({"model": {"name": "tiny-bert"}, "data": {"task": "sst2"}, "method": {"name": "lora"},
+                        "training": {"batch_size": 8, "max_seq_length": 32}, "scaling": {"num_workers": 2},
+                        "deepspeed": {"zero_stage": 3}})
+    plan = plan_job(job, plan_model_config("tiny-bert"), ["lora", "read"], None).methods
+    for name, gathers in (("lora", 2), ("read", 1)):
+        m = plan[name]
+        expected = gathers * ring("all-gather", m.total_params * 4, 2) + ring("reduce-scatter",
+                                                                               m.trainable_params * 4, 2)
+        assert m.comm_bytes_per_step == round(expected), name
+    assert "forward only" in plan["read"].comm_kind and "forward and backward" in plan["lora"].comm_kind
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "inf"])

@@ -103,16 +103,17 @@ def test_an_interrupted_and_a_killed_sweep_continue_their_trials_from_checkpoint
     # recorded at least the first (it records one shortly after it is written)
     killed_folder = _folder_once_checkpointed(db, out, 2, driver, count=2)
     os.kill(driver.pid, signal.SIGKILL)
-    driver.communicate()
+    continued_stdout, _ = driver.communicate()
     time.sleep(3)   # let Ray's own processes notice the driver is gone
     killed_at = _checkpoint_steps(killed_folder)[-1]
 
     resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     report = json.loads((out / "sweep.json").read_text())
-    # rayeff's display, not Ray Tune's: a line per progress update of the continued trial, up to its last step
-    assert f"trial {report['trials'][1]['trial_id']}: step 120/120" in resumed.stdout
-    assert "Configuration for experiment" not in resumed.stdout + resumed.stderr
+    # rayeff's display, not Ray Tune's: a line per progress update of the trial continued by the second driver, up
+    # to its last step (the one the third continues may have no step left: see below)
+    assert f"trial {report['trials'][0]['trial_id']}: step 120/120" in continued_stdout
+    assert "Configuration for experiment" not in continued_stdout + resumed.stdout + resumed.stderr
     trials = _trials(db)
     assert [t["number"] for t in report["trials"]] == [1, 3] and len({t["trial_id"] for t in report["trials"]}) == 2
     assert report["requeued_after_interruption"] == [2] and not report["interrupted"]
@@ -607,3 +608,20 @@ def test_the_sweep_display_shows_each_trials_progress_records_and_the_budget_lef
     assert [r.split("│")[1].strip() for r in rows] == ["b", "a", "#2"]
     assert [cell.strip() for cell in rows[0].split("│")[2:6]] == ["running", "4/8", "0.75", "12.5"]
     assert "finished" in rows[1] and "0.8" in rows[1] and "infeasible" in rows[2]
+
+
+def test_a_sweep_started_before_a_field_existed_resumes_with_that_fields_default(tmp_path):
+    """sweep_spec.json of a sweep started before `constraints` existed has no such key: the field at its default
+    is no change, while a set constraint is one."""
+    from rayeff.tune.spec import SweepSpec
+    from rayeff.tune.sweep import STARTED_FILE, _started
+
+    sweep = SweepSpec(base_job="j", search_space="s", num_trials=2, output_dir=str(tmp_path))
+    older = sweep.model_dump(mode="json")
+    del older["constraints"]
+    (tmp_path / "optuna.db").write_bytes(b"")
+    (tmp_path / STARTED_FILE).write_text(json.dumps({"sweep": older}))
+    assert _started(Storage(str(tmp_path)), sweep, resume=True)["sweep"] == older
+    constrained = sweep.model_copy(update={"constraints": {"memory_per_worker_gb": 1.0}})
+    with pytest.raises(UserError, match="constraints: changed since the sweep"):
+        _started(Storage(str(tmp_path)), SweepSpec.model_validate(constrained.model_dump()), resume=True)

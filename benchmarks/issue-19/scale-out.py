@@ -68,9 +68,20 @@ def table(plans: dict) -> str:
     return "\n".join(lines) + ("\n\nNot planned:\n" + "\n".join(notes) if notes else "") + "\n"
 
 
+def read_on_one_gpu(name: str) -> dict:
+    """READ without ZeRO on one GPU (the backbone replicated): whether it needs a cluster at all."""
+    config = AutoConfig.for_model(**SHAPES[name])
+    job = load_job(ROOT / "jobs" / "sums-causal-lm.yaml", [
+        "scaling.num_workers=1", "scaling.gpus_per_worker=1", "training.batch_size=1", "training.max_seq_length=2048",
+        "deepspeed.zero_stage=0", "deepspeed.precision=bf16"])
+    job.model.name = name
+    return plan_job(job, config, ["read"], round(GPU_MEMORY)).model_dump(mode="json")
+
+
 def main() -> None:
     plans = {name: {str(n): plan(name, n) for n in GPUS} for name in SHAPES}
-    (HERE / "scale-out.json").write_text(json.dumps(plans, indent=1) + "\n")
+    single = read_on_one_gpu("llama-3-8b")
+    (HERE / "scale-out.json").write_text(json.dumps({**plans, "read_8b_one_gpu_zero_0": single}, indent=1) + "\n")
     (HERE / "scale-out.md").write_text(table(plans))
     print(table(plans))
 

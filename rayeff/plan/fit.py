@@ -2,8 +2,9 @@
 a sweep starts a trial (`constraints.memory_per_worker_gb`, rayeff/tune/searcher.py): the planner's per-worker
 total (rayeff/plan/planner.py) against the memory a worker has.
 
-The plan counts tensors only (no CUDA context, allocator slack or unsaved temporaries), so a job over the limit
-cannot fit, while one under it may still run out of memory by those margins.
+The plan counts tensors only (no CUDA context, allocator slack or unsaved temporaries). Its parameters and
+optimizer state are exact, its ZeRO 1-2 gradients and its activations (full-length sequences) upper bounds: a job
+over the limit is expected not to fit, and one under it may still run out of memory by the margins left out.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def worker_memory_limit(job: JobSpec, memory_per_worker_gb: float | None, addres
         return round(memory_per_worker_gb * GB), f"--memory-per-worker {memory_per_worker_gb:g}"
     if job.scaling.gpus_per_worker > 0 and not address:
         local = local_gpu_memory_bytes()
-        if local is not None:
-            return local, f"this machine's smallest GPU ({local / GB:.1f} GB)"
+        if local is not None:   # a worker given a fraction of a GPU shares it with others
+            share = min(job.scaling.gpus_per_worker, 1.0)
+            return round(local * share), f"this machine's smallest GPU ({local / GB:.1f} GB)" + (
+                f" times the worker's {share:g} of it" if share < 1 else "")
     return None
 
 
@@ -62,9 +65,9 @@ def check_run_fits(job: JobSpec, memory_per_worker_gb: float | None, address: st
     limit_bytes, source = limit
     try:
         planned = worker_bytes(job)
-    except (UserError, NotImplementedError, RuntimeError) as err:
-        return f"rayeff: --strict: memory not checked, the job cannot be planned ({str(err).splitlines()[0]})" \
-            if strict else None
+    except Exception as err:  # noqa: BLE001  (a check that cannot be made must not stop the run)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"rayeff: --strict: memory not checked, the job cannot be planned ({first})" if strict else None
     if planned <= limit_bytes:
         return None
     what = (f"the plan puts {planned / GB:.3f} GB of tensors on each worker ({job.method.name}, ZeRO-"

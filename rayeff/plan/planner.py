@@ -141,8 +141,8 @@ def plan_method(job: JobSpec, config, gpu_memory_bytes: int | None) -> MethodPla
 
 def worker_bytes(job: JobSpec, config=None) -> int:
     """The bytes of tensors one worker of `job` holds at a step, as planned for the job's own method (the plan's
-    total: no CUDA context, allocator slack or unsaved temporaries, so a run needs at least this). Raises UserError,
-    NotImplementedError or RuntimeError where the job cannot be planned (see `plan_job`)."""
+    total: no CUDA context, allocator slack or unsaved temporaries; see the module docstring for which terms are
+    exact and which upper bounds). Raises where the job cannot be planned (`plan_job` lists what it refuses)."""
     config = plan_model_config(job.model.name) if config is None else config
     return plan_method(job, config, None).memory_per_worker_bytes.total
 

@@ -137,8 +137,9 @@ class SweepSearch(Searcher):
 
     def _ask_one_that_fits(self) -> optuna.Trial | None:
         """The next configuration to start. One that the memory constraint rules out is recorded as infeasible
-        (planned figure, constraint) and told as pruned, so the samplers steer away from it, without being started;
-        it counts as one of the sweep's trials. None once the sweep has no trials left."""
+        (planned figure, constraint) and told as pruned without being started (TPE then steers away from it; the
+        other samplers ignore pruned trials and may propose it again); it counts as one of the sweep's trials. None
+        once the sweep has no trials left."""
         while self._trials_left > 0:
             self._trials_left -= 1
             trial = self._study.ask(self._space)

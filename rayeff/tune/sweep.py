@@ -23,8 +23,10 @@ only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,7 +41,6 @@ DRIVER_CPUS = 0.1
 STARTED_FILE = "sweep_spec.json"
 # Fields a resumed sweep may change: how many trials, how many at once, its limits.
 RESUMABLE_CHANGES = {"num_trials", "max_concurrent", "time_limit_s", "energy"}
-TUNE_SIGINT_SWITCH = "TUNE_DISABLE_SIGINT_HANDLER"   # read by Ray Tune 2.60's tune.run when fit() starts
 TUNE_OUTPUT_SWITCH = "RAY_AIR_NEW_OUTPUT"   # 0: Ray Tune 2.60's legacy reporter, silent at verbose=0
 
 
@@ -55,11 +56,17 @@ def _started(output: Storage, sweep: SweepSpec, resume: bool) -> dict | None:
         raise UserError(f"output_dir: {output.location} holds no sweep to resume; run without --resume to start one")
     started = json.loads(output.read_text(STARTED_FILE))
     before, now = started["sweep"], sweep.model_dump(mode="json")
-    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and now[k] != before.get(k))
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and now[k] != before.get(k, _default_dump(k)))
     if changed:
         raise UserError(f"{', '.join(changed)}: changed since the sweep in {output.location} started; resume with "
                         "the original values or choose another output_dir")
     return started
+
+
+def _default_dump(field: str):
+    """A sweep field's default as sweep_spec.json holds it: what a sweep started before the field existed had."""
+    default = SweepSpec.model_fields[field].get_default(call_default_factory=True)
+    return default.model_dump(mode="json") if hasattr(default, "model_dump") else default
 
 
 def _study_file(output: Storage, resume: bool) -> Path:
@@ -184,7 +191,8 @@ def _run_sweep_locked(sweep: SweepSpec, job, space, output: Storage, address: st
     requeued = _requeue_interrupted(study) if resume else []
     save_study(output.location, str(study_file))
     done = study_records(study)
-    earlier_j = [(r.get("energy") or {}).get("joules", 0.0) for r in done]
+    # (a configuration the memory constraint kept from starting is no finished trial of the budget's mean)
+    earlier_j = [(r.get("energy") or {}).get("joules", 0.0) for r in done if "planned_memory_per_worker_bytes" not in r]
     limits = ray.remote(num_cpus=0)(SweepLimits).remote(sweep.energy.sweep_budget_j, sweep.time_limit_s, earlier_j)
     sweep, parent = with_parent_run(sweep, output)
     interrupted = False
@@ -261,26 +269,27 @@ def _run_trials(sweep: SweepSpec, job, space, output: Storage, study_file: Path,
                        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, sweep.max_concurrent),
                                                    scheduler=scheduler, num_samples=sweep.num_trials - done),
                        run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=output.location, verbose=0))
-    # Tune's own Ctrl-C handler ends the experiment and stops trials mid-step; rayeff's lets them checkpoint first.
     # Tune's output (its experiment box and trial tables) gives way to rayeff's display: its legacy reporter, which
-    # verbose=0 silences, is chosen by TUNE_OUTPUT_SWITCH.
-    switches = {TUNE_SIGINT_SWITCH: "1", TUNE_OUTPUT_SWITCH: "0"}
-    before = {name: os.environ.get(name) for name in switches}
-    os.environ.update(switches)
+    # verbose=0 silences, is chosen by TUNE_OUTPUT_SWITCH. (Tune's own Ctrl-C handler, which would stop trials
+    # mid-step, is not installed: fit() runs outside the main thread, where rayeff's handler is.)
+    before = os.environ.get(TUNE_OUTPUT_SWITCH)
+    os.environ[TUNE_OUTPUT_SWITCH] = "0"
     try:
         _fit_with_display(tuner, stop_request, queue, sweep, job, study_file)
     finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        if before is None:
+            os.environ.pop(TUNE_OUTPUT_SWITCH, None)
+        else:
+            os.environ[TUNE_OUTPUT_SWITCH] = before
+        if queue is not None:
+            queue.shutdown()
     return ray.get(stop_request.is_requested.remote())
 
 
 def _fit_with_display(tuner, stop_request, queue, sweep: SweepSpec, job, study_file: Path) -> None:
     """`tuner.fit()` in a thread while this (main) thread keeps the signal handlers and the display: each trial's
-    progress from the queue as it comes, the study's records of ended trials every few seconds."""
+    progress from the queue as it comes, the study's records of ended trials every few seconds. A display that
+    fails is given up (the sweep goes on); leaving early (a second Ctrl-C) asks the trials to stop first."""
     import threading
     import time
 
@@ -301,22 +310,34 @@ def _fit_with_display(tuner, stop_request, queue, sweep: SweepSpec, job, study_f
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    if queue is None:   # no display
-        with stop_on_signal(stop_request):
+    display = None if queue is None else SweepDisplay(
+        sweep, [None if o.metric == ENERGY_METRIC else metric_name(o, job) for o in sweep.objectives])
+    storage = optuna.storages.RDBStorage(f"sqlite:///{study_file}")
+    read_at = 0.0
+
+    def show() -> None:
+        nonlocal display, read_at
+        try:
+            while not queue.empty():
+                display.progress(queue.get_nowait())
+            if time.monotonic() - read_at > 3 or not thread.is_alive():
+                display.records(study_records(optuna.load_study(study_name=STUDY_NAME, storage=storage)))
+                read_at = time.monotonic()
+        except Exception as err:  # noqa: BLE001  (the display must never end the sweep)
+            print(f"rayeff: the live table stopped ({type(err).__name__}: {err}); the sweep goes on", file=sys.stderr)
+            display = None
+
+    try:
+        with display or contextlib.nullcontext(), stop_on_signal(stop_request):
             while thread.is_alive():
                 thread.join(timeout=0.5)
-    else:
-        display = SweepDisplay(sweep, [None if o.metric == ENERGY_METRIC else metric_name(o, job)
-                                       for o in sweep.objectives])
-        storage, read_at = f"sqlite:///{study_file}", 0.0
-        with display, stop_on_signal(stop_request):
-            while thread.is_alive() or not queue.empty():
-                thread.join(timeout=0.5)
-                while not queue.empty():
-                    display.progress(queue.get_nowait())
-                if time.monotonic() - read_at > 3 or not thread.is_alive():
-                    display.records(study_records(optuna.load_study(study_name=STUDY_NAME, storage=storage)))
-                    read_at = time.monotonic()
+                if display is not None:
+                    show()
+            if display is not None:
+                show()   # the last progress and records, once the experiment has ended
+    except BaseException:
+        stop_request.request.remote()   # leaving at once (a second Ctrl-C): the trials still stop at a step
+        raise
     if "error" in outcome:
         raise outcome["error"]
 
