@@ -27,6 +27,7 @@ the trials of a killed driver do, and `--resume` queues it again to continue fro
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import optuna
@@ -54,6 +55,24 @@ def save_study(output_location: str, study_file: str) -> None:
         output.upload(Path(study_file), STUDY_FILE)
 
 
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II, as Ray Tune can save it. Tune pickles the searcher, and so its sampler, when it builds the
+    Tuner; Optuna 5.1.0's genetic samplers guard their generation cache with a `threading.Lock`, which pickle refuses
+    ("cannot pickle '_thread.lock' object": every NSGA-II sweep failed at its start). A copy gets a lock of its own.
+    Written against Optuna 5.1.0; on 5.0, which has no such lock, it is Optuna's sampler unchanged."""
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if "_thread_lock" in state:
+            state["_thread_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "_thread_lock" in state:
+            self._thread_lock = threading.Lock()
+
+
 def make_sampler(spec: SearcherSpec, trials_done: int = 0, priors: tuple[str, list, dict] | None = None
                  ) -> optuna.samplers.BaseSampler:
     """The sampler, seeded by the sweep's seed plus the trials already done: a resumed sweep must not draw the
@@ -66,7 +85,7 @@ def make_sampler(spec: SearcherSpec, trials_done: int = 0, priors: tuple[str, li
         method, sources, space = priors
         return TransferSampler(sources, seed=seed, method=method, search_space=space)
     if spec.kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return PicklableNSGAIISampler(seed=seed)
     if spec.kind == "cmaes":   # categorical parameters fall back to independent sampling
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if spec.kind == "grid":   # the sweep enqueues every grid point; nothing is left to sample
