@@ -171,6 +171,7 @@ ZO_JOB = {"model": {"name": "tiny-llama"}, "training": {"max_steps": 4, "batch_s
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_rayeff_run_splits_a_decoders_queries_over_two_ray_workers_bit_exactly(tmp_path, sums):
     """AdaZeta on a causal-LM job through the command line on a local Ray, its queries split over 2 workers, ends
     with the same weights and losses, bit for bit, as the same job on one worker in process."""

@@ -25,7 +25,7 @@ from rayeff.data.tokenized import Collator, load_train_and_dev
 from rayeff.models import build_classifier, load_tokenizer, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def rayeff(*args, **kwargs):

@@ -83,6 +83,7 @@ def ray_tmpdir():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("situation", ["stale cluster file", pytest.param("RAY_ADDRESS", marks=pytest.mark.slow),
                                        pytest.param("ray imported first", marks=pytest.mark.slow)])
 def test_a_run_without_address_starts_its_own_local_ray_on_loopback(situation, ray_tmpdir):

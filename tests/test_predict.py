@@ -106,6 +106,7 @@ def trained_classifier(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_rayeff_predict_runs_10000_lines_on_two_ray_workers_as_the_model_does_in_process(tmp_path):
     run = trained_classifier(tmp_path)
     lines = [{"id": i, "review": f"{['a fine', 'a dull', 'an odd'][i % 3]} film, take {i}"} for i in range(10_000)]

@@ -66,6 +66,7 @@ def write_sweep(tmp_path, glue_dir, name="sweep", steps=2, **changes) -> Path:
 # Before the tests that use sweep_ray: this one starts Rays of its own (the CLI's), and two local Rays on one
 # machine slow each other and confuse Ray Train's placement-group cleaner.
 @pytest.mark.slow
+@pytest.mark.ray
 def test_an_interrupted_and_a_killed_sweep_continue_their_trials_from_checkpoints(tmp_path, glue_dir,
                                                                                   check_report):
     """A 2-trial multi-objective sweep through `rayeff tune`. Ctrl-C (SIGINT to its process group) while the first
@@ -162,6 +163,7 @@ def _folder_once_checkpointed(db: str, out: Path, number: int, driver: subproces
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_rayeff_tune_starts_no_trial_whose_plan_cannot_fit_the_memory_constraint(tmp_path, glue_dir):
     """Through `rayeff tune` (its own local Ray, so before the tests that use sweep_ray): with
     `constraints.memory_per_worker_gb` under what any configuration's plan needs, every trial is recorded as
