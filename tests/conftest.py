@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.hookimpl(trylast=True)   # after xdist has named the groups
 def pytest_collection_finish(session: pytest.Session) -> None:
     """A lane xdist did not group would run two Rays at once, silently (pytest-xdist issue #1386): stop instead."""
-    if session.config.getvalue("loadgroup"):
+    if getattr(session.config.option, "loadgroup", False):   # set in xdist's workers only
         ungrouped = [item.nodeid for item in session.items if starts_ray(item) and not item.nodeid.endswith("@ray")]
         if ungrouped:
             raise pytest.UsageError(f"pytest-xdist did not put {ungrouped[0]} in the Ray lane; pin a pytest and "

@@ -67,6 +67,7 @@ def planned_infeasible(base: dict, params: dict, sweep: SweepSpec) -> dict | Non
     """With `constraints.memory_per_worker_gb`: the record of a configuration whose plan (rayeff/plan) puts more
     tensors on a worker than that, which is therefore not started; None for one that fits, for a sweep without
     the constraint, and for a job that cannot be planned or is not valid (its trial then runs, or fails, as any)."""
+    from rayeff.plan.fit import GB
     from rayeff.plan.planner import worker_bytes
 
     limit = sweep.constraints.memory_per_worker_gb
@@ -76,10 +77,10 @@ def planned_infeasible(base: dict, params: dict, sweep: SweepSpec) -> dict | Non
         planned = worker_bytes(trial_job(base, params, sweep, "planned"))
     except Exception:  # noqa: BLE001  (not plannable or not valid: the trial runs, or fails, as any other)
         return None
-    over = planned / 1e9 - limit
+    over = planned / GB - limit
     if over <= 0:
         return None
-    record = TrialSummary(status=f"infeasible: the plan puts {planned / 1e9:.4g} GB of tensors on each worker, over "
+    record = TrialSummary(status=f"infeasible: the plan puts {planned / GB:.4g} GB of tensors on each worker, over "
                                  f"constraints.memory_per_worker_gb {limit:g}; not started").record()
     record.update(planned_memory_per_worker_bytes=planned, objectives=None, trial_id=None, params=params,
                   constraints={"unfinished": 1.0, "memory_over_limit_gb": over}, feasible=False)
