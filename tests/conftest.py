@@ -3,6 +3,7 @@ the whole test session lives in one temporary folder."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -59,8 +60,9 @@ def _other_lane_yields_the_cpu(request):
     if os.environ.get("PYTEST_XDIST_WORKER") and not starts_ray(request.node):
         tasks = Path("/proc/self/task")   # Linux's nice is per thread: torch's thread pool too
         for thread in [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]:
-            if os.getpriority(os.PRIO_PROCESS, thread) < 10:
-                os.setpriority(os.PRIO_PROCESS, thread, 10)
+            with contextlib.suppress(ProcessLookupError):   # a thread that ended since the listing
+                if os.getpriority(os.PRIO_PROCESS, thread) < 10:
+                    os.setpriority(os.PRIO_PROCESS, thread, 10)
     yield
 
 
