@@ -22,6 +22,7 @@ from rayeff.config import load_job
 from rayeff.data.metrics import compute_metrics
 from rayeff.data.task import task_of
 from rayeff.data.tokenized import Collator, load_train_and_dev
+from run_folder import checkpoint_steps
 from rayeff.models import build_classifier, load_tokenizer, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,10 +89,6 @@ deepspeed: {zero_stage: 1}
 """
 
 
-def _checkpoint_steps(out: Path) -> list[int]:
-    return sorted(json.loads(state.read_text())["step"] for state in (out / "train").glob("step_*/train_state.json"))
-
-
 def _signalled(job: Path, out: Path, how: signal.Signals, past_step: int,
                *options: str) -> subprocess.CompletedProcess:
     """`rayeff run` signalled once it has written a checkpoint past `past_step`: SIGINT (Ctrl-C in a terminal) and
@@ -100,7 +97,7 @@ def _signalled(job: Path, out: Path, how: signal.Signals, past_step: int,
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 600
-    while not any(s > past_step for s in _checkpoint_steps(out)) and time.time() < deadline and proc.poll() is None:
+    while not any(s > past_step for s in checkpoint_steps(out)) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     if how == signal.SIGTERM:
         proc.send_signal(how)
@@ -130,14 +127,14 @@ def test_a_run_interrupted_killed_and_terminated_resumes_each_time_to_the_uninte
         assert "stopping after the current step" in stopped.stderr and "interrupted at step" in stopped.stderr
         result = json.loads((out / "result.json").read_text())
         assert result["status"] == "stopped: interrupted" and 10 <= result["time"]["steps"] < 100
-        assert _checkpoint_steps(out)[-1] == result["time"]["steps"]   # its last checkpoint is at the stop
+        assert checkpoint_steps(out)[-1] == result["time"]["steps"]   # its last checkpoint is at the stop
         assert result["step_losses"] == reference["step_losses"][:result["time"]["steps"]]
         return result["time"]["steps"]
 
     interrupted_at = assert_interrupted(_signalled(job, out, signal.SIGINT, 0, *common))
     killed = _signalled(job, out, signal.SIGKILL, interrupted_at, *common, "--resume")
     assert killed.returncode == -signal.SIGKILL
-    killed_after = _checkpoint_steps(out)[-1]
+    killed_after = checkpoint_steps(out)[-1]
     assert interrupted_at < killed_after < 100
     assert json.loads((out / "result.json").read_text())["time"]["steps"] == interrupted_at   # not rewritten
     terminated_at = assert_interrupted(_signalled(job, out, signal.SIGTERM, killed_after, *common, "--resume"))

@@ -31,6 +31,7 @@ from rayeff.tune.priors import PriorStore
 from rayeff.tune.results import pareto_front
 from rayeff.tune.spec import load_sweep
 from rayeff.tune.trial import trial_job
+from run_folder import checkpoint_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BERT_HEAD = (32 * 32 + 32) + (32 * 2 + 2)   # the mlp head on tiny-bert's width 32, two labels
@@ -97,7 +98,7 @@ def test_an_interrupted_and_a_killed_sweep_continue_their_trials_from_checkpoint
     assert [t.state for t in _trials(db)] == [optuna.trial.TrialState.RUNNING]
     stopped = json.loads((interrupted_folder / "result.json").read_text())
     assert stopped["status"] == "stopped: interrupted" and 20 <= stopped["time"]["steps"] < 120
-    assert _checkpoint_steps(interrupted_folder)[-1] == stopped["time"]["steps"]
+    assert checkpoint_steps(interrupted_folder)[-1] == stopped["time"]["steps"]
 
     driver = start("--resume")
     # trial 1 continues trial 0; trial 2 is new: killed once it has written two checkpoints, so that Ray Train has
@@ -106,7 +107,7 @@ def test_an_interrupted_and_a_killed_sweep_continue_their_trials_from_checkpoint
     os.kill(driver.pid, signal.SIGKILL)
     continued_stdout, _ = driver.communicate()
     time.sleep(3)   # let Ray's own processes notice the driver is gone
-    killed_at = _checkpoint_steps(killed_folder)[-1]
+    killed_at = checkpoint_steps(killed_folder)[-1]
 
     resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -143,10 +144,6 @@ def test_an_interrupted_and_a_killed_sweep_continue_their_trials_from_checkpoint
     check_report(page, {"trials", "trial-energy"})
 
 
-def _checkpoint_steps(folder: Path) -> list[int]:
-    return sorted(json.loads(s.read_text())["step"] for s in (folder / "train").glob("step_*/train_state.json"))
-
-
 def _folder_once_checkpointed(db: str, out: Path, number: int, driver: subprocess.Popen, count: int = 1) -> Path:
     """The run folder of the sweep's trial `number` once it holds `count` checkpoints while the trial trains."""
     deadline = time.monotonic() + 300
@@ -155,7 +152,7 @@ def _folder_once_checkpointed(db: str, out: Path, number: int, driver: subproces
         if len(trials) > number and trials[number].state == optuna.trial.TrialState.RUNNING:
             attrs = trials[number].user_attrs
             folder = out / "trials" / attrs.get("continues", attrs.get("tune_trial_id", "?"))
-            if len(_checkpoint_steps(folder)) >= count:
+            if len(checkpoint_steps(folder)) >= count:
                 return folder
         time.sleep(0.1)
     driver.kill()
