@@ -21,15 +21,18 @@ ROOT = Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
 
 
-# The Ray lane. The suite runs in two xdist workers (pyproject's addopts); the tests that start a Ray of their own (a
-# module's local Ray, a head, or `rayeff` in a subprocess) all run in one of them, one after another, while the other
-# runs everything else: two Rays at once on this 2-core machine slow each other past the kill-and-resume tests'
-# timing, and a Ray launch leaves a core idle a quarter of the time, which the in-process tests use.
-RAY_FIXTURES = {"local_ray", "sweep_ray", "ray_head"}
+# The Ray lane. The suite runs in two xdist workers (pyproject's addopts); the tests that start a Ray (the session's
+# local Ray, a head, or `rayeff` in a subprocess) all run in one of them, one after another, while the other runs
+# everything else: two Rays at once on this 2-core machine slow each other past the kill-and-resume tests' timing.
+RAY_FIXTURES = {"local_ray", "ray_head"}
 
 
 def starts_ray(item: pytest.Item) -> bool:
     return item.get_closest_marker("ray") is not None or bool(RAY_FIXTURES & set(item.fixturenames))
+
+
+def uses_session_ray(item: pytest.Item) -> bool:
+    return "local_ray" in item.fixturenames
 
 
 @pytest.hookimpl(tryfirst=True)   # before xdist reads the groups
@@ -37,7 +40,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     lane = [item for item in items if starts_ray(item)]
     for item in lane:
         item.add_marker(pytest.mark.xdist_group("ray"))
-    # the lane first: xdist's loadgroup hands a group to one worker as one unit, in the order collected
+    # The lane first: xdist's loadgroup hands a group to one worker as one unit, in the order collected. In it, the
+    # tests that start Rays of their own before those that share the session's, which stays up once started.
+    lane.sort(key=uses_session_ray)
     rest = [item for item in items if not starts_ray(item)]
     items[:] = lane + rest
 
@@ -52,17 +57,21 @@ def pytest_collection_finish(session: pytest.Session) -> None:
                                     "pytest-xdist that group tests (pyproject.toml)")
 
 
+OTHER_LANE_NICENESS = 19   # below Ray's worker processes, which Ray starts at nice 15 (its worker_niceness)
+
+
 @pytest.fixture(autouse=True)
 def _other_lane_yields_the_cpu(request):
-    """The worker that runs the other tests runs them at a lower CPU priority (nice 10), it and every thread and
-    process it starts: the Ray lane is the suite's longest path, and its launches slowed by up to half beside that
-    worker's in-process training. The lane's worker takes the lane first, so it keeps nice 0 for all its Rays."""
+    """The worker that runs the other tests runs them at the lowest CPU priority (nice 19), it and every thread and
+    process it starts: the Ray lane is the suite's longest path, and the cores are busy throughout. At nice 10 it
+    still took three quarters of a core from the lane's Ray Train workers (nice 15). The lane's worker takes the lane
+    first, so it keeps nice 0 for all its Rays."""
     if os.environ.get("PYTEST_XDIST_WORKER") and not starts_ray(request.node):
         tasks = Path("/proc/self/task")   # Linux's nice is per thread: torch's thread pool too
         for thread in [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]:
             with contextlib.suppress(ProcessLookupError):   # a thread that ended since the listing
-                if os.getpriority(os.PRIO_PROCESS, thread) < 10:
-                    os.setpriority(os.PRIO_PROCESS, thread, 10)
+                if os.getpriority(os.PRIO_PROCESS, thread) < OTHER_LANE_NICENESS:
+                    os.setpriority(os.PRIO_PROCESS, thread, OTHER_LANE_NICENESS)
     yield
 
 
@@ -84,12 +93,14 @@ def glue_dir() -> Path:
     return GLUE_DIR
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for a test module's in-process runs (started once: each start costs seconds)."""
+@pytest.fixture(scope="session")
+def local_ray(s3_server):
+    """One local Ray for the session's in-process runs (started once: a start costs 6-10 CPU seconds here), after
+    the tests that start Rays of their own (pytest_collection_modifyitems). With its dashboard: Ray Train cleans up a
+    trial that Tune stops through the State API. After the S3 server, so that its workers can write there."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, logging_level="WARNING", dashboard_host="127.0.0.1")
     yield
     ray.shutdown()
 

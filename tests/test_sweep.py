@@ -64,8 +64,6 @@ def write_sweep(tmp_path, glue_dir, name="sweep", steps=2, **changes) -> Path:
     return path
 
 
-# Before the tests that use sweep_ray: this one starts Rays of its own (the CLI's), and two local Rays on one
-# machine slow each other and confuse Ray Train's placement-group cleaner.
 @pytest.mark.slow
 @pytest.mark.ray
 def test_an_interrupted_and_a_killed_sweep_continue_their_trials_from_checkpoints(tmp_path, glue_dir,
@@ -162,7 +160,7 @@ def _folder_once_checkpointed(db: str, out: Path, number: int, driver: subproces
 @pytest.mark.slow
 @pytest.mark.ray
 def test_rayeff_tune_starts_no_trial_whose_plan_cannot_fit_the_memory_constraint(tmp_path, glue_dir):
-    """Through `rayeff tune` (its own local Ray, so before the tests that use sweep_ray): with
+    """Through `rayeff tune` (its own local Ray): with
     `constraints.memory_per_worker_gb` under what any configuration's plan needs, every trial is recorded as
     infeasible with its planned figure, none is started (no trial folder, no energy), and there is no best."""
     path = write_sweep(tmp_path, glue_dir, num_trials=2, constraints={"memory_per_worker_gb": 1e-6})
@@ -181,20 +179,9 @@ def test_rayeff_tune_starts_no_trial_whose_plan_cannot_fit_the_memory_constraint
     assert not (tmp_path / "sweep" / "trials").exists()
 
 
-@pytest.fixture(scope="module")
-def sweep_ray(s3_server):
-    """A local Ray with its dashboard: Ray Train cleans up a trial that Tune stops through the State API. Started
-    after the S3 server, so that its workers can write there."""
-    import ray
-
-    ray.init(num_cpus=2, logging_level="WARNING", dashboard_host="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_an_asha_sweep_records_every_trial_and_a_later_sweep_starts_from_it_until_its_energy_budget(
-        tmp_path, glue_dir, sweep_ray, s3_server):
+        tmp_path, glue_dir, local_ray, s3_server):
     from rayeff.tune.sweep import run_sweep
 
     report = run_sweep(str(write_sweep(tmp_path, glue_dir, steps=3, num_trials=2,
@@ -257,7 +244,7 @@ def test_an_asha_sweep_records_every_trial_and_a_later_sweep_starts_from_it_unti
 
 
 @pytest.mark.slow
-def test_a_trial_energy_budget_stops_every_trial_and_the_sweep_goes_on(tmp_path, glue_dir, sweep_ray, mlflow_server):
+def test_a_trial_energy_budget_stops_every_trial_and_the_sweep_goes_on(tmp_path, glue_dir, local_ray, mlflow_server):
     """Also: the sweep logs to a real MLflow server, one parent run and one nested run per trial; and it is a grid
     sweep cut short, which runs the first points of its seeded order."""
     from mlflow.tracking import MlflowClient
