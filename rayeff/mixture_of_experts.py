@@ -13,8 +13,8 @@ probability p (`top1_gate: probability`, Switch Transformer's: the output is p E
 divided by p). Capacity (Switch/GShard): each expert takes at most
 ceil(capacity_factor * tokens * k / experts) assignments, first choices of every token before second choices, in
 token order; across data-parallel workers, of the global batch's tokens in its global order, so that N workers drop
-what one would (`within_global_capacity`); an assignment past capacity is dropped (the token's other choices still count; a token with none left
-contributes zero, so the block's residual carries it through unchanged).
+what one would (`within_global_capacity`); an assignment past capacity is dropped (the token's other choices still
+count; a token with none left contributes zero, so the block's residual carries it through unchanged).
 
 Auxiliary losses: the load-balancing loss of Switch Transformer, E * sum_e f_e * P_e (f_e the fraction of
 assignments routed to expert e before dropping, P_e its mean router probability), which is 1 for perfectly balanced

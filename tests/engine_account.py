@@ -68,7 +68,8 @@ def case(method: str, stage: int, precision: str) -> dict:
     account = tensor_account(engine.module, engine.optimizer, counter)
     from deepspeed.comm import comm
 
-    return {"inference_comm_op": comm.cdb.shm_comm_op is not None, "method": method, "stage": stage, "precision": precision,
+    return {"inference_comm_op": comm.cdb.shm_comm_op is not None, "method": method, "stage": stage,
+            "precision": precision,
             "account": account.param_bytes + account.buffer_bytes + account.grad_bytes +
             account.optimizer_state_bytes, "reachable": reachable_storage_bytes(engine, engine.optimizer),
             "param_bytes": account.param_bytes, "buffer_bytes": account.buffer_bytes,

@@ -6,8 +6,8 @@ with a number of queries per step that grows over training (rayeff/train/zeroth_
 Placement (Houlsby): after the attention-output and the FFN-output projections of every layer for encoders and
 encoder-decoders; decoder-only models get one on the MLP output. The adapters attach as forward hooks on those
 projections, so the backbone's own modules are untouched. They and the head train in float32 whatever precision
-the backbone runs in, and the residual stream they add to stays float32. Because the last core of each up-projection starts at zero, the adapted model computes exactly
-what the backbone does until the first update.
+the backbone runs in, and the residual stream they add to stays float32. Because the last core of each
+up-projection starts at zero, the adapted model computes exactly what the backbone does until the first update.
 
     rayeff run jobs/sst2-adazeta.yaml --data-dir ../shared/data/glue
 """

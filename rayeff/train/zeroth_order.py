@@ -14,8 +14,8 @@ schedule Q soon reaches N.
 ZO forwards run without autograd and with dropout off: L+ and L- must differ only by the perturbation. When
 `deepspeed.precision` puts the frozen backbone in bf16/fp16, its weight matrices are stored in that dtype and its
 matrix products run under autocast, while the parameters that train, the norms and the residual stream stay float32
-(perturbations of 1e-3 would vanish in bf16's 8-bit mantissa). A non-finite loss, or an update that overflows, stops the run as `diverged`
-with the weights the step started from; its last checkpoint stays its final one.
+(perturbations of 1e-3 would vanish in bf16's 8-bit mantissa). A non-finite loss, or an update that overflows,
+stops the run as `diverged` with the weights the step started from; its last checkpoint stays its final one.
 """
 
 from __future__ import annotations
