@@ -37,14 +37,14 @@ def uses_session_ray(item: pytest.Item) -> bool:
 
 @pytest.hookimpl(tryfirst=True)   # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    lane = [item for item in items if starts_ray(item)]
+    in_lane = [starts_ray(item) for item in items]
+    lane = [item for item, ray in zip(items, in_lane) if ray]
     for item in lane:
         item.add_marker(pytest.mark.xdist_group("ray"))
     # The lane first: xdist's loadgroup hands a group to one worker as one unit, in the order collected. In it, the
     # tests that start Rays of their own before those that share the session's, which stays up once started.
     lane.sort(key=uses_session_ray)
-    rest = [item for item in items if not starts_ray(item)]
-    items[:] = lane + rest
+    items[:] = lane + [item for item, ray in zip(items, in_lane) if not ray]
 
 
 @pytest.hookimpl(trylast=True)   # after xdist has named the groups
@@ -95,7 +95,7 @@ def glue_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def local_ray(s3_server):
-    """One local Ray for the session's in-process runs (started once: a start costs 6-10 CPU seconds here), after
+    """One local Ray for the session's in-process runs (started once: a start costs 6-11 CPU seconds here), after
     the tests that start Rays of their own (pytest_collection_modifyitems). With its dashboard: Ray Train cleans up a
     trial that Tune stops through the State API. After the S3 server, so that its workers can write there."""
     import ray

@@ -22,8 +22,8 @@ from rayeff.config import load_job
 from rayeff.data.metrics import compute_metrics
 from rayeff.data.task import task_of
 from rayeff.data.tokenized import Collator, load_train_and_dev
-from run_folder import checkpoint_steps
 from rayeff.models import build_classifier, load_tokenizer, resolve_model
+from run_folder import checkpoint_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

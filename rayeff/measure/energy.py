@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-
 POWERCAP = Path("/sys/class/powercap")
 ORDER = ("nvml", "rapl", "estimate")   # preference, and the direction a failed meter falls back in
 SCOPES = {   # what each source's joules cover, as result.json says (`energy.scope`)
