@@ -13,8 +13,11 @@
     rayeff bench moe --job JOB.yaml --output OUT.json [--experts 4,8] [--top-k 1,2] [--data-dir DIR]
     rayeff bench priors --output OUT.json [--sweep SWEEP.yaml] [--sources sst2] [--targets stsb] [--seeds 0,1,2]
     rayeff bench priors --table TABLE.json --output OUT.json [--replay-seeds 30] [--source-trials 24]
-    rayeff plan JOB.yaml [--workers N] [--gpu-memory GB] [--methods all|a,b] [--json OUT.json] [--overwrite]
+    rayeff plan JOB.yaml [--workers N] [--gpu-memory GB] [--methods all|a,b] [--calibration CAL.json]
+                         [--json OUT.json] [--overwrite]
+    rayeff calibrate --output CAL.json [--device cpu|cuda] [--threads N] [--hidden-sizes 64,256,768] [--overwrite]
     rayeff bench plan --job JOB.yaml --output OUT.json [--methods all|a,b] [--stages 0,1,2,3] [--workers 1,2]
+                      [--calibration CAL.json]
     rayeff bench table SWEEP_DIR SWEEP_DIR ... --output TABLE.json
     rayeff submit JOB_OR_SWEEP.yaml --address http://HEAD:8265 [--set ...] [--data-dir DIR] [--output DIR] [--follow]
     rayeff jobs list|status ID|logs ID [--follow]|stop ID [--address http://HEAD:8265]
@@ -100,8 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "whether each method's tensors fit")
     plan.add_argument("--methods", help="all (every method that trains the job's task type) or a comma-separated "
                                         "list; default the job's own")
+    plan.add_argument("--calibration", metavar="CAL.json", help="a `rayeff calibrate` file of the machine kind the "
+                                                                "job runs on: adds seconds and joules per step")
     plan.add_argument("--json", metavar="OUT.json", help="also write the plan as JSON (an existing file is refused)")
     plan.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
+
+    calibrate = commands.add_parser("calibrate", help="measure what one worker of this machine does per second "
+                                                      "(arithmetic, operator calls, updates, all-reduce, power), "
+                                                      "for `rayeff plan --calibration`")
+    calibrate.add_argument("--output", required=True, metavar="CAL.json", help="the calibration file to write")
+    calibrate.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="what a worker computes on")
+    calibrate.add_argument("--threads", type=int, default=1, help="CPU: torch threads, as the job's workers run "
+                                                                  "(a Ray worker of 1 CPU runs 1; default 1)")
+    calibrate.add_argument("--hidden-sizes", help="hidden sizes to measure arithmetic at (default: 64,256,768 on a "
+                                                  "CPU, 512,2048,4096 on a GPU); the plan interpolates between them")
+    calibrate.add_argument("--seconds", type=float, default=1.0, help="least seconds of each timing (default 1)")
+    calibrate.add_argument("--overwrite", action="store_true", help="replace the --output file if it exists")
 
     predict = commands.add_parser("predict", help="batch inference over a JSON-lines file, through Ray Data")
     predict.add_argument("source", metavar="RUN_OR_EXPORT", help="a finished run's folder, or a `rayeff export` folder")
@@ -186,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     bplan.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     _bench_output(bplan)
     bplan.add_argument("--runs-dir", help="folder for the runs (default: next to --output)")
+    bplan.add_argument("--calibration", metavar="CAL.json", help="a `rayeff calibrate` file of this machine: also "
+                                                                "compare the plan's seconds per step with the runs'")
     _job_options(bplan)
     zo = kinds.add_parser("zo", help="AdaZeta against MeZO-LoRA, on 1 and 2 workers, against inference and full")
     zo.add_argument("--job", required=True, help="an adazeta (or mezo) job YAML file, e.g. jobs/bench-zo.yaml")
@@ -285,6 +304,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rayeff.checks import check_output_file
     from rayeff.cluster.storage import write_json_atomic
     from rayeff.config import load_job
+    from rayeff.plan.calibration import load_calibration
     from rayeff.plan.planner import method_names, plan_job
     from rayeff.plan.shapes import plan_model_config
 
@@ -296,10 +316,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.gpu_memory is not None and not 0 < args.gpu_memory < 1e6:
         raise UserError(f"--gpu-memory: {args.gpu_memory}; give one GPU's memory in GB (1e9 bytes), e.g. 80")
     out = check_output_file(args.json, "--json", args.overwrite) if args.json else None
+    calibration = load_calibration(args.calibration) if args.calibration else None
     job = load_job(args.job, overrides)
     names = method_names(job, args.methods)
     gpu_bytes = None if args.gpu_memory is None else int(args.gpu_memory * 1e9)
-    plan = plan_job(job, plan_model_config(job.model.name), names, gpu_bytes)
+    plan = plan_job(job, plan_model_config(job.model.name), names, gpu_bytes, calibration)
     print(f"{plan.model} · {plan.task} · {plan.workers} worker(s), {plan.batch_per_worker} x {plan.max_seq_length} "
           f"tokens each · ZeRO-{plan.zero_stage} {plan.precision}   (GB per worker)")
     print(f"{'method':<9}{'trainable':>13}{'params':>9}{'grads':>9}{'opt|snap':>9}{'activ':>9}{'total':>9}  fits  "
@@ -310,6 +331,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{name:<9}{m.trainable_params:>13,}" + "".join(f"{v / 1e9:>9.3f}" for v in (
             mem.parameters, mem.gradients, mem.optimizer_state + mem.perturbation_snapshot, mem.activations,
             mem.total)) + f"  {fits:<5} {m.comm_bytes_per_step / 1e6:,.1f} MB ({m.comm_kind})")
+    if calibration is not None:
+        _print_plan_time(plan, calibration)
     for name, why in plan.refused.items():
         print(f"{name:<9}cannot run this job: {why}")
     if not plan.methods:
@@ -317,6 +340,49 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if out is not None:
         write_json_atomic(out, plan.model_dump(mode="json"))
         print(f"rayeff: wrote {out}")
+    return 0
+
+
+def _print_plan_time(plan, calibration) -> None:
+    from rayeff.measure.energy import source_label
+
+    print(f"\ntime and energy per step, from the calibration of {calibration.device} ({calibration.threads} "
+          f"thread(s), {calibration.measured_at}); energy: {source_label(calibration.energy_source)}")
+    for name, m in plan.methods.items():
+        t = m.time
+        terms = ", ".join(f"{k} {'not measured' if v is None else f'{v * 1e3:,.1f} ms'}" for k, v in t.seconds.items())
+        total = "" if t.steps is None else \
+            f"; {t.steps:,} steps: {t.seconds_total:,.2f} s, {t.joules_total:,.2f} J"
+        queries = "" if t.queries_per_step is None else f" at {t.queries_per_step:g} queries"
+        print(f"{name:<9}{m.flops_per_step / 1e9:,.3f} GFLOP{queries}: {t.seconds_per_step * 1e3:,.1f} ms "
+              f"({terms}), {t.joules_per_step:,.3f} J{total}")
+    if calibration.energy_source == "estimate":
+        print(f"energy is an estimate: {calibration.energy_formula}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from rayeff.checks import check_output_file
+    from rayeff.cluster.storage import write_json_atomic
+    from rayeff.measure.energy import source_label
+    from rayeff.plan.calibration import calibrate
+
+    out = check_output_file(args.output, "--output", args.overwrite)
+    if args.threads < 1:
+        raise UserError(f"--threads: {args.threads}; give 1 or more")
+    if not 0 < args.seconds <= 60:
+        raise UserError(f"--seconds: {args.seconds}; give a time between 0 and 60")
+    try:
+        sizes = [int(x) for x in _names(args.hidden_sizes)] if args.hidden_sizes else None
+    except ValueError:
+        raise UserError("--hidden-sizes: expected comma-separated integers, e.g. 64,256,768") from None
+    if sizes is not None and (not sizes or min(sizes) < 1):
+        raise UserError(f"--hidden-sizes: {args.hidden_sizes!r}; give sizes of 1 or more")
+    result = calibrate(args.device, args.threads, sizes, args.seconds)
+    write_json_atomic(out, result.model_dump(mode="json"))
+    print(f"{result.device}, {result.threads} thread(s): {result.op_seconds * 1e6:.2f} us per operator call; "
+          + ", ".join(f"h={t.hidden_size} {t.forward_flops_per_s / 1e9:,.1f}/{t.backward_flops_per_s / 1e9:,.1f} "
+                      "GFLOP/s" for t in result.throughput)
+          + f" (forward/backward); {result.watts:,.1f} W ({source_label(result.energy_source)}); wrote {out}")
     return 0
 
 
@@ -496,6 +562,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.bench == "plan":
         from rayeff.bench.plan import bench_plan
+        from rayeff.plan.calibration import load_calibration
         from rayeff.plan.planner import method_names
 
         try:
@@ -505,11 +572,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError("--stages, --workers: expected comma-separated integers, e.g. 0,1,2,3") from None
         if not set(stages) <= {0, 1, 2, 3} or min(workers, default=1) < 1:
             raise UserError(f"--stages {args.stages!r}, --workers {args.workers!r}: stages are 0-3, workers 1 or more")
+        calibration = load_calibration(args.calibration) if args.calibration else None
         report = bench_plan(job, method_names(job, args.methods), stages, workers, args.output,
                             runs_dir=args.runs_dir, address=args.address, show_progress=not args.no_progress,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, calibration=calibration)
         print(f"rayeff: {len(report['cases'])} runs; largest |predicted / measured - 1| per term: "
               + ", ".join(f"{t} {e:.4f}" for t, e in report["largest_relative_error"].items() if e is not None)
+              + ("" if "time_ratio_range" not in report else
+                 "; time per step predicted / measured {:.2f}-{:.2f}".format(*report["time_ratio_range"]))
               + f"; wrote {args.output}")
         return 0
     if args.bench == "zo":
@@ -539,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         commands = {"run": cmd_run, "export": cmd_export, "predict": cmd_predict, "tune": cmd_tune,
-                    "priors": cmd_priors, "plan": cmd_plan, "report": cmd_report, "submit": cmd_submit,
+                    "priors": cmd_priors, "plan": cmd_plan, "calibrate": cmd_calibrate, "report": cmd_report,
+                    "submit": cmd_submit,
                     "jobs": cmd_jobs, "status": cmd_status, "bench": cmd_bench}
         return commands[args.command](args)
     except UserError as err:

@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from rayeff.cli import main
 from rayeff.config import validate_job
+from rayeff.plan.calibration import Calibration, Throughput
 from rayeff.plan.planner import plan_job
-from rayeff.plan.shapes import plan_model_config
+from rayeff.plan.shapes import model_shapes, plan_model_config
 from rayeff.train.runner import run_in_process
 
 METHODS = {"full": {"name": "full"}, "lora": {"name": "lora", "dropout": 0.1}, "read": {"name": "read"},
@@ -129,11 +131,13 @@ def test_bad_plan_options_are_one_line_errors(tmp_path, capsys, argv, message):
 
 def test_bench_plan_sets_each_prediction_beside_its_run(tmp_path, glue_dir, one_worker_runs_in_process):
     """`rayeff bench plan` through the CLI (one-worker runs in process): a case per method and stage, each term
-    predicted and measured, their ratio, and the largest error per term."""
+    predicted and measured, their ratio, and the largest error per term; with a calibration (the one committed with
+    the time benchmark), the plan's seconds per step beside the run's."""
     out = tmp_path / "plan-vs-run.json"
     assert main(["bench", "plan", "--job", "jobs/bench-plan.yaml", "--output", str(out), "--data-dir", str(glue_dir),
                  "--methods", "full,read,mezo", "--stages", "0,3", "--workers", "1", "--runs-dir",
-                 str(tmp_path / "runs"), "--no-progress"]) == 0
+                 str(tmp_path / "runs"), "--no-progress", "--calibration",
+                 "benchmarks/issue-19/calibration-cpu.json"]) == 0
     report = json.loads(out.read_text())
     assert [(c["method"], c["zero_stage"]) for c in report["cases"]] == [("full", 0), ("full", 3), ("read", 0),
                                                                         ("read", 3), ("mezo", 0)]
@@ -144,6 +148,12 @@ def test_bench_plan_sets_each_prediction_beside_its_run(tmp_path, glue_dir, one_
         assert case["ratio"]["parameters"] == case["predicted"]["parameters"] / run["memory"]["param_bytes"]
         assert all(abs(r - 1) <= 0.02 for t, r in case["ratio"].items() if t != "activations"), case
         assert abs(case["ratio"]["activations"] - 1) <= 0.15, case
+        timed = case["time_per_step"]
+        assert timed["measured_s"] == run["time"]["seconds_per_step"]
+        assert timed["predicted_s"] == pytest.approx(sum(timed["terms_s"].values()))
+        assert timed["ratio"] == timed["predicted_s"] / timed["measured_s"]
+    assert report["time_ratio_range"] == [min(c["time_per_step"]["ratio"] for c in report["cases"]),
+                                          max(c["time_per_step"]["ratio"] for c in report["cases"])]
     assert report["unmatched"] == [] and report["largest_relative_error"]["gradients"] <= 0.02
 
 
@@ -243,3 +253,97 @@ def test_a_bad_memory_per_worker_is_a_one_line_error(tmp_path, glue_dir, capsys,
     assert main(["run", str(job), "--output", str(tmp_path / "out"), "--memory-per-worker", value]) == 2
     err = capsys.readouterr().err.strip()
     assert f"--memory-per-worker: {float(value)}" in err and len(err.splitlines()) == 1 and not ray_calls
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "read", "adazeta"])
+def test_the_plans_operations_per_step_are_those_of_the_runs_own_step(tmp_path, glue_dir, method):
+    """The plan counts a step's floating-point operations on the meta device; the same count (torch's
+    FlopCounterMode) over the model a worker builds, on a real batch of full-length sequences, is equal: the forward
+    and loss, and the backward of a first-order method (only what its trained parameters need: LoRA's and READ's
+    are smaller than full fine-tuning's)."""
+    from rayeff.models import resolve_model
+    from rayeff.plan.calibration import count_work
+    from rayeff.train.run_setup import RunSetup
+
+    job = one_step_job(tmp_path, glue_dir, method)
+    planned = plan_job(job, plan_model_config("tiny-bert"), [method], None).methods[method]
+    run = RunSetup.build(job, resolve_model("tiny-bert"), torch.device("cpu"))
+    batch = run.batch(list(range(8)), torch.device("cpu"))
+    batch["attention_mask"].fill_(1)   # padded to max_length, and every token taken as real: the plan's case
+    first_order = run.method.loop == "first_order"
+    with torch.set_grad_enabled(first_order), count_work() as forward:
+        loss = run.loss(run.model(**batch), batch["labels"])
+    if first_order:
+        with count_work() as backward:
+            loss.backward()
+        assert planned.flops_per_step == forward.flops + backward.flops
+        assert (backward.flops < 2 * forward.flops) == (method != "full")
+    else:   # two forwards per query, q_max queries by default
+        assert planned.flops_per_step == 2 * job.method.q_max * forward.flops
+    assert forward.flops > 0
+
+
+def test_the_calibration_interpolates_its_rates_and_the_plans_seconds_are_its_terms(tmp_path, glue_dir):
+    """Each term of a step's time is its work over the calibration's rate for it; joules are seconds times the
+    calibration's watts per worker, times the workers."""
+    low = Throughput(hidden_size=16, forward_flops_per_s=1e9, backward_flops_per_s=2e9, inference_flops_per_s=4e9)
+    high = Throughput(hidden_size=64, forward_flops_per_s=4e9, backward_flops_per_s=8e9, inference_flops_per_s=16e9)
+    calibration = Calibration(device="cpu", threads=1, op_seconds=2e-6, throughput=[low, high],
+                              update_seconds_per_element=3e-9, update_seconds_per_tensor=1e-5,
+                              perturb_seconds_per_element=5e-9, copy_seconds_per_element=1e-9,
+                              allreduce_bytes_per_s=1e8, watts=10.0, energy_source="estimate",
+                              energy_formula="E = ...", torch_version="x", host="h", measured_at="t")
+    rates = calibration.at(32)   # tiny-bert's hidden size; halfway in log size: the geometric means
+    assert (rates.forward_flops_per_s, rates.inference_flops_per_s) == pytest.approx((2e9, 8e9))
+    assert calibration.at(8) == low and calibration.at(128) == high
+    for method in ("full", "adazeta"):
+        raw = one_step_job(tmp_path, glue_dir, method).model_dump(mode="json")
+        raw["scaling"]["num_workers"] = 2
+        job = validate_job(raw)
+        plan = plan_job(job, plan_model_config("tiny-bert"), [method], None, calibration).methods[method]
+        batch = job.micro_batch_size() if method == "full" else job.training.batch_size   # a query: the whole batch
+        shapes = model_shapes(job, plan_model_config("tiny-bert"), batch)
+        t, w = plan.time, shapes.trainable_params
+        if method == "full":
+            assert t.seconds["forward"] == pytest.approx(shapes.forward_flops / 2e9 + shapes.forward_ops * 2e-6)
+            assert t.seconds["backward"] == pytest.approx(shapes.backward_flops / rates.backward_flops_per_s
+                                                          + shapes.backward_ops * 2e-6)
+            assert t.seconds["update"] == pytest.approx(w * 3e-9 + shapes.trainable_tensors * 1e-5)   # ZeRO-0
+        else:   # q_max 2 queries over 2 workers: one each, two forwards each
+            assert t.queries_per_step == 2
+            assert t.seconds["forward"] == pytest.approx(2 * (shapes.forward_flops / 8e9 + shapes.forward_ops * 2e-6))
+            assert t.seconds["perturbations"] == pytest.approx(w * ((2 + 2) * 5e-9 + 2 * 1e-9))
+        assert plan.comm_bytes_per_step > 0 and t.seconds["communication"] == pytest.approx(
+            plan.comm_bytes_per_step / 1e8)
+        assert t.seconds_per_step == pytest.approx(sum(t.seconds.values()))
+        assert t.joules_per_step == pytest.approx(t.seconds_per_step * 10.0 * 2) and t.steps == 1
+        assert t.joules_total == pytest.approx(t.joules_per_step) and t.energy_source == "estimate"
+
+
+def test_rayeff_calibrate_then_plan_with_its_file(tmp_path, capsys):
+    """`rayeff calibrate` measures this machine (a short run: two hidden sizes, 0.05 s timings) and `rayeff plan
+    --calibration` prints and writes each method's seconds and joules per step from it; the estimate says so."""
+    calibration = tmp_path / "cal.json"
+    assert main(["calibrate", "--output", str(calibration), "--hidden-sizes", "32,64", "--seconds", "0.05"]) == 0
+    measured = json.loads(calibration.read_text())
+    assert [t["hidden_size"] for t in measured["throughput"]] == [32, 64] and measured["threads"] == 1
+    assert measured["op_seconds"] > 0 and measured["allreduce_bytes_per_s"] > 0 and measured["watts"] > 0
+    assert measured["energy_source"] in ("rapl", "estimate")
+    out = tmp_path / "plan.json"
+    assert main(["plan", "jobs/bench-plan.yaml", "--methods", "full,mezo", "--workers", "2", "--calibration",
+                 str(calibration), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    plan = json.loads(out.read_text())
+    for name in ("full", "mezo"):
+        t = plan["methods"][name]["time"]
+        assert t["seconds_per_step"] == pytest.approx(sum(v for v in t["seconds"].values()))
+        assert t["joules_per_step"] == pytest.approx(t["seconds_per_step"] * measured["watts"] * 2)
+        assert f"{t['seconds_per_step'] * 1e3:,.1f} ms" in printed
+    assert ("energy is an estimate" in printed) == (measured["energy_source"] == "estimate")
+    assert main(["calibrate", "--output", str(calibration)]) == 2   # never replaced without --overwrite
+    assert "already exists" in capsys.readouterr().err
+    calibration.write_text('{"device": "cpu"}')
+    assert main(["plan", "jobs/bench-plan.yaml", "--calibration", str(calibration)]) == 2
+    assert capsys.readouterr().err.strip() == (f"rayeff: error: --calibration: {calibration} is not a calibration "
+                                               "(13 fields wrong, e.g. threads); write one with `rayeff calibrate "
+                                               "--output FILE`")

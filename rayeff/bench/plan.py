@@ -4,8 +4,10 @@ ZeRO stage and worker count asked for; per term of the tensor account, predicted
     rayeff bench plan --job jobs/bench-plan.yaml --output plan-vs-run.json --data-dir ../shared/data/glue \
         --methods full,lora,read,adazeta,mezo --stages 0,1,2,3 --workers 1,2
 
-Every run pads its sequences to max_seq_length, the plan's case. Zeroth-order methods run at ZeRO-0 only (they
-use no DeepSpeed). A run's memory figures are those of its largest worker.
+With `--calibration CAL.json` (`rayeff calibrate`), each case also sets the plan's seconds per step beside the
+run's (training-step time over steps). Every run pads its sequences to max_seq_length, the plan's case.
+Zeroth-order methods run at ZeRO-0 only (they use no DeepSpeed). A run's memory figures are those of its largest
+worker.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from rayeff.cluster.storage import write_json_atomic
 from rayeff.config import JobSpec, validate_job
 from rayeff.errors import UserError
 from rayeff.methods import get_method
-from rayeff.plan.planner import job_for_method, plan_job
+from rayeff.plan.calibration import Calibration
+from rayeff.plan.planner import job_for_method, plan_job, plan_method
+from rayeff.results import RunResult
 from rayeff.plan.shapes import plan_model_config
 from rayeff.train.runner import prepare
 
@@ -48,9 +52,22 @@ def ratio(predicted: int, measured: int | None) -> float | None:
     return predicted / measured
 
 
+def time_case(job: JobSpec, config, calibration: Calibration, result: RunResult) -> dict:
+    """The plan's seconds per step for the run's own work (a zeroth-order run at the queries per step it ran) beside
+    the run's training-step seconds per step."""
+    queries = None
+    if result.zeroth_order is not None:
+        queries = result.zeroth_order.queries_total / result.time.steps
+    planned = plan_method(job, config, None, calibration, queries).time
+    measured = result.time.seconds_per_step
+    return {"predicted_s": planned.seconds_per_step, "measured_s": measured,
+            "ratio": planned.seconds_per_step / measured, "terms_s": planned.seconds}
+
+
 def bench_plan(job: JobSpec, methods: list[str], stages: list[int], workers: list[int], output: str,
                runs_dir: str | None = None, address: str | None = None, show_progress: bool = True,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, calibration: Calibration | None = None) -> dict:
+    """With a calibration, each case also holds `time_per_step` (`time_case`)."""
     if not methods or not stages or not workers:
         raise UserError("--methods, --stages and --workers: name at least one of each")
     output_path, runs = output_and_runs_dir(output, runs_dir, overwrite)
@@ -65,11 +82,14 @@ def bench_plan(job: JobSpec, methods: list[str], stages: list[int], workers: lis
         plans.append(plan.methods[j.method.name].memory_per_worker_bytes.model_dump())
     cases = []
     for j, planned in zip(jobs, plans):
-        measured = run_measured(j, address, show_progress).memory.model_dump()
+        result = run_measured(j, address, show_progress)
+        measured = result.memory.model_dump()
         cases.append({"method": j.method.name, "zero_stage": j.deepspeed.zero_stage, "workers": j.scaling.num_workers,
                       "predicted": {t: planned[t] for t in TERMS},
                       "measured": {t: measured.get(k) or 0 for t, k in TERMS.items()},
                       "ratio": {t: ratio(planned[t], measured.get(k)) for t, k in TERMS.items()}})
+        if calibration is not None:
+            cases[-1]["time_per_step"] = time_case(j, config, calibration, result)
     worst = {t: max((abs(c["ratio"][t] - 1) for c in cases if c["ratio"][t] is not None), default=None)
              for t in TERMS}
     report = {"model": job.model.name, "task": job.data.display_name, "batch_size": job.training.batch_size,
@@ -77,5 +97,9 @@ def bench_plan(job: JobSpec, methods: list[str], stages: list[int], workers: lis
               "largest_relative_error": worst,
               "unmatched": [f"{c['method']} ZeRO-{c['zero_stage']} {c['workers']}w {t}" for c in cases
                             for t in TERMS if c["ratio"][t] is None]}
+    if calibration is not None:
+        report["calibration"] = calibration.model_dump(mode="json")
+        report["time_ratio_range"] = [min(c["time_per_step"]["ratio"] for c in cases),
+                                      max(c["time_per_step"]["ratio"] for c in cases)]
     write_json_atomic(output_path, report)
     return report

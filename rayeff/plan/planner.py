@@ -20,11 +20,18 @@ Offloaded optimizer state (and ZeRO-3's offloaded parameters) live in host memor
 total. Communication is the bytes each worker sends per step with ring collectives: an all-reduce of B bytes sends
 2 (N - 1) / N B, a reduce-scatter or an all-gather (N - 1) / N B. ZeRO-3 gathers the weights for the forward and
 again for the backward, except for a method whose backward does not run through the backbone (READ).
+
+Work per step is the floating-point operations of one worker's forward and backward, counted by torch's
+FlopCounterMode on the meta forward (rayeff/plan/shapes.py); a zeroth-order step runs two forwards of the whole
+global batch per query the worker takes (q_max queries by default: an upper bound while the schedule ramps up; each
+query's operator calls counted as if it ran alone, an upper bound where queries are batched). Given a calibration of the
+machine kind (`rayeff calibrate`, rayeff/plan/calibration.py), `StepTime` turns that work into seconds and joules.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from pydantic import BaseModel, Field
@@ -32,6 +39,7 @@ from pydantic import BaseModel, Field
 from rayeff.config import JobSpec, validate_job
 from rayeff.errors import UserError
 from rayeff.methods import METHODS, get_method
+from rayeff.plan.calibration import Calibration
 from rayeff.plan.shapes import ModelShapes, model_shapes, plan_model_config
 from rayeff.train.first_order import BUCKET_ELEMENTS
 from rayeff.train.zeroth_order import EXCHANGE_BYTES_PER_QUERY
@@ -51,6 +59,30 @@ class WorkerMemory(BaseModel):
     total: int = Field(description="their sum: the device memory the tensors of a step hold")
 
 
+class StepTime(BaseModel):
+    """A step's seconds from the work it does and a calibration's rates for that work (rayeff/plan/calibration.py),
+    and its joules from the calibration's power per worker. Terms: forward and backward (their operations over the
+    rates at the model's hidden size, plus their operator calls at the calibration's overhead per call), update
+    (gradient clip and AdamW over the elements and tensors this worker updates), perturbations (zeroth-order:
+    theta0 + eps z set over the trained elements twice per query this worker runs and once per query of the step for
+    the update, a restoring copy per query and one per step) and communication (bytes sent over the all-reduce
+    rate). Not counted: the loop's fixed costs per step (data, meters, DeepSpeed's bookkeeping), which set the time of
+    models as small as the tiny test ones."""
+
+    seconds: dict[str, float | None] = Field(description="seconds per step by term; communication None where the "
+                                                         "calibration has no all-reduce rate (then not in the sum)")
+    seconds_per_step: float
+    joules_per_step: float = Field(description="every worker: seconds_per_step x the calibration's watts x workers")
+    steps: int | None = Field(description="training.max_steps; None when the job counts epochs (its data decides)")
+    seconds_total: float | None
+    joules_total: float | None
+    energy_source: str = Field(description="the calibration's meter: nvml, rapl, or estimate (see energy_formula)")
+    energy_formula: str | None = None
+    queries_per_step: float | None = Field(None, description="zeroth-order: the queries each step was timed at")
+    calibration_device: str
+    calibration_threads: int
+
+
 class MethodPlan(BaseModel):
     method: str
     loop: str
@@ -62,6 +94,9 @@ class MethodPlan(BaseModel):
                                            "allocator slack or unsaved temporaries); None when none was given")
     comm_bytes_per_step: int = Field(description="bytes each worker sends per step (ring collectives)")
     comm_kind: str
+    flops_per_step: int = Field(description="floating-point operations one worker runs per step (a multiply-add is "
+                                            "2): forward and backward, or a zeroth-order step's forwards")
+    time: StepTime | None = Field(None, description="with a calibration (`rayeff plan --calibration`)")
 
 
 class Plan(BaseModel):
@@ -127,16 +162,74 @@ def zeroth_order_plan(job: JobSpec, shapes: ModelShapes) -> tuple[WorkerMemory, 
     return memory, 0, round(sent), f"all-reduce of {EXCHANGE_BYTES_PER_QUERY} bytes per query (at most {queries})"
 
 
-def plan_method(job: JobSpec, config, gpu_memory_bytes: int | None) -> MethodPlan:
+def queries_per_worker(queries: float, workers: int) -> float:
+    return math.ceil(queries / workers) if float(queries).is_integer() else queries / workers
+
+
+def step_seconds(job: JobSpec, shapes: ModelShapes, sent: int, calibration: Calibration, hidden_size: int,
+                 queries: float | None) -> dict[str, float | None]:
+    rates, n, w = calibration.at(hidden_size), job.scaling.num_workers, shapes.trainable_params
+    seconds: dict[str, float | None] = {}
+    op = calibration.op_seconds
+    if queries is None:   # first-order
+        seconds["forward"] = shapes.forward_flops / rates.forward_flops_per_s + shapes.forward_ops * op
+        seconds["backward"] = shapes.backward_flops / rates.backward_flops_per_s + shapes.backward_ops * op
+        updated = w if job.deepspeed.zero_stage == 0 else math.ceil(w / n)   # ZeRO 1-3: this worker's partition
+        seconds["update"] = updated * calibration.update_seconds_per_element + \
+            shapes.trainable_tensors * calibration.update_seconds_per_tensor
+    else:
+        own = queries_per_worker(queries, n)
+        seconds["forward"] = 2 * own * (shapes.forward_flops / rates.inference_flops_per_s + shapes.forward_ops * op)
+        # per query run here: theta0 +- eps z set, then restored; per query of the step: the update's z; per step:
+        # the copy of theta0 (rayeff/train/spsa.py)
+        seconds["perturbations"] = w * ((2 * own + queries) * calibration.perturb_seconds_per_element +
+                                        (own + 1) * calibration.copy_seconds_per_element)
+    rate = calibration.allreduce_bytes_per_s
+    seconds["communication"] = 0.0 if sent == 0 else (None if rate is None else sent / rate)
+    return seconds
+
+
+def step_time(job: JobSpec, shapes: ModelShapes, sent: int, calibration: Calibration, hidden_size: int,
+              queries: float | None) -> StepTime:
+    seconds = step_seconds(job, shapes, sent, calibration, hidden_size, queries)
+    per_step = sum(v for v in seconds.values() if v is not None)
+    joules = per_step * calibration.watts * job.scaling.num_workers
+    steps = job.training.max_steps
+    return StepTime(seconds=seconds, seconds_per_step=per_step, joules_per_step=joules, steps=steps,
+                    seconds_total=None if steps is None else per_step * steps,
+                    joules_total=None if steps is None else joules * steps,
+                    energy_source=calibration.energy_source, energy_formula=calibration.energy_formula,
+                    queries_per_step=queries, calibration_device=calibration.device,
+                    calibration_threads=calibration.threads)
+
+
+def hidden_size_of(config) -> int:
+    for name in ("hidden_size", "d_model", "n_embd", "dim"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise UserError(f"model.name: its config names no hidden size ({type(config).__name__}); the plan's time needs "
+                    "one to pick the calibration's rates")
+
+
+def plan_method(job: JobSpec, config, gpu_memory_bytes: int | None, calibration: Calibration | None = None,
+                queries_per_step: float | None = None) -> MethodPlan:
+    """`queries_per_step`: the zeroth-order queries a step is timed at (default the schedule's most, q_max)."""
     method = get_method(job.method.name)
-    dtype = DTYPES[job.deepspeed.precision] if method.loop == "first_order" else torch.float32
-    shapes = model_shapes(job, config, job.micro_batch_size(), dtype)
-    plan = first_order_plan if method.loop == "first_order" else zeroth_order_plan
+    first_order = method.loop == "first_order"
+    dtype = DTYPES[job.deepspeed.precision] if first_order else torch.float32
+    # a zeroth-order worker forwards the whole global batch for each of its queries
+    batch = job.micro_batch_size() if first_order else job.training.batch_size
+    shapes = model_shapes(job, config, batch, dtype)
+    plan = first_order_plan if first_order else zeroth_order_plan
     memory, host, sent, kind = plan(job, shapes)
+    queries = None if first_order else (queries_per_step or job.method.q_max)
+    flops = shapes.forward_flops + shapes.backward_flops if first_order else \
+        round(2 * queries_per_worker(queries, job.scaling.num_workers) * shapes.forward_flops)
+    time = None if calibration is None else step_time(job, shapes, sent, calibration, hidden_size_of(config), queries)
     return MethodPlan(method=method.name, loop=method.loop, trainable_params=shapes.trainable_params,
                       total_params=shapes.total_params, memory_per_worker_bytes=memory, host_bytes_per_worker=host,
                       fits=None if gpu_memory_bytes is None else memory.total <= gpu_memory_bytes,
-                      comm_bytes_per_step=sent, comm_kind=kind)
+                      comm_bytes_per_step=sent, comm_kind=kind, flops_per_step=flops, time=time)
 
 
 def worker_bytes(job: JobSpec, config=None) -> int:
@@ -159,11 +252,12 @@ def job_for_method(job: JobSpec, name: str) -> JobSpec:
     return validate_job(raw, f"method {name}")
 
 
-def plan_job(job: JobSpec, config, methods: list[str], gpu_memory_bytes: int | None) -> Plan:
+def plan_job(job: JobSpec, config, methods: list[str], gpu_memory_bytes: int | None,
+             calibration: Calibration | None = None) -> Plan:
     plans, refused = {}, {}
     for name in methods:
         try:
-            plans[name] = plan_method(job_for_method(job, name), config, gpu_memory_bytes)
+            plans[name] = plan_method(job_for_method(job, name), config, gpu_memory_bytes, calibration)
         except UserError as err:
             refused[name] = str(err)
         except (NotImplementedError, RuntimeError) as err:   # an op whose output size depends on the data

@@ -1,5 +1,6 @@
 """A job's method model built on the meta device from the model's config alone (no weights are read or allocated,
-so a 70B model plans on a laptop), and the bytes one forward of one worker's batch saves for backward.
+so a 70B model plans on a laptop), the bytes one forward of one worker's batch saves for backward, and the
+floating-point operations and operator calls of that forward and its backward (`meta_step`).
 
 The forward runs on meta tensors, which carry shapes and dtypes but no data. It is the method's own forward, so
 what it saves is what that method saves (READ's side network only, LoRA's factors and the backbone's activations,
@@ -38,6 +39,10 @@ class ModelShapes:
     frozen_matrix_params: int     # frozen floating-point tensors of 2+ dims: a zeroth-order run casts these
     buffer_bytes: int             # as built (position ids and the like; a bf16 run may hold float buffers in bf16)
     saved_activation_bytes: int   # one worker's batch, in the dtype the forward ran in; 0 for zeroth-order methods
+    forward_flops: int            # one forward and loss of one worker's batch
+    backward_flops: int           # its backward; 0 for zeroth-order methods
+    forward_ops: int              # operator calls of that forward and loss
+    backward_ops: int             # ... of its backward
 
 
 def plan_model_config(name: str):
@@ -125,10 +130,23 @@ def torch_functions_as_a_run_sees_them(zero3_saves: Callable[[torch.Tensor], obj
         F.scaled_dot_product_attention, F.linear = attention, linear
 
 
-def saved_activation_bytes(model: nn.Module, base: nn.Module, job: JobSpec, batch: int) -> int:
-    """Bytes autograd saves in one forward and loss of `batch` full-length sequences, each tensor once (a view
-    counts as its base), parameters excluded (they are counted as parameters), as rayeff/measure/memory.py counts
-    them in a run. Under ZeRO-3, DeepSpeed's linear saves the input of every linear call, frozen layers' too."""
+@dataclass(frozen=True)
+class MetaStep:
+    saved_activation_bytes: int   # what autograd saves for backward; 0 without it
+    forward_flops: int            # torch's FlopCounterMode on the forward and loss (a multiply-add is 2)
+    backward_flops: int           # ... on the backward: only what the trained parameters need; 0 without it
+    forward_ops: int              # operator calls of the forward and loss
+    backward_ops: int             # ... of the backward
+
+
+def meta_step(model: nn.Module, base: nn.Module, job: JobSpec, batch: int, backward: bool = True) -> MetaStep:
+    """One forward and loss of `batch` full-length sequences, and its backward where `backward` (a first-order
+    method), on meta tensors. Counts the bytes autograd saves, each tensor once (a view counts as its base),
+    parameters excluded (they are counted as parameters), as rayeff/measure/memory.py counts them in a run; under
+    ZeRO-3, DeepSpeed's linear saves the input of every linear call, frozen layers' too. And counts the floating-point
+    operations of the forward and of the backward, as `rayeff calibrate` counts those it times."""
+    from rayeff.plan.calibration import count_work
+
     params = {id(p) for p in model.parameters()}
     saved: dict[int, torch.Tensor] = {}   # held, so that no id is reused and a base keeps its Python object
 
@@ -150,18 +168,27 @@ def saved_activation_bytes(model: nn.Module, base: nn.Module, job: JobSpec, batc
     hook = base.backbone.register_forward_pre_hook(without_mask, with_kwargs=True)
     try:
         with every_element_nonzero(), torch_functions_as_a_run_sees_them(zero3_saves), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits = model(**inputs)
-            task = task_of(job.data)
-            if task.kind == "causal_lm":   # the run's loss (rayeff/train/run_setup.py): every next token learned
-                token_losses(logits, ids).sum()
-            elif task.is_regression:
-                F.mse_loss(logits.squeeze(-1).float(), torch.zeros(batch, device="meta"))
-            else:
-                F.cross_entropy(logits.float(), torch.zeros(batch, dtype=torch.long, device="meta"))
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.set_grad_enabled(backward):
+            with count_work() as forward:
+                loss = _loss(model(**inputs), ids, job, batch)
+            with count_work() as backward_work:
+                if backward:
+                    loss.backward()
     finally:
         hook.remove()
-    return sum(t.numel() * t.element_size() for t in saved.values())
+    return MetaStep(saved_activation_bytes=sum(t.numel() * t.element_size() for t in saved.values()),
+                    forward_flops=forward.flops, backward_flops=backward_work.flops, forward_ops=forward.ops,
+                    backward_ops=backward_work.ops)
+
+
+def _loss(logits: torch.Tensor, ids: torch.Tensor, job: JobSpec, batch: int) -> torch.Tensor:
+    """The run's loss (rayeff/train/run_setup.py); for causal-LM, every next token learned."""
+    task = task_of(job.data)
+    if task.kind == "causal_lm":
+        return token_losses(logits, ids).sum()
+    if task.is_regression:
+        return F.mse_loss(logits.squeeze(-1).float(), torch.zeros(batch, device="meta"))
+    return F.cross_entropy(logits.float(), torch.zeros(batch, dtype=torch.long, device="meta"))
 
 
 def model_shapes(job: JobSpec, config, batch: int, dtype: torch.dtype = torch.float32) -> ModelShapes:
@@ -172,9 +199,10 @@ def model_shapes(job: JobSpec, config, batch: int, dtype: torch.dtype = torch.fl
     trainable = [p for p in params if p.requires_grad]
     frozen_matrices = [p for p in params if not p.requires_grad and p.is_floating_point() and p.ndim >= 2]
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    activations = 0
-    if get_method(job.method.name).loop == "first_order":
-        activations = saved_activation_bytes(model.to(dtype), base, job, batch)
+    first_order = get_method(job.method.name).loop == "first_order"
+    step = meta_step(model.to(dtype) if first_order else model, base, job, batch, backward=first_order)
     return ModelShapes(total_params=sum(p.numel() for p in params), trainable_params=sum(p.numel() for p in trainable),
                        trainable_tensors=len(trainable), frozen_matrix_params=sum(p.numel() for p in frozen_matrices),
-                       buffer_bytes=buffers, saved_activation_bytes=activations)
+                       buffer_bytes=buffers, saved_activation_bytes=step.saved_activation_bytes,
+                       forward_flops=step.forward_flops, backward_flops=step.backward_flops,
+                       forward_ops=step.forward_ops, backward_ops=step.backward_ops)
