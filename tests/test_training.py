@@ -222,3 +222,33 @@ def test_a_first_order_run_asked_to_stop_ends_after_that_step_and_resumes_to_the
     assert resumed["status"] == "finished" and resumed["step_losses"] == straight["step_losses"]
     a, b = load_file(resumed["weights"]), load_file(straight["weights"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "read"])
+def test_a_pretrained_backbone_trains_with_its_dropout_on_but_reads_frozen_one_stays_in_eval(tmp_path, glue_dir,
+                                                                                            method):
+    """transformers' from_pretrained hands MiniLM's backbone over in eval mode (dropout off); a first-order run
+    trains it in train mode, as its config's dropout asks, and evaluates it in eval mode. READ runs its frozen
+    backbone as in inference: in eval mode throughout."""
+    import torch
+    from transformers import BertModel
+
+    calls = []   # (autograd on, the backbone in train mode) at each forward of the backbone
+
+    def record(module, args):
+        if isinstance(module, BertModel):
+            calls.append((torch.is_grad_enabled(), module.training))
+
+    job = tiny_job(tmp_path, glue_dir, method, model={"name": "minilm-l6", "dropout": None}, method={"name": method},
+                   training={"max_steps": 2, "max_seq_length": 32}, data={"eval_subset": 8})
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        result = run_in_process(job)
+    finally:
+        hook.remove()
+    assert result["status"] == "finished" and calls
+    if method == "read":   # no autograd through the backbone, and never in train mode
+        assert not any(training for _, training in calls)
+    else:
+        assert [training for grad, training in calls if grad] == [True, True]   # the two training steps
+        assert not any(training for grad, training in calls if not grad)         # evaluation

@@ -44,6 +44,9 @@ def train_loop(ctx: TrainContext, run: RunSetup, reporter: Reporter) -> None:
 
     total = total_steps(t, len(epoch_batches(0)))
     engine, experts = build_engine(run, ctx, total)
+    # Dropout on, as the model configures it: transformers' from_pretrained hands a pretrained backbone over in eval
+    # mode (a tiny one built from its config comes in train mode). READ's train() keeps its frozen backbone in eval.
+    engine.module.train()
     activations = SavedActivationCounter(engine.module)
     checkpointer = Checkpointer(ctx)
     state = checkpointer.restore(lambda folder: read_checkpoint(engine, experts, ctx, folder))
