@@ -353,7 +353,8 @@ def _print_plan_time(plan, calibration) -> None:
         terms = ", ".join(f"{k} {'not measured' if v is None else f'{v * 1e3:,.1f} ms'}" for k, v in t.seconds.items())
         total = "" if t.steps is None else \
             f"; {t.steps:,} steps: {t.seconds_total:,.2f} s, {t.joules_total:,.2f} J"
-        queries = "" if t.queries_per_step is None else f" at {t.queries_per_step:g} queries"
+        q = t.queries_per_step
+        queries = "" if q is None else f" at {q:g} quer{'y' if q == 1 else 'ies'}"
         print(f"{name:<9}{m.flops_per_step / 1e9:,.3f} GFLOP{queries}: {t.seconds_per_step * 1e3:,.1f} ms "
               f"({terms}), {t.joules_per_step:,.3f} J{total}")
     if calibration.energy_source == "estimate":

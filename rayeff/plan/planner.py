@@ -72,7 +72,9 @@ class StepTime(BaseModel):
     seconds: dict[str, float | None] = Field(description="seconds per step by term; communication None where the "
                                                          "calibration has no all-reduce rate (then not in the sum)")
     seconds_per_step: float
-    joules_per_step: float = Field(description="every worker: seconds_per_step x the calibration's watts x workers")
+    joules_per_step: float = Field(description="every worker: seconds_per_step x the calibration's watts x workers "
+                                               "(as if each worker drew the calibration's power alone; RAPL's figure "
+                                               "holds its CPU package's idle draw, counted once per worker)")
     steps: int | None = Field(description="training.max_steps; None when the job counts epochs (its data decides)")
     seconds_total: float | None
     joules_total: float | None
