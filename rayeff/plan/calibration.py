@@ -260,8 +260,9 @@ def measure_allreduce(device: torch.device, payload: int = 32 * 2**20) -> float 
             mp.start_processes(_allreduce_worker, args=(2, os.path.join(folder, "store"), backend, payload, queue),
                                nprocs=2, join=True, start_method="spawn")
         except Exception as err:   # e.g. no loopback interface for gloo
-            print(f"rayeff: the all-reduce was not measured ({str(err).splitlines()[0][:200]}); plans will "
-                  "leave communication out of their time", file=sys.stderr)
+            why = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            print(f"rayeff: the all-reduce was not measured ({why[-1][:200]}); plans will leave communication out "
+                  "of their time", file=sys.stderr)
             return None
         return queue.get()
 
