@@ -21,8 +21,8 @@ from rayeff.errors import UserError
 from rayeff.methods import get_method
 from rayeff.plan.calibration import Calibration
 from rayeff.plan.planner import job_for_method, plan_job, plan_method
-from rayeff.results import RunResult
 from rayeff.plan.shapes import plan_model_config
+from rayeff.results import RunResult
 from rayeff.train.runner import prepare
 
 TERMS = {"parameters": "param_bytes", "buffers": "buffer_bytes", "gradients": "grad_bytes",

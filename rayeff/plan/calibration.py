@@ -30,6 +30,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import torch
@@ -97,6 +98,7 @@ def load_calibration(path: str) -> Calibration:
                         "calibrate --output FILE`") from None
 
 
+@dataclass
 class Work:
     """What the code inside `count_work()` dispatched: floating-point operations and operator calls."""
 

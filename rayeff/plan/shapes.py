@@ -24,6 +24,7 @@ from rayeff.data.task import task_of
 from rayeff.errors import UserError
 from rayeff.methods import get_method
 from rayeff.models import CausalLM, SequenceClassifier, model_config, resolve_model
+from rayeff.plan.calibration import Work, count_work
 from rayeff.train.first_order import TORCH_LINEAR
 from rayeff.train.run_setup import token_losses
 
@@ -145,8 +146,6 @@ def meta_step(model: nn.Module, base: nn.Module, job: JobSpec, batch: int, backw
     parameters excluded (they are counted as parameters), as rayeff/measure/memory.py counts them in a run; under
     ZeRO-3, DeepSpeed's linear saves the input of every linear call, frozen layers' too. And counts the floating-point
     operations of the forward and of the backward, as `rayeff calibrate` counts those it times."""
-    from rayeff.plan.calibration import count_work
-
     params = {id(p) for p in model.parameters()}
     saved: dict[int, torch.Tensor] = {}   # held, so that no id is reused and a base keeps its Python object
 
@@ -171,8 +170,9 @@ def meta_step(model: nn.Module, base: nn.Module, job: JobSpec, batch: int, backw
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.set_grad_enabled(backward):
             with count_work() as forward:
                 loss = _loss(model(**inputs), ids, job, batch)
-            with count_work() as backward_work:
-                if backward:
+            backward_work = Work()
+            if backward:
+                with count_work() as backward_work:
                     loss.backward()
     finally:
         hook.remove()
